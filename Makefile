@@ -1,0 +1,27 @@
+# `make demo` runs the main job on the project's own tiny model and data; `make test` runs the tests.
+# Both create .venv from requirements.txt on first use (Python 3.11).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: venv
+	PYTHON=$(PY) bash scripts/demo.sh
+
+test: venv
+	$(PY) -m pytest tests -q
+
+bench: venv
+	$(PY) bench/bench_gradients.py && $(PY) bench/bench_representations.py && $(PY) bench/bench_generation.py
+
+clean:
+	rm -rf runs out

@@ -1,0 +1,1 @@
+"""Per-example features: hidden-state representations and loss gradients."""

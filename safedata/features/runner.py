@@ -1,0 +1,134 @@
+"""The loop every per-example stage shares: encode, chunk, shard, batch, resume, merge.
+
+A stage gives a `compute(batch_items) -> {name: tensor with one row per item}` function;
+this module owns which examples run where, and what is on disk.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .. import data as D
+from ..models import model_identity
+from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, read_json, require_same,
+                     save_tensors, write_json)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """A data file turned into encoded examples, with everything left out accounted for."""
+
+    data_path: str
+    data_sha256: str
+    examples: list[D.Example]
+    encoded: list[D.Encoded]
+    excluded: list[D.Excluded] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.encoded]
+
+    @property
+    def indices(self) -> list[int]:
+        return [e.index for e in self.encoded]
+
+
+def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_response_length=None,
+                 skip_bad=False) -> PreparedData:
+    examples, skipped = D.load_examples(data_path, need_response=True, skip_bad=skip_bad)
+    encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length)
+    if not encoded:
+        raise D.UserError(f"{data_path}: no example has a supervised token (check --max_length)")
+    return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped)
+
+
+def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str, flags: dict) -> dict:
+    """What made an output: the next stage checks these before trusting it."""
+    return {
+        "stage": stage,
+        "model": model_identity(model_name),
+        "template": template,
+        "data_file": str(Path(prepared.data_path).resolve()),
+        "data_sha256": prepared.data_sha256,
+        "flags": flags,
+        "n": len(prepared.encoded),
+        "indices": prepared.indices,
+        "ids": prepared.ids,
+        "excluded": [vars(e) for e in prepared.excluded],
+        "skipped": prepared.skipped,
+    }
+
+
+def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callable[[list[D.Encoded]], dict],
+                batch_size: int, chunk_size: int, shard=(0, 1), desc="examples") -> ChunkStore:
+    """Compute every pending chunk of this shard (and rank), atomically, resumably."""
+    identity = {k: meta[k] for k in ("stage", "model", "template", "data_sha256", "flags", "ids")}
+    store = ChunkStore(output_dir, fingerprint(identity), len(prepared.encoded), chunk_size)
+    rank = distributed_rank()
+    mine = store.assigned(shard, rank)
+    pending = store.pending(mine)
+    total = sum(len(store.span(c)) for c in pending)
+    if len(pending) < len(mine):
+        log.info("resuming: %d of %d chunk(s) of this shard already done", len(mine) - len(pending), len(mine))
+    with tqdm(total=total, desc=desc, unit="ex", disable=rank[0] != 0, dynamic_ncols=True) as bar:
+        for chunk in pending:
+            span = store.span(chunk)
+            items = [prepared.encoded[i] for i in span]
+            rows: dict[str, list] = {}
+            for batch_positions in D.length_bucketed_batches([len(it) for it in items], batch_size):
+                outputs = compute([items[p] for p in batch_positions])
+                for name, tensor in outputs.items():
+                    slots = rows.setdefault(name, [None] * len(items))
+                    for row, position in enumerate(batch_positions):
+                        slots[position] = tensor[row]
+                bar.update(len(batch_positions))
+            store.save(chunk, {name: torch.stack(slots) for name, slots in rows.items()})
+    return store
+
+
+def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_result: Callable[[dict, dict], None]):
+    """Merge when every chunk of every shard is done; returns True when the output is complete.
+
+    The merge is idempotent (same bytes whoever runs it), so concurrent shards finishing at
+    once are safe: each write is an atomic rename.
+    """
+    rank, world = distributed_rank()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return False
+    missing = store.missing()
+    if missing:
+        log.info("%d chunk(s) still to do in other shards; merge runs when the last shard finishes", len(missing))
+        return False
+    tensors = store.gather()
+    meta = dict(meta, created=meta.get("created") or now(), environment=environment(), chunk_size=store.chunk_size)
+    write_result(tensors, meta)
+    write_json(Path(output_dir) / META, meta)
+    log.info("wrote %s", Path(output_dir) / result_name)
+    return True
+
+
+def load_meta(directory) -> dict:
+    return read_json(Path(directory) / META)
+
+
+def check_existing_output(output_dir, meta: dict) -> None:
+    """An output dir holding another run's finished result is refused, not overwritten silently."""
+    path = Path(output_dir) / META
+    if path.exists():
+        old = read_json(path)
+        require_same(meta, old, ("stage", "model", "template", "data_sha256", "flags"), "this run",
+                     f"{path} (an earlier run; use another --output_dir)")
+
+
+__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "load_meta", "save_tensors",
+           "check_existing_output"]

@@ -1,0 +1,199 @@
+"""Per-example outputs on disk: atomic writes, meta.json, chunks for sharding and resume.
+
+A stage splits its examples (file order) into fixed-size chunks. Each chunk is one
+safetensors file, written atomically and stamped with the run's fingerprint (a hash
+of everything that determines its numbers), so a killed run resumes at the first
+missing chunk and a stale chunk from other flags is never merged.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import MetadataMismatch, UserError
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=1, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (was the stage that writes it run and finished?)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+    payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write_bytes(path, save(payload, metadata=metadata))
+
+
+def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def fingerprint(config: dict) -> str:
+    canonical = json.dumps(config, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+def environment() -> dict:
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def require_same(mine: dict, theirs: dict, keys, mine_name: str, theirs_name: str) -> None:
+    """Refuse to combine outputs made differently, naming the first difference."""
+    for key in keys:
+        if mine.get(key) != theirs.get(key):
+            raise MetadataMismatch(f"{theirs_name} was made with {key}={theirs.get(key)!r}, "
+                                   f"but {mine_name} has {key}={mine.get(key)!r}")
+
+
+# ----------------------------------------------------------------------------- shards and chunks
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """'I/N' (0-based I), else the SLURM array task, else the whole job (0/1)."""
+    if spec:
+        try:
+            index, count = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+        if not 0 <= index < count:
+            raise UserError(f"--shard {spec!r}: need 0 <= I < N")
+        return index, count
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is not None and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
+        low = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(task) - low, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ChunkStore:
+    """Fixed-size chunks of a stage's per-example tensors under `root/chunks/`."""
+
+    def __init__(self, root, run_fingerprint: str, n_items: int, chunk_size: int):
+        if chunk_size < 1:
+            raise UserError("--chunk_size must be at least 1")
+        self.root = Path(root)
+        self.dir = self.root / "chunks"
+        self.fingerprint = run_fingerprint
+        self.n_items = n_items
+        self.chunk_size = chunk_size
+        self.n_chunks = (n_items + chunk_size - 1) // chunk_size
+
+    def span(self, chunk: int) -> range:
+        return range(chunk * self.chunk_size, min(self.n_items, (chunk + 1) * self.chunk_size))
+
+    def path(self, chunk: int) -> Path:
+        return self.dir / f"chunk-{chunk:06d}.safetensors"
+
+    def assigned(self, shard=(0, 1), rank=(0, 1)) -> list[int]:
+        """Contiguous chunk ranges per shard; round-robin over data-parallel ranks inside it."""
+        shard_index, shard_count = shard
+        lo = self.n_chunks * shard_index // shard_count
+        hi = self.n_chunks * (shard_index + 1) // shard_count
+        rank_index, world = rank
+        return [c for c in range(lo, hi) if (c - lo) % world == rank_index]
+
+    def done(self, chunk: int) -> bool:
+        path = self.path(chunk)
+        if not path.exists():
+            return False
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception:  # a truncated or foreign file is redone, never read
+            log.warning("%s: unreadable chunk, recomputing", path)
+            return False
+        if meta.get("fingerprint") != self.fingerprint:
+            log.warning("%s: stale chunk from another run (fingerprint %s, now %s), recomputing",
+                        path, meta.get("fingerprint"), self.fingerprint)
+            return False
+        span = self.span(chunk)
+        return meta.get("start") == str(span.start) and meta.get("stop") == str(span.stop)
+
+    def pending(self, chunks) -> list[int]:
+        return [c for c in chunks if not self.done(c)]
+
+    def save(self, chunk: int, tensors: dict[str, torch.Tensor]) -> None:
+        span = self.span(chunk)
+        for name, tensor in tensors.items():
+            if tensor.shape[0] != len(span):
+                raise ValueError(f"chunk {chunk}: tensor {name} has {tensor.shape[0]} rows, expected {len(span)}")
+        save_tensors(self.path(chunk), tensors,
+                     {"fingerprint": self.fingerprint, "start": str(span.start), "stop": str(span.stop)})
+
+    def missing(self) -> list[int]:
+        return [c for c in range(self.n_chunks) if not self.done(c)]
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """All chunks concatenated in order; refuses when any chunk is missing or stale."""
+        missing = self.missing()
+        if missing:
+            raise UserError(f"{self.dir}: {len(missing)} of {self.n_chunks} chunk(s) missing or stale "
+                            f"(first: {missing[0]}); run the remaining shards first")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for chunk in range(self.n_chunks):
+            tensors, _ = load_tensors(self.path(chunk))
+            for name, tensor in tensors.items():
+                parts.setdefault(name, []).append(tensor)
+        return {name: torch.cat(ts) for name, ts in parts.items()}
