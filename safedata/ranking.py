@@ -29,13 +29,34 @@ PER_FILE_FLAGS = ("max_length", "max_response_length", "skip_bad")
 
 @dataclass
 class FeatureSet:
+    """A feature dir, read lazily: a pool larger than memory is streamed in row blocks."""
+
     directory: Path
     meta: dict
-    features: torch.Tensor  # N x d, fp32
+    n: int
+    dim: int
 
     @property
     def name(self) -> str:
         return self.directory.name
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "features.safetensors"
+
+    def blocks(self, rows=65536):
+        from safetensors import safe_open
+        with safe_open(str(self.path), framework="pt") as handle:
+            view = handle.get_slice("features")
+            for start in range(0, self.n, rows):
+                yield start, view[start:min(self.n, start + rows)].float()
+
+    def all(self) -> torch.Tensor:
+        return torch.cat([block for _, block in self.blocks()]) if self.n else torch.empty(0, self.dim)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.all()
 
 
 def load_features(directory) -> FeatureSet:
@@ -48,10 +69,10 @@ def load_features(directory) -> FeatureSet:
     if not path.exists():
         raise UserError(f"{path}: missing (did every shard finish?)")
     with safe_open(str(path), framework="pt") as handle:
-        features = handle.get_tensor("features").float()
-    if features.shape[0] != meta["n"] or len(meta["ids"]) != meta["n"]:
-        raise MetadataMismatch(f"{directory}: features have {features.shape[0]} rows but meta.json lists {meta['n']}")
-    return FeatureSet(directory, meta, features)
+        shape = handle.get_slice("features").get_shape()
+    if shape[0] != meta["n"] or len(meta["ids"]) != meta["n"]:
+        raise MetadataMismatch(f"{directory}: features have {shape[0]} rows but meta.json lists {meta['n']}")
+    return FeatureSet(directory, meta, int(shape[0]), int(shape[1]))
 
 
 def comparable_flags(meta: dict) -> dict:
@@ -64,8 +85,8 @@ def check_compatible(pool: FeatureSet, anchor: FeatureSet) -> None:
     p = dict(pool.meta, flags=comparable_flags(pool.meta))
     require_same(p, a, ("stage", "model", "template", "flags"), f"pool features {pool.directory}",
                  f"anchor features {anchor.directory}")
-    if pool.features.shape[1] != anchor.features.shape[1]:
-        raise MetadataMismatch(f"{anchor.directory}: dim {anchor.features.shape[1]} != pool dim {pool.features.shape[1]}")
+    if pool.dim != anchor.dim:
+        raise MetadataMismatch(f"{anchor.directory}: dim {anchor.dim} != pool dim {pool.dim}")
 
 
 def check_pool_file(meta: dict, data_path, source: str) -> None:
@@ -79,11 +100,12 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-def anchor_scores(pool: torch.Tensor, anchors: torch.Tensor, avg_n="1", block=65536) -> torch.Tensor:
+def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=65536) -> torch.Tensor:
     """Per pool row: the mean of its top-avg_n cosine similarities to the anchors (fp32).
 
     avg_n=1 is the maximum (the paper's default); 'all' the mean over the whole set, which for
-    unit anchors equals the cosine-scaled dot with the mean anchor. Streams over pool blocks.
+    unit anchors equals the cosine-scaled dot with the mean anchor. `pool` is a tensor or a
+    FeatureSet; either way it is read in row blocks, so memory is O(block x d + N).
     """
     anchors_unit = _normalize(anchors.float())
     m = anchors_unit.shape[0]
@@ -93,12 +115,15 @@ def anchor_scores(pool: torch.Tensor, anchors: torch.Tensor, avg_n="1", block=65
         n_top = int(avg_n)
         if not 1 <= n_top <= m:
             raise UserError(f"--avg_n {avg_n}: must be 'all' or between 1 and the anchor set size {m}")
-    out = torch.empty(pool.shape[0], dtype=torch.float32)
-    for start in range(0, pool.shape[0], block):
-        rows = _normalize(pool[start:start + block].float())
-        cos = rows @ anchors_unit.T
+    if isinstance(pool, FeatureSet):
+        n, blocks = pool.n, pool.blocks(block)
+    else:
+        n, blocks = pool.shape[0], ((s, pool[s:s + block]) for s in range(0, pool.shape[0], block))
+    out = torch.empty(n, dtype=torch.float32)
+    for start, rows in blocks:
+        cos = _normalize(rows.float()) @ anchors_unit.T
         top = cos if n_top == m else cos.topk(n_top, dim=1).values
-        out[start:start + block] = top.mean(dim=1)
+        out[start:start + rows.shape[0]] = top.mean(dim=1)
     return out
 
 
@@ -212,7 +237,7 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
         for anchor in anchors:
             check_compatible(pool, anchor)
             column = anchor.name if anchor.name not in columns else f"{anchor.name}_{len(columns)}"
-            columns[column] = anchor_scores(pool.features, anchor.features, avg_n).numpy()
+            columns[column] = anchor_scores(pool, anchor.all(), avg_n).numpy()
         indices, ids = np.array(pool.meta["indices"], dtype=np.int64), pool.meta["ids"]
         source = {"pool_features": str(pool_features), "anchor_features": [str(a) for a in anchor_features]}
     weights = list(weights) if weights else [1.0] + [-1.0] * (len(columns) - 1)

@@ -68,6 +68,51 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     atomic_write_bytes(path, save(payload, metadata=metadata))
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32"}
+
+
+def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: tuple, dtype: torch.dtype,
+                               metadata: dict[str, str] | None = None) -> None:
+    """Write one tensor block by block, never holding it whole: for pools larger than memory.
+
+    The safetensors layout is an 8-byte header length, a JSON header (padded to 8 bytes), then raw
+    little-endian data, so rows can be appended in order once the shape is known.
+    """
+    import struct
+    numel_row = 1
+    for size in row_shape:
+        numel_row *= size
+    nbytes = n_rows * numel_row * torch.tensor([], dtype=dtype).element_size()
+    header = {"__metadata__": metadata or {}} if metadata else {}
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [n_rows, *row_shape], "data_offsets": [0, nbytes]}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    written = 0
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(struct.pack("<Q", len(header_bytes)))
+            handle.write(header_bytes)
+            for block in blocks:
+                block = block.detach().to("cpu", dtype).contiguous()
+                if tuple(block.shape[1:]) != tuple(row_shape):
+                    raise ValueError(f"{path}: block of shape {tuple(block.shape)} does not fit rows {row_shape}")
+                handle.write(block.numpy().tobytes() if dtype != torch.bfloat16 else block.view(torch.int16).numpy().tobytes())
+                written += block.shape[0]
+            if written != n_rows:
+                raise ValueError(f"{path}: wrote {written} rows, expected {n_rows}")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as handle:
@@ -184,6 +229,13 @@ class ChunkStore:
 
     def missing(self) -> list[int]:
         return [c for c in range(self.n_chunks) if not self.done(c)]
+
+    def iter_tensor(self, name: str):
+        """One tensor's rows chunk by chunk, in order (for streaming merges)."""
+        for chunk in range(self.n_chunks):
+            from safetensors import safe_open
+            with safe_open(str(self.path(chunk)), framework="pt") as handle:
+                yield handle.get_tensor(name)
 
     def gather(self) -> dict[str, torch.Tensor]:
         """All chunks concatenated in order; refuses when any chunk is missing or stale."""

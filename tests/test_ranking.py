@@ -65,7 +65,7 @@ def test_end_to_end_bidirectional_selection(tiny_model_dir, tmp_path):
         extract_representations(tiny_model_dir, path, tmp_path / name, max_response_length=mlen, dtype="fp32")
     summary = R.rank(pool, tmp_path / "sel", "alpaca", tmp_path / "pool", [tmp_path / "harm", tmp_path / "safe"],
                      weights=[1, -1], k=4)
-    fs = {n: R.load_features(tmp_path / n).features.numpy() for n in ("pool", "harm", "safe")}
+    fs = {n: R.load_features(tmp_path / n).all().numpy() for n in ("pool", "harm", "safe")}
     expected = brute_scores(fs["pool"], fs["harm"], "1") - brute_scores(fs["pool"], fs["safe"], "1")
     order = sorted(range(12), key=lambda i: (-expected[i], i))[:4]
     rows = list(csv.DictReader(open(tmp_path / "sel" / "alpaca_top4_index.csv")))

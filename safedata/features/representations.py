@@ -9,7 +9,7 @@ import torch
 from .. import data as D
 from ..errors import UserError
 from ..models import load_model
-from ..store import parse_shard, save_tensors
+from ..store import parse_shard, stream_rows_to_safetensors
 from .runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,11 @@ def extract_representations(model_name, data_path, output_dir, template="paper",
     store = run_chunked(output_dir, meta, prepared, compute, batch_size, chunk_size, parse_shard(shard),
                         desc="representations")
 
-    def write(tensors, meta_out):
-        meta_out["dim"] = int(tensors["features"].shape[1])
-        save_tensors(Path(output_dir) / FEATURES, {"features": tensors["features"]},
-                     {"model": meta_out["model"], "data_sha256": meta_out["data_sha256"]})
+    def write(chunks, meta_out):
+        first = next(chunks.iter_tensor("features"))
+        meta_out["dim"] = int(first.shape[1])
+        stream_rows_to_safetensors(Path(output_dir) / FEATURES, "features", chunks.iter_tensor("features"),
+                                   chunks.n_items, (meta_out["dim"],), torch.float32,
+                                   {"model": meta_out["model"], "data_sha256": meta_out["data_sha256"]})
 
-    return finish(output_dir, store, meta, FEATURES, write)
+    return finish(output_dir, store, meta, FEATURES, write, stream=True)

@@ -94,8 +94,12 @@ def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callabl
     return store
 
 
-def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_result: Callable[[dict, dict], None]):
+def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_result: Callable[[dict, dict], None],
+           stream: bool = False):
     """Merge when every chunk of every shard is done; returns True when the output is complete.
+
+    write_result(tensors, meta) gets all chunks concatenated, or with stream=True the ChunkStore
+    itself (to copy large tensors chunk by chunk, see store.stream_rows_to_safetensors).
 
     The merge is idempotent (same bytes whoever runs it), so concurrent shards finishing at
     once are safe: each write is an atomic rename.
@@ -109,7 +113,11 @@ def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_re
     if missing:
         log.info("%d chunk(s) still to do in other shards; merge runs when the last shard finishes", len(missing))
         return False
-    tensors = store.gather()
+    if stream:
+        missing = store.missing()
+        if missing:
+            raise D.UserError(f"{store.dir}: chunk {missing[0]} missing or stale")
+    tensors = store if stream else store.gather()
     meta = dict(meta, created=meta.get("created") or now(), environment=environment(), chunk_size=store.chunk_size)
     write_result(tensors, meta)
     write_json(Path(output_dir) / META, meta)

@@ -1,0 +1,159 @@
+"""Bad input, kills, determinism and memory: a run is trustworthy or it stops with one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, python
+from safedata import data as D
+from safedata.errors import UserError
+
+
+def write_pool(path, n):
+    records = [{"instruction": f"Describe item {i} in a few words", "input": "",
+                "output": ("1. A point.\n2. Another point. " if i % 2 else "A short sentence about it. ") * (1 + i % 4)}
+               for i in range(n)]
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def rep_cmd(model, pool, out, *extra):
+    return [python(), str(ROOT / "get_representation.py"), "--model_name", model, "--data_path", str(pool),
+            "--output_dir", str(out), "--chunk_size", "4", "--batch_size", "2", *extra]
+
+
+def test_kill9_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool.json", 400)
+    clean = tmp_path / "clean"
+    subprocess.run(rep_cmd(tiny_model_dir, pool, clean), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(rep_cmd(tiny_model_dir, pool, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "chunks").glob("chunk-*.safetensors"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((killed / "chunks").glob("chunk-*.safetensors")))
+    assert 2 <= done_before < 100 and not (killed / "features.safetensors").exists()
+    result = subprocess.run(rep_cmd(tiny_model_dir, pool, killed), check=True, capture_output=True, text=True)
+    assert "resuming" in result.stderr
+    assert (killed / "features.safetensors").read_bytes() == (clean / "features.safetensors").read_bytes()
+    a, b = (json.loads((d / "meta.json").read_text()) for d in (clean, killed))
+    for meta in (a, b):
+        meta.pop("created"), meta.pop("data_file")
+    assert a == b  # meta.json differs only in its date
+
+
+def test_same_command_twice_is_byte_identical(tiny_model_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool.json", 10)
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Placeholder request {i}"},
+                                                        {"role": "assistant", "content": "Sure:\n1. Step."}]}) + "\n"
+                               for i in range(3)))
+    outputs = []
+    for run in ("a", "b"):
+        d = tmp_path / run
+        subprocess.run(rep_cmd(tiny_model_dir, pool, d / "pool"), check=True, capture_output=True)
+        subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_response_length", "10"), check=True,
+                       capture_output=True)
+        subprocess.run([python(), str(ROOT / "rank.py"), "--data_path", str(pool), "--pool_features", str(d / "pool"),
+                        "--anchor_features", str(d / "anchors"), "--k", "3", "--write_to", str(d / "sel")],
+                       check=True, capture_output=True)
+        outputs.append([(d / "pool" / "features.safetensors").read_bytes(),
+                        (d / "sel" / "pool_top3.json").read_bytes(), (d / "sel" / "pool_top3_index.csv").read_bytes()])
+    assert outputs[0] == outputs[1]
+
+
+# ----------------------------------------------------------------------------- fuzzing the loaders
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+                           max_leaves=8)
+record_like = st.fixed_dictionaries({}, optional={k: st.one_of(st.text(max_size=6), json_values) for k in
+                                                  ("instruction", "input", "output", "question", "answer", "messages",
+                                                   "prompt", "context", "response")})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(st.one_of(record_like, json_values), max_size=4), suffix=st.sampled_from([".json", ".jsonl"]),
+       need_response=st.booleans())
+def test_fuzz_json_loaders_fail_with_one_line(tmp_path, records, suffix, need_response):
+    path = tmp_path / f"fuzz{suffix}"
+    text = json.dumps(records) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text)
+    try:
+        examples, _ = D.load_examples(path, need_response=need_response)
+    except UserError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+    else:
+        assert [e.index for e in examples] == list(range(len(records)))
+        assert all(isinstance(e.instruction, str) and e.instruction.strip() for e in examples)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200), suffix=st.sampled_from([".json", ".jsonl", ".csv"]))
+def test_fuzz_raw_bytes_never_crash(tmp_path, raw, suffix):
+    path = tmp_path / f"raw{suffix}"
+    path.write_bytes(raw)
+    try:
+        D.load_examples(path, need_response=False)
+    except UserError as err:
+        assert "\n" not in str(err)
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": null}\n')
+    result = subprocess.run([python(), str(ROOT / "get_representation.py"), "--model_name", "/nonexistent",
+                             "--data_path", str(bad), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+# ----------------------------------------------------------------------------- memory
+
+MEASURE = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import numpy, torch, safetensors.torch
+from safedata import ranking
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[2] == "rank":
+    ranking.rank(sys.argv[3], sys.argv[5], "big", sys.argv[4], [sys.argv[4] + "_anchors"], k=50)
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_ranking_streams_a_pool_larger_than_its_memory_budget(tmp_path):
+    import numpy as np
+    import torch
+    from safedata.store import stream_rows_to_safetensors, write_json
+    n, dim, block = 60_000, 1024, 4096  # 245 MB of features
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(n)))
+    examples, _ = D.load_examples(pool)
+    feats = tmp_path / "feats"
+    rng = np.random.default_rng(0)
+    blocks = (torch.from_numpy(rng.standard_normal((min(block, n - s), dim), dtype=np.float32)) for s in range(0, n, block))
+    stream_rows_to_safetensors(feats / "features.safetensors", "features", blocks, n, (dim,), torch.float32)
+    meta = {"stage": "representations", "model": "m", "template": "paper", "flags": {}, "n": n,
+            "data_sha256": D.file_sha256(pool), "indices": list(range(n)), "ids": [e.id for e in examples]}
+    write_json(feats / "meta.json", meta)
+    anchors = tmp_path / "feats_anchors"
+    stream_rows_to_safetensors(anchors / "features.safetensors", "features",
+                               [torch.from_numpy(rng.standard_normal((5, dim), dtype=np.float32))], 5, (dim,), torch.float32)
+    write_json(anchors / "meta.json", dict(meta, n=5, indices=list(range(5)), ids=[f"a{i}" for i in range(5)]))
+    result = subprocess.run([python(), "-c", MEASURE, str(ROOT), "rank", str(pool), str(feats), str(tmp_path / "sel")],
+                            capture_output=True, text=True, check=True)
+    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    grown_mb = (usage["peak_kb"] - usage["base_kb"]) / 1024
+    feature_mb = n * dim * 4 / 2**20
+    # Features are streamed in 65,536-row blocks at most; the pool records and ids are what remains.
+    assert grown_mb < 0.6 * feature_mb, (grown_mb, feature_mb)
+    assert len(json.loads(open(tmp_path / "sel" / "big_top50.jsonl").readline())) == 2
