@@ -28,10 +28,17 @@ META = "meta.json"
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs are meant to be shared
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -91,6 +98,7 @@ def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _umask_mode())
     written = 0
     try:
         with os.fdopen(fd, "wb") as handle:
