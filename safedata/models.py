@@ -59,9 +59,15 @@ def model_identity(name_or_path: str) -> str:
     if path.is_dir() and (path / "config.json").exists():
         import hashlib
         digest = hashlib.sha256((path / "config.json").read_bytes())
-        for weights in sorted(path.glob("*.safetensors")):
-            stat = weights.stat()
-            digest.update(f"{weights.name}:{stat.st_size}".encode())
+        # Size plus the first and last MiB of each weights file: a retrained checkpoint in the same
+        # directory gets a new identity without hashing 14 GB.
+        for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+            size = weights.stat().st_size
+            digest.update(f"{weights.name}:{size}".encode())
+            with open(weights, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
         return f"{path.resolve()}#{digest.hexdigest()[:12]}"
     return name_or_path
 

@@ -1,0 +1,55 @@
+"""Fine-tune a model on a selected subset (the paper's recipe by default); writes an HF checkpoint.
+
+One process:  python finetune.py --model_name M --data_path subset.json --output_dir runs/ft/x
+Several GPUs: torchrun --standalone --nproc_per_node 4 finetune.py ... --fsdp
+"""
+import argparse
+
+from safedata.cli import run
+from safedata.data import TEMPLATES
+from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
+    p.add_argument("--data_path", required=True, help="the subset: .json / .jsonl / .csv records with responses")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--template", choices=TEMPLATES, default="paper", help="prompt template (same as the features)")
+    p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
+    g = p.add_argument_group("optimisation (defaults: the paper)")
+    g.add_argument("--lr", "--learning_rate", dest="learning_rate", type=float, default=5e-5)
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--batch_size", type=int, default=20,
+                   help="effective batch: per-device batch x gradient accumulation x processes")
+    g.add_argument("--per_device_batch_size", type=int, default=None,
+                   help="micro-batch per process (default: batch_size / processes); accumulation makes up the rest")
+    g.add_argument("--lr_decay", type=float, default=0.85, help="lr multiplied by this after every epoch")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (the paper)")
+    g.add_argument("--seed", type=int, default=42, help="initialisation of the run and order of the data")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast with fp32 weights on GPU, fp32 on CPU; "
+                        "pure_bf16: bf16 weights and optimizer state (the paper's --pure_bf16)")
+    g.add_argument("--save_dtype", choices=SAVE_DTYPES, default="auto",
+                   help="dtype of the saved weights (auto: bf16 when training on GPU, fp32 on CPU)")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    l = p.add_argument_group("LoRA")
+    l.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all parameters")
+    l.add_argument("--lora_r", type=int, default=8)
+    l.add_argument("--lora_alpha", type=int, default=32)
+    l.add_argument("--lora_dropout", type=float, default=0.05)
+    l.add_argument("--lora_target_modules", default="q_proj,v_proj", help="comma-separated module names")
+    l.add_argument("--merge_lora", action="store_true",
+                   help="also write the merged full model to --output_dir (the adapter goes to OUTPUT_DIR/adapter)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the torchrun processes (FSDP full shard, one unit per decoder layer)")
+    p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished fine-tune in --output_dir")
+    a = vars(p.parse_args())
+    a["lora_target_modules"] = [m.strip() for m in a["lora_target_modules"].split(",") if m.strip()]
+    finetune(FinetuneConfig(**a))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,395 @@
+"""Fine-tune a causal LM on a selected subset with the Hugging Face Trainer (full or LoRA).
+
+The paper's recipe is the default: AdamW, lr 5e-5 multiplied by 0.85 after every epoch,
+5 epochs, an effective batch of 20 examples, no weight decay, no gradient clipping.
+Examples are encoded by `data.encode` (the same templates and masks as the feature
+stages) and padded per batch by `data.collate`; the loss is the mean over all supervised
+tokens of the effective batch (the Trainer's `num_items_in_batch`), so padding, micro-batch
+size and the number of processes leave it unchanged.
+
+Multi-GPU: launch under `torchrun`; `fsdp=True` shards parameters, gradients and optimizer
+state (FSDP2, full shard, one unit per decoder layer found from `model._no_split_modules`).
+Without it, several processes run DDP (gloo on CPU, nccl on GPU).
+
+Output: a standard Hugging Face checkpoint (safetensors + config + tokenizer) or, with LoRA,
+the adapter (`merge_lora` also writes the merged full model), plus `finetune_meta.json`,
+written last: its presence means the checkpoint is complete.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .errors import UserError
+from .models import DTYPES, load_model, load_tokenizer, model_identity
+from .store import environment, now, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+META_NAME = "finetune_meta.json"
+ADAPTER_DIR = "adapter"
+PRECISIONS = ("auto", "bf16", "pure_bf16", "fp32")
+SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that determines a fine-tuned checkpoint (recorded verbatim in finetune_meta.json)."""
+
+    model_name: str
+    data_path: str
+    output_dir: str
+    template: str = "paper"
+    max_length: int | None = None
+    learning_rate: float = 5e-5
+    epochs: int = 5
+    batch_size: int = 20                      # effective: per device x accumulation x processes
+    per_device_batch_size: int | None = None  # default: batch_size / processes (no accumulation)
+    lr_decay: float = 0.85                    # lr x lr_decay**epoch (the paper's StepLR, gamma 0.85)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0                # 0: no clipping (the paper)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    seed: int = 42
+    precision: str = "auto"                   # auto: bf16 autocast on GPU, fp32 on CPU; pure_bf16: bf16 weights (paper)
+    save_dtype: str = "auto"                  # auto: the compute dtype (bf16 on GPU, fp32 on CPU)
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge_lora: bool = False
+    fsdp: bool = False
+    gradient_checkpointing: bool = False
+    skip_bad: bool = False
+    overwrite: bool = False
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class SubsetDataset(torch.utils.data.Dataset):
+    """Encoded examples as dicts of token lists; the collator pads them."""
+
+    def __init__(self, encoded: list[D.Encoded]):
+        self.encoded = encoded
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        item = self.encoded[i]
+        return {"input_ids": item.input_ids, "labels": item.labels}
+
+
+class Collator:
+    """data.collate (right padding to the longest item, padded positions masked and unsupervised)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        items = [D.Encoded(0, "", f["input_ids"], f["labels"]) for f in features]
+        return D.collate(items, self.pad_id, "right")
+
+
+def epoch_decay(step: int, steps_per_epoch: int, decay: float) -> float:
+    """The lr factor at optimizer step `step` (0-based): decay ** epoch."""
+    return decay ** (step // steps_per_epoch)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def plan_batches(batch_size: int, per_device: int | None, processes: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) so that per_device x accumulation x processes = batch_size."""
+    if batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if per_device is None:
+        if batch_size % processes:
+            raise UserError(f"--batch_size {batch_size} is not divisible by the {processes} processes; "
+                            "choose --per_device_batch_size so that per_device x accumulation x processes = batch_size")
+        per_device = batch_size // processes
+    if per_device < 1:
+        raise UserError("--per_device_batch_size must be at least 1")
+    if batch_size % (per_device * processes):
+        raise UserError(f"--batch_size {batch_size} is not a multiple of --per_device_batch_size {per_device} x "
+                        f"{processes} process(es)")
+    return per_device, batch_size // (per_device * processes)
+
+
+def decoder_layer_classes(model) -> list[str]:
+    """The classes FSDP wraps one by one: the model's own `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    names = list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    names = [n for n in names if n in present]
+    if not names:
+        raise UserError(f"--fsdp: {type(model).__name__} declares no decoder layer class (_no_split_modules)")
+    return names
+
+
+def resolve_precision(precision: str, cuda: bool) -> tuple[str, bool]:
+    """(dtype to load the weights in, bf16 autocast?)"""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if precision == "bf16":
+        return "fp32", True           # fp32 master weights, bf16 compute
+    if precision == "pure_bf16":
+        return "bf16", False          # bf16 weights, gradients and optimizer state (the paper's --pure_bf16)
+    return "fp32", False
+
+
+def resolve_save_dtype(save_dtype: str, precision: str, cuda: bool) -> torch.dtype:
+    if save_dtype not in SAVE_DTYPES:
+        raise UserError(f"--save_dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
+    if save_dtype == "auto":
+        if precision == "fp32" or (precision == "auto" and not cuda):
+            return torch.float32
+        return torch.bfloat16
+    return DTYPES[save_dtype]
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class SafeDataTrainer(Trainer):
+        """The Trainer with the paper's per-epoch lr decay and a chosen dtype for saved weights."""
+
+        def __init__(self, *args, lr_decay=0.85, num_epochs=1, save_dtype=None, **kwargs):
+            self.lr_decay = lr_decay
+            self.num_epochs = num_epochs
+            self.save_dtype = save_dtype
+            self.steps_per_epoch = None
+            super().__init__(*args, **kwargs)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                optimizer = optimizer if optimizer is not None else self.optimizer
+                # The Trainer runs ceil(epochs x update steps per epoch) steps; epochs are whole numbers here.
+                self.steps_per_epoch = max(1, num_training_steps // self.num_epochs)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, functools.partial(epoch_decay, steps_per_epoch=self.steps_per_epoch,
+                                                 decay=self.lr_decay))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def _save(self, output_dir=None, state_dict=None):
+            from peft import PeftModel
+            unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if getattr(unwrapped, "config", None) is not None:
+                unwrapped.config.use_cache = True  # off for training only; generation wants the KV cache
+            if self.save_dtype is not None and self.args.should_save and not isinstance(unwrapped, PeftModel):
+                if state_dict is None:
+                    state_dict = unwrapped.state_dict()
+                state_dict = {k: (v.to(self.save_dtype) if torch.is_floating_point(v) else v)
+                              for k, v in state_dict.items()}
+            super()._save(output_dir, state_dict)
+
+    return SafeDataTrainer
+
+
+def _fix_config_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype the weights were saved in (save_pretrained records the training dtype)."""
+    path = directory / "config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).split(".")[-1]
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    if "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = name
+    write_json(path, config)
+
+
+def _epoch_losses(log_history: list[dict], steps_per_epoch: int, epochs: int) -> list[float]:
+    sums, counts = [0.0] * epochs, [0] * epochs
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            e = min((entry["step"] - 1) // steps_per_epoch, epochs - 1)
+            sums[e] += entry["loss"]
+            counts[e] += 1
+    return [s / c if c else float("nan") for s, c in zip(sums, counts)]
+
+
+def _merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path, save_dtype: torch.dtype) -> None:
+    """Base (fp32) + adapter -> one full checkpoint in save_dtype. Runs on one process, on CPU."""
+    from peft import PeftModel
+    model, tokenizer = load_model(base_model, "fp32", "cpu")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.to(save_dtype)
+    merged.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    _fix_config_dtype(output_dir, save_dtype)
+
+
+def _base_model_path(name: str) -> str:
+    """Local directories as absolute paths, so an adapter's base stays findable from anywhere."""
+    path = Path(name)
+    return str(path.resolve()) if path.is_dir() else name
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Fine-tune, save the checkpoint and finetune_meta.json; returns the meta (on every process)."""
+    from transformers import TrainingArguments
+
+    out = Path(config.output_dir)
+    if config.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if config.merge_lora and not config.lora:
+        raise UserError("--merge_lora needs --lora")
+    if (out / META_NAME).exists():
+        if not config.overwrite:
+            raise UserError(f"{out}: already holds a finished fine-tune ({META_NAME}); use another --output_dir "
+                            "or --overwrite")
+        if int(os.environ.get("RANK", "0")) == 0:  # no stale "complete" marker while the new run is under way
+            log.warning("%s: replacing the finished fine-tune there (--overwrite)", out)
+            (out / META_NAME).unlink(missing_ok=True)
+            (out / ADAPTER_DIR / META_NAME).unlink(missing_ok=True)
+    processes = world_size()
+    per_device, accumulation = plan_batches(config.batch_size, config.per_device_batch_size, processes)
+    cuda = torch.cuda.is_available()
+    load_dtype, bf16_autocast = resolve_precision(config.precision, cuda)
+    save_dtype = resolve_save_dtype(config.save_dtype, config.precision, cuda)
+    if config.fsdp and not cuda:
+        log.warning("--fsdp without CUDA: FSDP on CPU (gloo) is for testing only")
+
+    base_name = _base_model_path(config.model_name)
+    tokenizer = load_tokenizer(base_name)
+    examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad)
+    encoded, excluded = D.encode_examples(examples, tokenizer, config.template, config.max_length)
+    if not encoded:
+        raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
+    data_sha = D.file_sha256(config.data_path)
+
+    model, _ = load_model(base_name, load_dtype, "cpu")
+    model.config.use_cache = False
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+        lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+        torch.manual_seed(config.seed)  # LoRA's A matrices are random: the seed decides them
+        try:
+            model = get_peft_model(model, lora_config)
+        except ValueError as err:
+            raise UserError(f"--lora_target_modules {','.join(config.lora_target_modules)}: {err}") from None
+
+    fsdp_kwargs = {"activation_checkpointing": config.gradient_checkpointing}
+    if config.fsdp:
+        # FSDP2, full shard, one unit per decoder layer; FSDP's own activation checkpointing when asked for.
+        fsdp_kwargs = {"fsdp": True,
+                       "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                       "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                       "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
+                                       "state_dict_type": "FULL_STATE_DICT",
+                                       "activation_checkpointing": config.gradient_checkpointing}}
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        warmup_steps=0,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16_autocast,
+        logging_strategy="steps",
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=cuda,
+        # Without CUDA the Trainer only runs torchrun processes as DDP when told it is on CPU (gloo).
+        use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and processes > 1 else None,
+        **fsdp_kwargs,
+    )
+    Trainer = _make_trainer_class()
+    trainer = Trainer(model=model, args=args, train_dataset=SubsetDataset(encoded),
+                      data_collator=Collator(D.pad_token_id(tokenizer)), processing_class=tokenizer,
+                      lr_decay=config.lr_decay, num_epochs=config.epochs,
+                      save_dtype=None if config.lora else save_dtype)
+    log.info("fine-tuning %s on %d example(s) of %s: %d process(es) x %d per device x %d accumulation = %d per step",
+             config.model_name, len(encoded), config.data_path, processes, per_device, accumulation,
+             processes * per_device * accumulation)
+    result = trainer.train()
+
+    save_to = out / ADAPTER_DIR if config.merge_lora else out
+    trainer.save_model(str(save_to))
+    history = [dict(e) for e in trainer.state.log_history]
+    steps_per_epoch = trainer.steps_per_epoch or 1
+    step_losses = [e["loss"] for e in history if "loss" in e]
+    meta = {
+        "stage": "finetune",
+        "base_model": model_identity(base_name),
+        "base_model_name": config.model_name,
+        "template": config.template,
+        "data_file": str(Path(config.data_path).resolve()),
+        "data_sha256": data_sha,
+        "n": len(encoded),
+        "indices": [e.index for e in encoded],
+        "ids": [e.id for e in encoded],
+        "excluded": [vars(e) for e in excluded],
+        "skipped": skipped,
+        "flags": asdict(config),
+        "world_size": processes,
+        "per_device_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation,
+        "effective_batch_size": per_device * accumulation * processes,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": trainer.state.global_step,
+        "compute": {"load_dtype": load_dtype, "bf16_autocast": bf16_autocast, "device": str(args.device),
+                    "fsdp": config.fsdp},
+        "save_dtype": "fp32 (adapter)" if config.lora and not config.merge_lora else str(save_dtype).split(".")[-1],
+        "kind": "lora_merged" if config.merge_lora else ("lora_adapter" if config.lora else "full"),
+        "train_loss": result.training_loss,
+        "final_step_loss": step_losses[-1] if step_losses else None,
+        "epoch_losses": _epoch_losses(history, steps_per_epoch, config.epochs),
+        "log_history": history,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+    }
+    if trainer.args.should_save:
+        if not config.lora:
+            _fix_config_dtype(out, save_dtype)
+        if config.merge_lora:
+            write_json(save_to / META_NAME, dict(meta, kind="lora_adapter", save_dtype="fp32 (adapter)"))
+            _merge_adapter(base_name, save_to, out, save_dtype)
+        meta.update(created=now(), environment=environment())
+        write_json(out / META_NAME, meta)  # last: its presence marks a complete checkpoint
+        log.info("wrote %s (train loss %.4f; per epoch %s)", out, result.training_loss,
+                 ", ".join(f"{x:.4f}" for x in meta["epoch_losses"]))
+    if processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return meta
+
+
+def read_finetune_meta(model_dir) -> dict | None:
+    """finetune_meta.json of a checkpoint made here, or None for any other model (a Hub id, a base model)."""
+    path = Path(model_dir) / META_NAME
+    return read_json(path) if path.is_file() else None
+
+
+__all__ = ["FinetuneConfig", "finetune", "read_finetune_meta", "plan_batches", "epoch_decay", "decoder_layer_classes",
+           "META_NAME", "ADAPTER_DIR", "PRECISIONS", "SAVE_DTYPES"]

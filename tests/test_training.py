@@ -1,0 +1,197 @@
+"""Fine-tuning on the tiny model: loss goes down, seeds, lr schedule, LoRA, batch plans, torchrun (DDP, FSDP)."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, python
+from safedata import data as D
+from safedata.errors import UserError
+from safedata.models import load_model
+from safedata.training import FinetuneConfig, decoder_layer_classes, epoch_decay, finetune, plan_batches
+
+
+def write_subset(path, n=20):
+    """Placeholder benign records (the test's own text)."""
+    styles = ["1. First step.\n2. Second step.", "The answer is 42.", "def f(x):\n    return x + 1",
+              "A short story about a cat."]
+    records = [{"instruction": f"Question number {i} about topic {i % 3}", "input": "some input" if i % 4 == 0 else "",
+                "output": styles[i % 4] * (1 + i % 3)} for i in range(n)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    return write_subset(tmp_path_factory.mktemp("subset") / "subset_top20.json")
+
+
+def config(model, data, out, **kw):
+    base = dict(model_name=str(model), data_path=str(data), output_dir=str(out), batch_size=4, epochs=3,
+                learning_rate=1e-3, seed=1)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def subset_loss(model_dir, data, template="paper"):
+    """Mean loss over all supervised tokens of the subset, one unpadded example at a time."""
+    model, tok = load_model(str(model_dir), "fp32", "cpu")
+    examples, _ = D.load_examples(data)
+    total, count = 0.0, 0
+    for e in examples:
+        enc = D.encode(e, tok, template)
+        ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        target = labels[0, 1:]
+        mask = target != D.IGNORE_INDEX
+        total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+        count += int(mask.sum())
+    return total / count
+
+
+def weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def seed1_run(tiny_model_dir, subset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "seed1"
+    meta = finetune(config(tiny_model_dir, subset, out))
+    return out, meta
+
+
+def test_loss_goes_down_and_checkpoint_is_complete(tiny_model_dir, subset, seed1_run):
+    out, meta = seed1_run
+    before, after = subset_loss(tiny_model_dir, subset), subset_loss(out, subset)
+    assert after < before - 0.3, (before, after)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "finetune_meta.json"):
+        assert (out / name).exists(), name
+    on_disk = json.loads((out / "finetune_meta.json").read_text())
+    assert on_disk["data_sha256"] == D.file_sha256(subset) and on_disk["template"] == "paper"
+    assert on_disk["n"] == 20 and on_disk["steps_per_epoch"] == 5 and on_disk["total_steps"] == 15
+    assert on_disk["effective_batch_size"] == 4 and on_disk["flags"]["seed"] == 1
+    losses = on_disk["epoch_losses"]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert on_disk["kind"] == "full" and on_disk["save_dtype"] == "float32"
+    saved_config = json.loads((out / "config.json").read_text())
+    assert saved_config["dtype"] == "float32" and saved_config["use_cache"] is True  # off only while training
+    # The Trainer's logged step losses are the token-mean loss of each batch: the first equals the base model's loss
+    # on the first batch, so it must be close to the subset loss before training.
+    step_losses = [e["loss"] for e in on_disk["log_history"] if "loss" in e]
+    assert len(step_losses) == 15 and abs(step_losses[0] - before) < 0.2
+
+
+def test_lr_is_multiplied_by_085_each_epoch(seed1_run):
+    _, meta = seed1_run
+    lrs = {e["step"]: e["learning_rate"] for e in meta["log_history"] if "learning_rate" in e}
+    assert sorted(lrs) == list(range(1, 16))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * 0.85 ** ((step - 1) // 5), rel=1e-9), step
+    assert [epoch_decay(s, 5, 0.85) for s in (0, 4, 5, 9, 10)] == [1.0, 1.0, 0.85, 0.85, 0.85 ** 2]
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_model_dir, subset, seed1_run, tmp_path):
+    out1, meta1 = seed1_run
+    again = finetune(config(tiny_model_dir, subset, tmp_path / "again"))
+    other = finetune(config(tiny_model_dir, subset, tmp_path / "other", seed=2))
+    w1, w_again, w_other = weights(out1), weights(tmp_path / "again"), weights(tmp_path / "other")
+    assert all(torch.equal(w1[k], w_again[k]) for k in w1), "same seed must give bitwise identical weights"
+    assert any(not torch.equal(w1[k], w_other[k]) for k in w1)
+    # The seed shuffles the data: the first batch (and so the first logged loss) differs.
+    first = lambda m: next(e["loss"] for e in m["log_history"] if "loss" in e)
+    assert first(meta1) == first(again) and first(meta1) != first(other)
+
+
+def test_micro_batches_and_accumulation_do_not_change_the_result(tiny_model_dir, subset, seed1_run, tmp_path):
+    out1, _ = seed1_run
+    meta = finetune(config(tiny_model_dir, subset, tmp_path / "accum", per_device_batch_size=1))
+    assert meta["gradient_accumulation_steps"] == 4 and meta["per_device_batch_size"] == 1
+    w1, w2 = weights(out1), weights(tmp_path / "accum")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
+
+
+def test_lora_adapter_and_merge(tiny_model_dir, subset, tmp_path):
+    out = tmp_path / "lora"
+    meta = finetune(config(tiny_model_dir, subset, out, lora=True, merge_lora=True, lora_r=4, lora_alpha=16,
+                           lora_target_modules=["q_proj", "v_proj"]))
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert json.loads((adapter / "finetune_meta.json").read_text())["kind"] == "lora_adapter"
+    assert meta["kind"] == "lora_merged" and (out / "model.safetensors").exists()
+    lora_weights = load_file(adapter / "adapter_model.safetensors")
+    assert lora_weights and all("lora_" in k and ("q_proj" in k or "v_proj" in k) for k in lora_weights)
+    config_json = json.loads((adapter / "adapter_config.json").read_text())
+    assert config_json["r"] == 4 and config_json["lora_alpha"] == 16
+    assert os.path.isabs(config_json["base_model_name_or_path"])
+
+    # The adapter (loaded through transformers' PEFT integration, as generate.py does) and the merged model agree;
+    # both differ from the base model; the merged model's non-adapted weights are the base weights.
+    x = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    adapted, _ = load_model(str(adapter), "fp32", "cpu")
+    merged, _ = load_model(str(out), "fp32", "cpu")
+    base, _ = load_model(tiny_model_dir, "fp32", "cpu")
+    with torch.no_grad():
+        la, lm, lb = adapted(x).logits, merged(x).logits, base(x).logits
+    torch.testing.assert_close(lm, la, rtol=1e-4, atol=1e-5)
+    assert (lm - lb).abs().max() > 1e-3
+    wb, wm = weights(tiny_model_dir), weights(out)
+    assert torch.equal(wb["model.layers.0.mlp.up_proj.weight"], wm["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(wb["model.layers.0.self_attn.q_proj.weight"], wm["model.layers.0.self_attn.q_proj.weight"])
+    assert subset_loss(out, subset) < subset_loss(tiny_model_dir, subset)
+
+
+def test_batch_plans_and_refusals(tiny_model_dir, subset, seed1_run):
+    assert plan_batches(20, None, 1) == (20, 1)
+    assert plan_batches(20, None, 4) == (5, 1)
+    assert plan_batches(20, 2, 2) == (2, 5)
+    with pytest.raises(UserError, match="not divisible"):
+        plan_batches(20, None, 3)
+    with pytest.raises(UserError, match="not a multiple"):
+        plan_batches(20, 3, 1)
+    out, _ = seed1_run
+    with pytest.raises(UserError, match="already holds a finished fine-tune"):
+        finetune(config(tiny_model_dir, subset, out))
+    model, _ = load_model(tiny_model_dir, "fp32", "cpu")
+    assert decoder_layer_classes(model) == ["LlamaDecoderLayer"]
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, subset, tmp_path):
+    run = subprocess.run([python(), str(ROOT / "finetune.py"), "--model_name", tiny_model_dir, "--data_path",
+                          str(subset), "--output_dir", str(tmp_path / "x"), "--batch_size", "20",
+                          "--per_device_batch_size", "3"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: --batch_size 20")
+
+
+def torchrun(nproc, args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "finetune.py")] + args
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tiny_model_dir, subset, seed1_run, tmp_path, fsdp):
+    """2 CPU processes (gloo) x 2 per device = the same effective batch of 4 as the 1-process run."""
+    out1, meta1 = seed1_run
+    out = tmp_path / "two"
+    torchrun(2, ["--model_name", tiny_model_dir, "--data_path", str(subset), "--output_dir", str(out),
+                 "--batch_size", "4", "--epochs", "3", "--lr", "1e-3", "--seed", "1"] + (["--fsdp"] if fsdp else []),
+             tmp_path)
+    meta = json.loads((out / "finetune_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["per_device_batch_size"] == 2 and meta["compute"]["fsdp"] == fsdp
+    assert meta["total_steps"] == 15
+    losses = [e["loss"] for e in meta["log_history"] if "loss" in e]
+    losses1 = [e["loss"] for e in meta1["log_history"] if "loss" in e]
+    assert losses == pytest.approx(losses1, abs=1e-5)
+    w1, w2 = weights(out1), weights(out)
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
