@@ -7,6 +7,7 @@ missing chunk and a stale chunk from other flags is never merged.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -34,14 +35,16 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary handle whose content appears at `path` only once complete (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs are meant to be shared
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -49,6 +52,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -95,30 +103,19 @@ def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: 
     header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [n_rows, *row_shape], "data_offsets": [0, nbytes]}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())
     written = 0
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(header_bytes)))
-            handle.write(header_bytes)
-            for block in blocks:
-                block = block.detach().to("cpu", dtype).contiguous()
-                if tuple(block.shape[1:]) != tuple(row_shape):
-                    raise ValueError(f"{path}: block of shape {tuple(block.shape)} does not fit rows {row_shape}")
-                handle.write(block.numpy().tobytes() if dtype != torch.bfloat16 else block.view(torch.int16).numpy().tobytes())
-                written += block.shape[0]
-            if written != n_rows:
-                raise ValueError(f"{path}: wrote {written} rows, expected {n_rows}")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for block in blocks:
+            block = block.detach().to("cpu", dtype).contiguous()
+            if tuple(block.shape[1:]) != tuple(row_shape):
+                raise ValueError(f"{path}: block of shape {tuple(block.shape)} does not fit rows {row_shape}")
+            raw = block.view(torch.int16) if dtype in (torch.bfloat16, torch.float16) else block
+            handle.write(raw.numpy().tobytes())
+            written += block.shape[0]
+        if written != n_rows:
+            raise ValueError(f"{path}: wrote {written} rows, expected {n_rows}")
 
 
 def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
