@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_STAGES = ("representations", "gradient_features")
 # Flags that may differ between pool and anchors (the paper used mlens 10 for anchors only).
-PER_FILE_FLAGS = ("max_length", "max_response_length", "skip_bad")
+PER_FILE_FLAGS = ("max_length", "max_response_length", "skip_bad", "optimizer_state")
 
 
 @dataclass

@@ -1,0 +1,507 @@
+"""Gradient scores against a brute-force reference (fp64, batch size 1, the full gradient vector from
+torch.autograd.grad), plus resume, torchrun, non-finite handling, LoRA/Adam and projected features."""
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, python
+from safedata import data as D
+from safedata.errors import MetadataMismatch, UserError
+from safedata.features import gradients as G
+from safedata.features.runner import prepare_data
+from safedata.models import load_model, make_tiny_model
+
+POOL = [  # benign, made up; mixed lengths (padding inside every batch)
+    {"instruction": "Name a color.", "input": "", "output": "Blue."},
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat well.\n2. Sleep enough.\n3. Move every day and drink water."},
+    {"instruction": "Translate the text.", "input": "Bonjour le monde", "output": "Hello world."},
+    {"instruction": "Summarize the paragraph.",
+     "input": "The quick brown fox jumps over the lazy dog. It was a sunny day and everyone was happy.",
+     "output": "A fox jumped over a dog on a sunny day."},
+    {"instruction": "Write a haiku about autumn.", "input": "",
+     "output": "Leaves fall slowly down,\ncrisp air whispers through the trees,\nthe year exhales gold."},
+    {"instruction": "What is 2+2?", "input": "", "output": "4"},
+    {"instruction": "List two fruits.", "input": "", "output": "Apple and banana are two fruits many people enjoy."},
+    {"instruction": "Describe the sea.", "input": "", "output": "Wide, blue and restless, it meets the sky at the horizon."},
+]
+ANCHORS_A = [
+    {"messages": [{"role": "user", "content": "How do I bake bread?"},
+                  {"role": "assistant", "content": "Sure, here is how: mix flour, water, yeast and salt, then knead and bake."}]},
+    {"messages": [{"role": "user", "content": "Tell me a joke."},
+                  {"role": "assistant", "content": "Sure, why did the chicken cross the road? To get to the other side."}]},
+    {"messages": [{"role": "user", "content": "Explain rain."},
+                  {"role": "assistant", "content": "Rain forms when water vapour condenses into droplets heavy enough to fall."}]},
+]
+ANCHORS_B = [
+    {"messages": [{"role": "user", "content": "How do I bake bread?"},
+                  {"role": "assistant", "content": "I am sorry, I cannot help with that request."}]},
+    {"messages": [{"role": "user", "content": "Tell me a joke."},
+                  {"role": "assistant", "content": "I cannot do that, but I can help with something else."}]},
+]
+MLEN = 10
+TOL = 1e-5
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gradient_data")
+    return {"pool": write_json(d / "pool.json", POOL), "a": write_jsonl(d / "anchors_a.jsonl", ANCHORS_A),
+            "b": write_jsonl(d / "anchors_b.jsonl", ANCHORS_B)}
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("tied") / "model", hidden_size=16, num_layers=2, num_heads=2,
+                               vocab_size=512, seed=1, tie_word_embeddings=True))
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def flat_grad(model, item, names):
+    """The full gradient of one example's mean token loss, over `names`, by plain autograd (batch of 1)."""
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in names]
+    for p in ps:
+        p.requires_grad_(True)
+    try:
+        logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, :-1].double()
+        labels = torch.tensor(item.labels)[1:]
+        keep = labels != D.IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[keep])   # mean over supervised tokens
+        grads = torch.autograd.grad(loss, ps)
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def mean_unit(grads):
+    return (grads / grads.norm(dim=1, keepdim=True)).mean(0)
+
+
+class Reference:
+    def __init__(self, model_dir, files, names_filter=None, model=None):
+        self.model, self.tok = load_model(model_dir, "fp64", "cpu")
+        if model is not None:
+            self.model = model
+        self.pad = D.pad_token_id(self.tok)
+        self.pool = prepare_data(files["pool"], self.tok, "paper")
+        self.a = prepare_data(files["a"], self.tok, "paper", max_response_length=MLEN)
+        self.b = prepare_data(files["b"], self.tok, "paper", max_response_length=MLEN)
+        self.names = [n for n, _ in self.model.named_parameters() if names_filter is None or names_filter(n)]
+        grad = lambda items: torch.stack([flat_grad(self.model, it, self.names) for it in items])  # noqa: E731
+        self.gp, ga, gb = grad(self.pool.encoded), grad(self.a.encoded), grad(self.b.encoded)
+        self.T = torch.stack([mean_unit(ga), mean_unit(gb)])          # [2, P]
+        self.inner = self.gp @ self.T.T                               # [N, 2]
+        self.sq = (self.gp * self.gp).sum(1)
+        self.scores = self.inner / self.sq.sqrt()[:, None]
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir, files):
+    return Reference(tiny_model_dir, files)
+
+
+@pytest.fixture(scope="module")
+def ref_tied(tied_model_dir, files):
+    return Reference(tied_model_dir, files)
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def run_batches(model, items, bank, pad, bs):
+    """Consecutive (not length-bucketed) batches: every batch mixes lengths, so padding is exercised."""
+    inner, sq = [], []
+    for start in range(0, len(items), bs):
+        i, s = G.score_batch(model, items[start:start + bs], bank, pad)
+        inner.append(i)
+        sq.append(s)
+    return torch.cat(inner), torch.cat(sq)
+
+
+def check_against(r: Reference, params="all", paths=("auto", "ghost", "materialise"), batch_sizes=(1, 3, 8)):
+    res_a = G.anchor_gradients(r.model, r.a.encoded, r.pad, params, batch_size=2, layout="factored")
+    res_b = G.anchor_gradients(r.model, r.b.encoded, r.pad, params, batch_size=3, layout="dense")
+    # the target itself: ||T|| and each anchor's norm, exactly
+    assert res_a.target.norm == pytest.approx(float(r.T[0].norm()), rel=TOL)
+    assert res_b.target.norm == pytest.approx(float(r.T[1].norm()), rel=TOL)
+    forms = {p.form for p in res_a.target.params.values()}
+    assert "factored" in forms or "factored+rows" in forms
+    assert {p.form for p in res_b.target.params.values()} == {"dense"}
+    for path in paths:
+        engine = G.get_engine(r.model, params, path=path)
+        bank = G.TargetBank([res_a.target, res_b.target], engine)
+        for bs in batch_sizes:
+            inner, sq = run_batches(r.model, r.pool.encoded, bank, r.pad, bs)
+            assert rel_err(sq, r.sq) < TOL, (path, bs)                 # ||G_i||^2
+            assert rel_err(inner, r.inner) < TOL, (path, bs)           # <G_i, T_j>
+            assert rel_err(inner / sq.sqrt()[:, None], r.scores) < TOL, (path, bs)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_scores_equal_bruteforce(ref):
+    check_against(ref)
+
+
+def test_scores_equal_bruteforce_tied_embeddings(ref_tied):
+    engine = G.get_engine(ref_tied.model, "all")
+    assert engine.tied == "model.embed_tokens.weight"
+    check_against(ref_tied)
+
+
+def test_params_linear_equal_bruteforce(tiny_model_dir, files):
+    r = Reference(tiny_model_dir, files, names_filter=lambda n: n.startswith("model.layers.") and "proj" in n)
+    engine = G.get_engine(r.model, "linear")
+    assert {s.module_name.rsplit(".", 1)[-1] for s in engine.sites} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"}
+    check_against(r, "linear", paths=("auto", "ghost"), batch_sizes=(3,))
+
+
+def test_qwen2_architecture_with_biases_equal_bruteforce(tiny_model_dir, files):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:   # nonzero biases / non-trivial norm weights
+                p.add_(torch.randn_like(p) * 0.1)
+    engine = G.get_engine(model, "all")
+    assert sum(1 for s in engine.sites if s.bias) == 2 * 3            # q, k, v biases per layer
+    check_against(Reference(tiny_model_dir, files, model=model), paths=("auto", "ghost"), batch_sizes=(3,))
+
+
+def test_embedding_padding_idx_row_has_no_gradient(tiny_model_dir, files):
+    """A real token equal to nn.Embedding.padding_idx: autograd leaves that row's gradient at zero, so do we."""
+    r = Reference(tiny_model_dir, files)
+    pad_row = r.model.get_input_embeddings().padding_idx
+    assert pad_row is not None
+    items = [D.Encoded(0, "p", [1, 50, pad_row, 60, 70, pad_row, 80], [-100, -100, -100, 60, 70, pad_row, 80]),
+             D.Encoded(1, "q", [1, 90, 91, 92], [-100, -100, 91, 92])]
+    grads = torch.stack([flat_grad(r.model, it, r.names) for it in items])
+    inner, sq = G.score_batch(r.model, items, None, r.pad)
+    assert rel_err(sq, (grads * grads).sum(1)) < TOL
+
+
+def test_norm_site_detection(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, "fp32", "cpu")
+    engine = G.get_engine(model, "all")
+    kinds = {s.kind for s in engine.sites}
+    assert kinds == {"linear", "embedding", "norm"}
+    assert sum(s.kind == "norm" for s in engine.sites) == 2 * 2 + 1
+    covered = {s.weight for s in engine.sites}
+    assert covered == {n for n, _ in model.named_parameters()}
+    assert all(not p.requires_grad for p in model.parameters())      # never a weight .grad
+
+
+def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    model, tok = load_model(tiny_model_dir, "fp64", "cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a "trained" adapter: B != 0 (a fresh one has B = 0, hence dL/dA = 0)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    params = dict(peft_model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    state = {i: {"step": torch.tensor(5.0), "exp_avg": torch.randn(params[n].shape, generator=gen) * 1e-3,
+                 "exp_avg_sq": torch.rand(params[n].shape, generator=gen) * 1e-5} for i, n in enumerate(names)}
+    torch.save({"state": state, "param_groups": [{"params": list(range(len(names))), "betas": (0.9, 0.999),
+                                                  "eps": 1e-8}]}, tmp_path / "optimizer.pt")
+
+    base, tok = load_model(tiny_model_dir, "fp64", "cpu")
+    lm = G.apply_lora(base, {}, tmp_path / "adapter")
+    pad = D.pad_token_id(tok)
+    pool = prepare_data(files["pool"], tok, "paper")
+    anchors = prepare_data(files["a"], tok, "paper", max_response_length=MLEN)
+    lnames = [n for n, _ in lm.named_parameters() if "lora_" in n]
+    assert len(lnames) == len(names)
+    ga = torch.stack([flat_grad(lm, it, lnames) for it in anchors.encoded])
+    gp = torch.stack([flat_grad(lm, it, lnames) for it in pool.encoded])
+    m = torch.cat([state[i]["exp_avg"].reshape(-1) for i in range(len(names))]).double()
+    v = torch.cat([state[i]["exp_avg_sq"].reshape(-1) for i in range(len(names))]).double()
+    adam_p = (0.9 * m + 0.1 * gp) / (torch.sqrt(0.999 * v + 0.001 * gp * gp) + 1e-8)
+    T = mean_unit(ga)
+    res = G.anchor_gradients(lm, anchors.encoded, pad, "lora", "lora", batch_size=2)
+    assert res.target.norm == pytest.approx(float(T.norm()), rel=TOL)
+    adam = G.load_adam_state(tmp_path / "optimizer.pt", lm)
+    for state_, reference in ((None, gp), (adam, adam_p)):
+        bank = G.TargetBank([res.target], G.get_engine(lm, "lora", "lora", state_))
+        inner, sq = run_batches(lm, pool.encoded, bank, pad, 3)
+        assert rel_err(sq, (reference * reference).sum(1)) < TOL
+        assert rel_err(inner[:, 0], reference @ T) < TOL
+    # Adam-preconditioned anchors too
+    T_adam = mean_unit((0.9 * m + 0.1 * ga) / (torch.sqrt(0.999 * v + 0.001 * ga * ga) + 1e-8))
+    res_adam = G.anchor_gradients(lm, anchors.encoded, pad, "lora", "lora", batch_size=3, adam=adam)
+    assert res_adam.target.norm == pytest.approx(float(T_adam.norm()), rel=TOL)
+    # projected LoRA features (Adam-preconditioned): the projection of the exact per-example vectors
+    engine = G.get_engine(lm, "lora", "lora", adam)
+    projector = G.projector_for(engine, 64, seed=5)
+    feats = torch.cat([G.project_batch(lm, pool.encoded[s:s + 3], projector, pad, "lora", "lora", adam)
+                       for s in range(0, len(pool.encoded), 3)])
+    sizes = [math.prod(engine.shapes[n]) for n in lnames]
+    expected = projector.project({n: projector.project_dense(n, v)
+                                  for n, v in zip(lnames, torch.split(adam_p, sizes, dim=1))})
+    assert rel_err(feats, expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the stages (CLI functions)
+
+FP64 = dict(dtype="fp64", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_model_dir, files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("targets")
+    assert G.build_target(tiny_model_dir, files["a"], d / "harmful", max_response_length=MLEN, batch_size=2, **FP64)
+    assert G.build_target(tiny_model_dir, files["b"], d / "safe", max_response_length=MLEN, batch_size=2, **FP64)
+    assert G.build_target(tiny_model_dir, files["a"], d / "harmful_unit", max_response_length=MLEN, renormalize=True,
+                          **FP64)
+    return d
+
+
+def read_scores(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], rows[1:]
+
+
+def test_stage_outputs_equal_bruteforce(ref, targets, tiny_model_dir, files, tmp_path):
+    meta_t = json.loads((targets / "harmful" / "meta.json").read_text())
+    assert meta_t["stage"] == "gradient_target" and meta_t["target"]["n_anchors"] == len(ANCHORS_A)
+    assert meta_t["target"]["norm"] == pytest.approx(float(ref.T[0].norm()), rel=TOL)
+    assert meta_t["target"]["anchor_norms"] == pytest.approx(
+        [float(flat_grad(ref.model, it, ref.names).norm()) for it in ref.a.encoded], rel=TOL)
+    out = tmp_path / "scores"
+    assert G.score_pool(tiny_model_dir, files["pool"], out,
+                        [targets / "harmful", targets / "safe", targets / "harmful_unit"], batch_size=3, chunk_size=3,
+                        **FP64)
+    header, rows = read_scores(out / "scores.csv")
+    assert header == ["index", "id", "harmful", "safe", "harmful_unit"]
+    assert [int(r[0]) for r in rows] == [e.index for e in ref.pool.encoded]
+    assert [r[1] for r in rows] == ref.pool.ids
+    got = torch.tensor([[float(v) for v in r[2:]] for r in rows], dtype=torch.float64)
+    assert rel_err(got[:, :2], ref.scores) < TOL
+    cos = ref.inner[:, 0] / (ref.sq.sqrt() * ref.T[0].norm())       # --renormalize: exactly cos(G_i, T)
+    assert rel_err(got[:, 2], cos) < TOL
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage"] == "gradient_scores" and meta["nonfinite"] == [] and meta["excluded"] == []
+    assert [t["name"] for t in meta["targets"]] == ["harmful", "safe", "harmful_unit"]
+    assert meta["targets"][0]["data_sha256"] == D.file_sha256(files["a"]) and meta["targets"][0]["n_anchors"] == 3
+    from safetensors.torch import load_file
+    products = load_file(str(out / "products.safetensors"))
+    assert rel_err(products["sqnorm"], ref.sq) < TOL and rel_err(products["inner"][:, :2], ref.inner) < TOL
+
+
+def test_refuses_targets_from_another_model_or_template(targets, tied_model_dir, tiny_model_dir, files, tmp_path):
+    with pytest.raises(MetadataMismatch, match="model"):
+        G.score_pool(tied_model_dir, files["pool"], tmp_path / "x", [targets / "harmful"], **FP64)
+    with pytest.raises(MetadataMismatch, match="template"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "y", [targets / "harmful"], template="plain", **FP64)
+    with pytest.raises(MetadataMismatch, match="params"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "z", [targets / "harmful"], params="linear", **FP64)
+    (tmp_path / "reps").mkdir()
+    (tmp_path / "reps" / "meta.json").write_text(json.dumps({"stage": "representations"}))
+    with pytest.raises(UserError, match="not a gradient target"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "w", [tmp_path / "reps"], **FP64)
+    with pytest.raises(UserError, match="missing"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "v", [tmp_path / "nothing"], **FP64)
+
+
+def test_resume_after_kill_gives_identical_bytes(targets, tiny_model_dir, files, tmp_path, monkeypatch):
+    kw = dict(batch_size=2, chunk_size=3, **FP64)
+    tlist = [targets / "harmful", targets / "safe"]
+    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "clean", tlist, **kw)
+    from safedata.store import ChunkStore
+    original, saved = ChunkStore.save, []
+
+    def save_then_die(self, chunk, tensors):
+        original(self, chunk, tensors)
+        saved.append(chunk)
+        raise KeyboardInterrupt("killed after the first chunk")
+
+    monkeypatch.setattr(ChunkStore, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "killed", tlist, **kw)
+    monkeypatch.setattr(ChunkStore, "save", original)
+    assert saved == [0] and not (tmp_path / "killed" / "scores.csv").exists()
+    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "killed", tlist, **kw)
+    assert (tmp_path / "killed" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one(targets, tiny_model_dir, files, tmp_path):
+    args = ["get_gradients.py", "--model_name", tiny_model_dir, "--data_path", files["pool"],
+            "--targets", str(targets / "harmful"), str(targets / "safe"), "--batch_size", "2", "--chunk_size", "2",
+            "--dtype", "fp64", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    one = subprocess.run([python(), *args, "--output_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), *args, "--output_dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "scores.csv").read_bytes() == (tmp_path / "one" / "scores.csv").read_bytes()
+    n_chunks = len(list((tmp_path / "two" / "chunks").glob("chunk-*.safetensors")))
+    assert n_chunks == math.ceil(len(POOL) / 2)
+
+
+def test_nonfinite_and_excluded_examples_are_reported_not_ranked(ref, targets, tiny_model_dir, files, tmp_path):
+    # one example whose prompt fills --max_length (no supervised token: excluded by data.encode_examples)
+    long_record = {"instruction": "Read this and answer.", "input": " ".join(["word"] * 300), "output": "Done."}
+    pool = write_json(tmp_path / "pool_bad.json", POOL + [long_record])
+    model, tok = load_model(tiny_model_dir, "fp64", "cpu")
+    lengths = [len(e) for e in prepare_data(files["pool"], tok, "paper").encoded]
+    max_length = max(lengths) + 1
+    # and one whose gradient turns NaN: its input embeddings are set to inf by a test hook
+    poisoned = ref.pool.encoded[3]
+
+    def poison(module, inputs, output):
+        ids = inputs[0]
+        prefix = torch.tensor(poisoned.input_ids)
+        for row in range(ids.shape[0]):
+            if ids.shape[1] >= len(prefix) and torch.equal(ids[row, :len(prefix)], prefix):
+                output = output.clone()
+                output[row] = float("inf")
+        return output
+
+    model.get_input_embeddings().register_forward_hook(poison)
+    out = tmp_path / "scores"
+    assert G.score_pool(tiny_model_dir, pool, out, [targets / "harmful", targets / "safe"], batch_size=3,
+                        max_length=max_length, model=model, tokenizer=tok, **FP64)
+    meta = json.loads((out / "meta.json").read_text())
+    assert [e["index"] for e in meta["excluded"]] == [len(POOL)]
+    assert [e["id"] for e in meta["nonfinite"]] == [poisoned.id]
+    header, rows = read_scores(out / "scores.csv")
+    ids = [r[1] for r in rows]
+    assert poisoned.id not in ids and len(ids) == len(POOL) - 1
+    keep = [i for i, e in enumerate(ref.pool.encoded) if e.id != poisoned.id]
+    got = torch.tensor([[float(v) for v in r[2:]] for r in rows], dtype=torch.float64)
+    assert rel_err(got, ref.scores[keep]) < TOL          # the others are untouched by the NaN in their batch
+    # rank.py never selects them
+    from safedata.ranking import rank
+    summary = rank(pool, tmp_path / "sel", scores_dir=out, k=len(POOL) - 1)
+    assert summary["k"] == len(POOL) - 1
+    selected = (tmp_path / "sel" / "pool_bad_top7_index.csv").read_text()
+    assert poisoned.id not in selected and long_record["output"] not in (tmp_path / "sel" / "pool_bad_top7.json").read_text()
+
+
+# ----------------------------------------------------------------------------- projected features
+
+
+def test_projected_features_are_the_projection_of_the_exact_gradients(ref, tiny_model_dir, files, tmp_path):
+    from safedata.features.projection import FactoredProjector
+    from safedata.ranking import anchor_scores, load_features
+    proj_dim = 300
+    assert G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "pool", proj_dim, proj_seed=3,
+                                       batch_size=3, **FP64)
+    feats = load_features(tmp_path / "pool")
+    assert feats.meta["stage"] == "gradient_features" and feats.features.shape == (len(POOL), proj_dim)
+    # the same linear map applied to the brute-force gradient, layer by layer
+    shapes = {n: (tuple(p.shape) if p.dim() == 2 else (1, p.shape[0])) for n, p in ref.model.named_parameters()}
+    projector = FactoredProjector(shapes, proj_dim, seed=3, dtype=torch.float64)
+    sizes = [math.prod(s) for s in shapes.values()]
+    parts = dict(zip(shapes, torch.split(ref.gp, sizes, dim=1)))
+    expected = projector.project({n: projector.project_dense(n, v) for n, v in parts.items()})
+    assert rel_err(feats.features.double(), expected) < 1e-5
+
+    # proj_dim = every parameter: the projection is the identity, so rank.py --avg_n all equals the score
+    full = sum(sizes)
+    assert G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "pool_full", full, batch_size=4, **FP64)
+    assert G.extract_gradient_features(tiny_model_dir, files["a"], tmp_path / "a_full", full, batch_size=4,
+                                       max_response_length=MLEN, **FP64)
+    pool_f, anchor_f = load_features(tmp_path / "pool_full"), load_features(tmp_path / "a_full")
+    assert rel_err(anchor_scores(pool_f.features, anchor_f.features, "all"), ref.scores[:, 0]) < 1e-4
+    from safedata.ranking import rank   # rank.py accepts them (same stage, model, template, flags)
+    summary = rank(files["pool"], tmp_path / "sel", pool_features=tmp_path / "pool_full",
+                   anchor_features=[tmp_path / "a_full"], avg_n="all", k=3)
+    assert summary["k"] == 3 and summary["n_nonfinite"] == 0
+
+
+def test_cli_help_and_mode_choice(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([python(), "get_gradients.py", "--model_name", "x", "--data_path", "y", "--output_dir",
+                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "exactly one of --anchor, --targets, --proj_dim" in out.stderr
+
+
+def test_fp32_and_bf16_models_track_the_fp64_reference(ref, tiny_model_dir, files):
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
+        model, tok = load_model(tiny_model_dir, dtype, "cpu")
+        anchors = prepare_data(files["a"], tok, "paper", max_response_length=MLEN)
+        res = G.anchor_gradients(model, anchors.encoded, ref.pad, batch_size=2)
+        assert {p.fact_g.dtype for p in res.target.params.values() if p.fact_g is not None} == {model.dtype}
+        inner, sq = run_batches(model, ref.pool.encoded, [res.target], ref.pad, 3)
+        assert inner.dtype == sq.dtype == torch.float32                   # accumulated in fp32
+        scores = inner[:, 0].double() / sq.double().sqrt()
+        assert float((scores - ref.scores[:, 0]).abs().max()) < tol * float(ref.scores[:, 0].abs().max()), dtype
+
+
+def test_real_anchor_file_first_10_response_tokens(shared_data, tiny_model_dir, tmp_path):
+    path = shared_data / "paper" / "ft_datasets" / "pure_bad_dataset" / "pure-bad-illegal-activities-selected10.jsonl"
+    assert G.build_target(tiny_model_dir, path, tmp_path / "t", max_response_length=MLEN, dtype="fp32", device="cpu",
+                          layout="factored")
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    _, tok = load_model(tiny_model_dir, "fp32", "cpu")
+    encoded = prepare_data(path, tok, "paper", max_response_length=MLEN).encoded
+    assert meta["target"]["n_anchors"] == len(encoded) == 10 and all(e.n_supervised == MLEN for e in encoded)
+    assert 0 < meta["target"]["norm"] <= 1 + 1e-6
+    assert all(math.isfinite(s) and -1 <= s <= 1 for s in meta["target"]["anchor_scores"])
+    head = meta["target"]["layout"]["lm_head.weight"]
+    assert head["form"] == "factored" and head["tokens"] == 10 * MLEN     # the LM head sees supervised tokens only
+
+
+def test_get_full_gradient_script(ref, tiny_model_dir, tmp_path):
+    data = tmp_path / "data"   # benign stand-ins under the paper's file names
+    data.mkdir()
+    write_json(data / "alpaca_data_no_safety.json", POOL)
+    write_jsonl(data / "pure-bad-illegal-activities-selected10.jsonl", ANCHORS_A)
+    write_jsonl(data / "pure-bad-illegal-acticities-selected-10-anchor1.jsonl", ANCHORS_B)
+    write_jsonl(data / "pure-bad-illegal-activities-selected-10-anchor2.jsonl", ANCHORS_B)
+    env = dict(os.environ, PYTHON=python(), MODEL=tiny_model_dir, DATA_DIR=str(data), OUT=str(tmp_path / "out"),
+               BATCH_SIZE="3", EXTRA="--dtype fp64 --device cpu", OMP_NUM_THREADS="1")
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "get_full_gradient.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header, rows = read_scores(tmp_path / "out" / "scores" / "scores.csv")
+    assert header == ["index", "id", "harmful", "safe1", "safe2"]
+    got = torch.tensor([[float(v) for v in r[2:]] for r in rows], dtype=torch.float64)
+    assert rel_err(got[:, 0], ref.scores[:, 0]) < TOL
+    assert rel_err(got[:, 1], ref.scores[:, 1]) < TOL and rel_err(got[:, 2], ref.scores[:, 1]) < TOL
