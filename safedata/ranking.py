@@ -44,12 +44,25 @@ class FeatureSet:
     def path(self) -> Path:
         return self.directory / "features.safetensors"
 
-    def blocks(self, rows=65536):
-        from safetensors import safe_open
-        with safe_open(str(self.path), framework="pt") as handle:
-            view = handle.get_slice("features")
+    def blocks(self, rows=8192):
+        """Row blocks read with plain reads (not mmap, whose pages would stay resident)."""
+        import struct
+        dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
+        with open(self.path, "rb") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            entry = json.loads(handle.read(header_len))["features"]
+            if entry["dtype"] not in dtypes:
+                raise UserError(f"{self.path}: features dtype {entry['dtype']} not supported (F32, F64, F16)")
+            dtype = np.dtype(dtypes[entry["dtype"]]).newbyteorder("<")
+            row_bytes = self.dim * dtype.itemsize
+            base = 8 + header_len + entry["data_offsets"][0]
             for start in range(0, self.n, rows):
-                yield start, view[start:min(self.n, start + rows)].float()
+                count = min(self.n, start + rows) - start
+                handle.seek(base + start * row_bytes)
+                block = np.empty((count, self.dim), dtype=dtype)
+                if handle.readinto(memoryview(block).cast("B")) != count * row_bytes:
+                    raise UserError(f"{self.path}: truncated (expected {self.n} rows)")
+                yield start, torch.from_numpy(block.astype(np.float32, copy=False))
 
     def all(self) -> torch.Tensor:
         return torch.cat([block for _, block in self.blocks()]) if self.n else torch.empty(0, self.dim)
@@ -100,7 +113,10 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=65536) -> torch.Tensor:
+BLOCK_BYTES = 32 << 20  # pool rows read per step: memory stays O(32 MB + N) whatever the pool size
+
+
+def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=None) -> torch.Tensor:
     """Per pool row: the mean of its top-avg_n cosine similarities to the anchors (fp32).
 
     avg_n=1 is the maximum (the paper's default); 'all' the mean over the whole set, which for
@@ -115,6 +131,7 @@ def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=65536) -> torch.
         n_top = int(avg_n)
         if not 1 <= n_top <= m:
             raise UserError(f"--avg_n {avg_n}: must be 'all' or between 1 and the anchor set size {m}")
+    block = block or max(1, BLOCK_BYTES // (4 * anchors.shape[1]))
     if isinstance(pool, FeatureSet):
         n, blocks = pool.n, pool.blocks(block)
     else:

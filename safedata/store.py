@@ -78,13 +78,31 @@ def read_json(path):
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-    payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    atomic_write_bytes(path, save(payload, metadata=metadata))
+    """Safetensors with a deterministic header (sorted names and metadata keys): the same tensors
+    give the same bytes in every process (the library's own writer orders metadata by hash)."""
+    import struct
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    payload, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        raw = tensor.view(torch.int16) if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+        data = raw.numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        payload.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with atomic_file(path) as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for data in payload:
+            handle.write(data)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
-                       torch.int64: "I64", torch.int32: "I32"}
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 
 
 def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: tuple, dtype: torch.dtype,
@@ -99,7 +117,7 @@ def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: 
     for size in row_shape:
         numel_row *= size
     nbytes = n_rows * numel_row * torch.tensor([], dtype=dtype).element_size()
-    header = {"__metadata__": metadata or {}} if metadata else {}
+    header = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [n_rows, *row_shape], "data_offsets": [0, nbytes]}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)

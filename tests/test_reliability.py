@@ -28,18 +28,27 @@ def rep_cmd(model, pool, out, *extra):
             "--output_dir", str(out), "--chunk_size", "4", "--batch_size", "2", *extra]
 
 
+def kill9_when(cmd, progressed, timeout=120):
+    """Start cmd, SIGKILL it as soon as progressed() is true (or at the timeout)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not progressed():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def n_chunks(directory):
+    return len(list((directory / "chunks").glob("chunk-*.safetensors")))
+
+
 def test_kill9_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
     pool = write_pool(tmp_path / "pool.json", 400)
     clean = tmp_path / "clean"
     subprocess.run(rep_cmd(tiny_model_dir, pool, clean), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(rep_cmd(tiny_model_dir, pool, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((killed / "chunks").glob("chunk-*.safetensors"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list((killed / "chunks").glob("chunk-*.safetensors")))
+    kill9_when(rep_cmd(tiny_model_dir, pool, killed), lambda: n_chunks(killed) >= 2)
+    done_before = n_chunks(killed)
     assert 2 <= done_before < 100 and not (killed / "features.safetensors").exists()
     result = subprocess.run(rep_cmd(tiny_model_dir, pool, killed), check=True, capture_output=True, text=True)
     assert "resuming" in result.stderr
@@ -48,6 +57,55 @@ def test_kill9_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
     for meta in (a, b):
         meta.pop("created"), meta.pop("data_file")
     assert a == b  # meta.json differs only in its date
+
+
+def write_anchors(path, n=4):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Placeholder request {i}"},
+                                                     {"role": "assistant", "content": f"Sure:\n1. Placeholder step {i}."}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def grad_cmd(model, data, out, *extra):
+    return [python(), str(ROOT / "get_gradients.py"), "--model_name", model, "--data_path", str(data),
+            "--output_dir", str(out), "--batch_size", "2", *extra]
+
+
+def test_kill9_gradients_both_modes_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
+    anchors = write_anchors(tmp_path / "anchors.jsonl")
+    pool = write_pool(tmp_path / "pool.json", 300)
+    runs = {}
+    for name in ("clean", "killed"):
+        target, scores = tmp_path / name / "target", tmp_path / name / "scores"
+        anchor_cmd = grad_cmd(tiny_model_dir, anchors, target, "--anchor", "--max_response_length", "10")
+        score_cmd = grad_cmd(tiny_model_dir, pool, scores, "--targets", str(target), "--chunk_size", "4")
+        if name == "killed":
+            kill9_when(anchor_cmd, lambda: False, timeout=1.5)  # somewhere inside the anchor run
+        subprocess.run(anchor_cmd, check=True, capture_output=True)
+        if name == "killed":
+            kill9_when(score_cmd, lambda: n_chunks(scores) >= 2)
+            assert 2 <= n_chunks(scores) < 75 and not (scores / "scores.csv").exists()
+        subprocess.run(score_cmd, check=True, capture_output=True)
+        runs[name] = [(target / "target.safetensors").read_bytes(), (scores / "scores.csv").read_bytes()]
+    assert runs["clean"] == runs["killed"]
+
+
+def test_kill9_generation_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Placeholder question number {i} about gardening"}) + "\n"
+                               for i in range(120)))
+    out = {}
+    for name in ("clean", "killed"):
+        d = tmp_path / name
+        cmd = [python(), str(ROOT / "generate.py"), "--model_name", tiny_model_dir, "--data_path", str(prompts),
+               "--output_dir", str(d), "--batch_size", "4", "--max_new_tokens", "12", "--dtype", "fp32"]
+        partial = d / "responses.partial.jsonl"
+        if name == "killed":
+            kill9_when(cmd, lambda: partial.exists() and partial.read_text().count("\n") >= 8)
+            assert partial.exists() and not (d / "responses.jsonl").exists()
+        subprocess.run(cmd, check=True, capture_output=True)
+        out[name] = (d / "responses.jsonl").read_bytes()
+    assert out["clean"] == out["killed"] and out["clean"].count(b"\n") == 120
 
 
 def test_same_command_twice_is_byte_identical(tiny_model_dir, tmp_path):
