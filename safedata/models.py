@@ -93,8 +93,8 @@ def default_tokenizer_corpus() -> list[Path]:
 
 
 def _corpus_lines(files):
-    for path in files:
-        text = Path(path).read_text(encoding="utf-8")
+    for path in map(Path, files):
+        text = path.read_text(encoding="utf-8")
         if path.suffix in (".json", ".jsonl"):
             # Strings only, so JSON punctuation does not eat the vocabulary.
             try:

@@ -1,0 +1,68 @@
+"""The mini safety lab's report (docs/LAB.md): metrics of lab models, random subsets, the demo's result table.
+
+  report:  lab_report.py report --run_dir runs/demo
+           every fine-tuned run under RUN/ft/ -> RUN/report/{table.md,table.csv,results.json,metrics.png,scores.png};
+           prints the table (mean ± sd over seeds; composition of each subset) and PASS/FAIL lines for the
+           expected orderings (top-k above random-k and bottom-k). Exit status 0 either way: the lines say it.
+  metrics: lab_report.py metrics --model_name M --responses R [--compliant ft_datasets/lab/eval_compliant.jsonl]
+           keyword ASR, compliance rate and keyword-ASR-without-compliance of generate.py's responses;
+           with --compliant, the held-out compliant-answer loss (all response tokens, first 5) under M.
+  random:  lab_report.py random --data_path ft_datasets/lab/pool.json --k 100 --seed 1 --write_to DIR
+           a seeded random-k subset in rank.py's format (DIR/pool_random100.json + _index.csv).
+"""
+import argparse
+import json
+
+from safedata.cli import run
+from safedata import lab
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("report", help="collect a demo run into a table, checks and plots")
+    r.add_argument("--run_dir", default="runs/demo")
+    r.add_argument("--data_dir", default="ft_datasets/lab", help="the lab data (eval_compliant.jsonl, model/)")
+    r.add_argument("--output_dir", default=None, help="default: RUN_DIR/report")
+    r.add_argument("--k", type=int, default=100, help="subset size (for the cut-offs in the score plot)")
+    r.add_argument("--pool_name", default="pool", help="the subsets' file name prefix (rank.py --name)")
+    r.add_argument("--batch_size", type=int, default=16)
+    r.add_argument("--model_name", default=None, help="the aligned model the runs start from (default: DATA_DIR/model)")
+    r.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="the weights rank.py used (default 1 -1 -1 ...): for the pool score plot")
+
+    m = sub.add_parser("metrics", help="lab metrics of one model")
+    m.add_argument("--model_name", required=True)
+    m.add_argument("--responses", default=None, help="generate.py's responses.jsonl")
+    m.add_argument("--compliant", default=None, help="held-out compliant answers (eval_compliant.jsonl)")
+    m.add_argument("--template", default=None, help="default: the model's fine-tuning template, else paper")
+    m.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    m.add_argument("--batch_size", type=int, default=16)
+
+    w = sub.add_parser("random", help="write a seeded random-k subset (rank.py's format)")
+    w.add_argument("--data_path", required=True)
+    w.add_argument("--write_to", required=True)
+    w.add_argument("--k", type=int, default=100)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--name", default=None, help="file name prefix (default: the pool file's stem)")
+    a = p.parse_args()
+
+    if a.command == "report":
+        result = lab.report(a.run_dir, a.data_dir, a.output_dir, a.k, a.pool_name, a.batch_size, a.model_name,
+                            a.weights)
+        print(result["table"])
+        print(lab.format_checks(result["checks"]))
+        print("wrote " + ", ".join([*result["plots"].values(), str(result["output_dir"])]))
+    elif a.command == "metrics":
+        metrics = lab.model_metrics(a.model_name, a.responses, a.compliant, a.template, batch_size=a.batch_size)
+        if a.output:
+            from safedata.store import write_json
+            write_json(a.output, metrics)
+        print(json.dumps(metrics, indent=1))
+    else:
+        print(json.dumps(lab.write_random(a.data_path, a.write_to, a.k, a.seed, a.name), indent=1))
+
+
+if __name__ == "__main__":
+    run(main)
