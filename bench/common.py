@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -17,7 +18,9 @@ from safedata import data as D  # noqa: E402
 from safedata.models import build_tiny_llama, build_tokenizer, default_tokenizer_corpus  # noqa: E402
 from safedata.store import now, write_json  # noqa: E402
 
-ALPACA = ROOT.parent / "shared" / "data" / "paper" / "ft_datasets" / "alpaca_dataset" / "alpaca_data.json"
+# SAFEDATA_ALPACA: the Alpaca file elsewhere (a device machine has no ../shared; see bench/README.md)
+ALPACA = Path(os.environ.get("SAFEDATA_ALPACA") or
+              ROOT.parent / "shared" / "data" / "paper" / "ft_datasets" / "alpaca_dataset" / "alpaca_data.json")
 LAB_POOL = ROOT / "ft_datasets" / "lab" / "pool.json"
 ANCHORS = ROOT.parent / "shared" / "data" / "paper" / "ft_datasets" / "pure_bad_dataset" / "pure-bad-illegal-activities-selected10.jsonl"
 LAB_ANCHORS = ROOT / "ft_datasets" / "lab" / "anchors_harmful.jsonl"
@@ -44,13 +47,16 @@ def tokenizer():
 
 
 def model_for(tok, hidden, layers, device, dtype, config="small", seed=0):
-    if config == "llama2-7b":
-        spec = dict(LLAMA2_7B)
-        model = build_tiny_llama(32000, spec["hidden_size"], spec["num_layers"], spec["num_heads"],
-                                 spec["intermediate_size"], max_position_embeddings=4096, seed=seed)
-    else:
-        # Llama-2's 32,000-token vocabulary, so the LM head costs what it costs there.
-        model = build_tiny_llama(32000, hidden, layers, max(1, hidden // 64), seed=seed, max_position_embeddings=2048)
+    # built directly on the device (a 7B model initialised on the CPU takes minutes), then cast
+    with torch.device(device):
+        if config == "llama2-7b":
+            spec = dict(LLAMA2_7B)
+            model = build_tiny_llama(32000, spec["hidden_size"], spec["num_layers"], spec["num_heads"],
+                                     spec["intermediate_size"], max_position_embeddings=4096, seed=seed)
+        else:
+            # Llama-2's 32,000-token vocabulary, so the LM head costs what it costs there.
+            model = build_tiny_llama(32000, hidden, layers, max(1, hidden // 64), seed=seed,
+                                     max_position_embeddings=2048)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -27,11 +27,16 @@ backward flows through activations only. Forward hooks keep each Linear's input 
 output receives g = dL/d(output) and, right there, computes for the layer (W = sum_t g_t x_t^T per example):
 
 * ||G_i,W||^2 either by "ghost" Gram products sum_{t,t'} (g_t.g_t')(x_t.x_t')  (cost T^2 (in+out)) or by
-  materialising that one layer's per-example gradient (T in out), whichever is cheaper for the batch;
+  materialising that one layer's per-example gradient (T in out, chunks of examples, a reused buffer
+  off CUDA), whichever is cheaper for the batch (`linear_costs`: multiply-adds, plus the passes over a
+  materialised gradient weighted by the device's compute/bandwidth ratio, MEMORY_COST);
 * <G_i,W, T_j,W> for every target j: against a factored target (anchor tokens k, scaled factors
   T = sum_k s_k G_k X_k^T) as sum_{t,k} (g_t.G_k)(x_t.X_k) (cost T K (in+out)), against a dense one as
-  sum_t g_t^T T x_t, or from the materialised gradient when that is cheaper; all targets of a layer in
-  one product, the per-token sums folded into a [K, n_targets] matrix;
+  sum_t g_t^T T x_t, or from the materialised gradient when that is cheaper (one GEMM against all dense
+  targets of the layer); all targets of a layer in one product, the per-token sums folded into a
+  [K, n_targets] matrix. Where the factor products of a layer would cost more than materialising it (many
+  anchor tokens, e.g. 3 targets x 100 head tokens against a narrow LM head), the TargetBank adds a dense
+  copy of its factored targets (`TargetBank.densify`, within a memory budget) and that layer materialises;
 * norm weights (y = w * n(x)): per-example dL/dw = sum_t g_t * n(x_t), n recomputed from the saved
   input by calling the module with w = 1 and w = 0 (exact for RMSNorm);
 * embeddings: per (example, token id) rows of the gradient, summed exactly (scatter-add), never a
@@ -40,8 +45,9 @@ output receives g = dL/d(output) and, right there, computes for the layer (W = s
   2 sum_{t,s} h-grad_s[id_t] (g_t . h_s) is added (the head's part is kept from its hook until the
   embedding's, as a [B, S, T] tensor).
 Products run in fp32 (fp64 for fp64 models): on CUDA low-precision operands go to fp32-output matmuls
-(torch.mm(..., out_dtype=float32)), elsewhere they are upcast. Padded positions have their output-grads
-(and inputs) zeroed. Results accumulate in [B, n_targets] and [B] buffers; each layer's saved input is
+(torch.mm(..., out_dtype=float32)), elsewhere they are upcast. Padding is on the right of a causal LM: a
+padded position's output-grad is exactly zero and its input finite, so it adds nothing to any product and
+no masking copy is made. Results accumulate in [B, n_targets] and [B] buffers; each layer's saved input is
 dropped as soon as its backward hook has run.
 
 Exact vs approximate: the scores are exact (up to floating-point summation order) for all of the above.
@@ -68,8 +74,11 @@ holds, per anchor token, the output-grad and input of every Linear (bf16): about
 Llama-2-7B (sum over its Linears of in+out = 2.5e6), i.e. ~5 GB per target for the paper's 10 anchors of
 ~100 tokens (prompt + 10 response tokens; prompt tokens carry gradient too), plus LM-head factors for the
 supervised tokens only and embedding rows by token id (small). A layer whose factors would outgrow its
-dense matrix is stored dense (fp32). Three targets (harmful + two safe) therefore need ~15 GB besides the
-model: a 40 GB GPU fits batch sizes of a few examples of 512 tokens; 80 GB is comfortable.
+dense matrix is stored dense (fp32). The bank's dense copies of factored layers (densify) stay within
+1 GiB + the model's size; with the GPU's MEMORY_COST the cost model makes none for this model (factor
+products are cheaper than materialising its Linears). Three targets (harmful + two safe) therefore need
+~15 GB besides the model: a 40 GB GPU fits batch sizes of a few examples of 512 tokens; 80 GB is
+comfortable.
 
 On disk
 -------
@@ -377,6 +386,8 @@ class GradientEngine:
         heads = [s for s in self.sites if s.head]
         embeds = [s for s in self.sites if s.kind == "embedding"]
         self.tied = heads[0].weight if heads and embeds and heads[0].weight == embeds[0].weight else None
+        self.beta = memory_cost(self.device)
+        self._buffer = None
 
     # -------------------------------------------------------------- batch
 
@@ -397,8 +408,6 @@ class GradientEngine:
         pos = torch.where(hmask, pos, torch.zeros_like(pos))
         target_ids = labels[:, 1:].gather(1, pos)
         self._mask, self._hmask, self._ids = attn.bool(), hmask, ids
-        # masking copies are only needed where there is padding
-        self._padded, self._hpadded = not bool(self._mask.all()), not bool(hmask.all())
         self._inputs: dict[int, _Input] = {}
         self._leaf = None
         acc.begin(self, B, ids)
@@ -440,12 +449,11 @@ class GradientEngine:
         return leaf
 
     def _embedding_backward(self, site, token_ids, g):
-        mask, padded = self._mask, self._padded
+        mask = self._mask
         padding_idx = getattr(site.module, "padding_idx", None)
         if padding_idx is not None and bool((token_ids == padding_idx).any()):
             # nn.Embedding(padding_idx=p) never updates row p: autograd's gradient of that row is zero
-            mask, padded = mask & (token_ids != padding_idx), True
-        if padded:
+            mask = mask & (token_ids != padding_idx)
             g = torch.where(mask[..., None], g, torch.zeros((), dtype=g.dtype, device=g.device))
         self._acc.embedding(site, token_ids, g, mask)
 
@@ -464,15 +472,14 @@ class GradientEngine:
         return hook
 
     def _linear_backward(self, site, holder, g):
+        # No masking copies: padding is on the right of a causal LM, so no supervised position attends to a
+        # padded one and g is exactly zero there (and at the head's unsupervised slots, which are not in the
+        # loss); the inputs at padded positions are finite (they attend to their example's own tokens), so
+        # every product g_t x_t^T, Gram entry and factor product of a padded position is exactly zero.
         entry = holder.pop()
         mask = self._hmask if site.head else self._mask
-        padded = self._hpadded if site.head else self._padded
-        if padded:
-            g = torch.where(mask[..., None], g, torch.zeros((), dtype=g.dtype, device=g.device))
         if entry.x is None:
-            raw = entry.raw
-            entry.x = torch.where(mask[..., None], raw, torch.zeros((), dtype=raw.dtype, device=raw.device)) \
-                if padded else raw
+            entry.x = entry.raw
         if site.bias:
             self._acc.dense(site.bias, g.to(self.cdt).sum(1))
         if site.lora:
@@ -504,12 +511,10 @@ class GradientEngine:
             one = {n: (torch.ones_like(p) if n == "weight" else torch.zeros_like(p)) for n, p in w.items()}
             zero = {n: torch.zeros_like(p) for n, p in w.items()}
             normed = torch.func.functional_call(module, one, (x,)) - torch.func.functional_call(module, zero, (x,))
-        mask = self._mask[..., None]
-        gc = g.to(self.cdt)
-        prod = gc * normed.to(self.cdt)
-        self._acc.dense(site.weight, (torch.where(mask, prod, 0) if self._padded else prod).sum(1))
+        gc = g.to(self.cdt)                       # zero at padded positions (see _linear_backward)
+        self._acc.dense(site.weight, (gc * normed.to(self.cdt)).sum(1))
         if site.bias:
-            self._acc.dense(site.bias, (torch.where(mask, gc, 0) if self._padded else gc).sum(1))
+            self._acc.dense(site.bias, gc.sum(1))
 
     # -------------------------------------------------------------- helpers for accumulators
 
@@ -517,6 +522,18 @@ class GradientEngine:
         if entry.xo is None:
             entry.xo = self.num.operand(entry.x)
         return entry.xo
+
+    def per_example_grads(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[b, out, in] = g^T x per example, in the compute dtype; off CUDA written into one reused buffer
+        (a fresh allocation of this size costs page faults on every layer)."""
+        if self.num.fast or self.device.type == "cuda":
+            return self.num.bmm(g.transpose(1, 2), x)
+        b, m, n = g.shape[0], g.shape[-1], x.shape[-1]
+        size = b * m * n
+        if self._buffer is None or self._buffer.numel() < size:
+            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.cdt, device=self.device)
+        out = self._buffer[:size].view(b, m, n)
+        return torch.bmm(g.transpose(1, 2).to(self.cdt), x.to(self.cdt), out=out)
 
     def input_gram(self, entry: _Input) -> torch.Tensor:
         if entry.gram is None:
@@ -613,26 +630,72 @@ class Target:
 
 
 class _ParamBank:
-    __slots__ = ("G", "X", "W", "dense", "rows")
+    """One parameter's part of all targets, in the forms the hooks use.
+
+    dense_mat [Jd, numel]: the targets stored dense (dense_cols: their target index), one GEMM for all of them;
+    G, X, W: the factored targets concatenated (W [K, J] = scale x one-hot(target));
+    full_mat [Jf, numel] (full_cols): optional, every dense or factored target of the layer as a dense matrix
+    (dense_mat is its first Jd rows), made where materialising the layer's per-example gradient and one GEMM
+    against it is cheaper than factor products (see TargetBank.densify);
+    rows: embedding rows by token id.
+    """
+
+    __slots__ = ("G", "X", "W", "dense_mat", "dense_cols", "full_mat", "full_cols", "rows", "_dense")
 
     def __init__(self):
-        self.G = self.X = self.W = None   # factored, all targets concatenated: W [K, J] = scale x one-hot(target)
-        self.dense: list[tuple[int, torch.Tensor]] = []
+        self.G = self.X = self.W = None
+        self.dense_mat = self.dense_cols = self.full_mat = self.full_cols = None
+        self._dense: list[tuple[int, torch.Tensor]] = []
         self.rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (j, lookup[V], ids, val)
 
     @property
     def K(self):
         return 0 if self.G is None else self.G.shape[0]
 
+    @property
+    def Jd(self):
+        return 0 if self.dense_mat is None else self.dense_mat.shape[0]
+
+    @property
+    def dense(self) -> list[tuple[int, torch.Tensor]]:
+        """(target index, dense part [numel]) per densely stored target."""
+        if self.dense_mat is None:
+            return []
+        return list(zip(self.dense_cols.tolist(), self.dense_mat.unbind(0)))
+
+
+# Memory traffic in multiply-add equivalents per number read or written (the device's compute/bandwidth
+# ratio, measured on the development CPU; from the datasheet for H100/H200 class GPUs): the cost model
+# below weighs a materialised per-example gradient's passes over memory against the products it saves.
+MEMORY_COST = {"cpu": 16.0, "cuda": 256.0}
+DENSIFY_T = 128                  # the batch length a layer's form is chosen for
+DENSIFY_BYTES = 1 << 30          # extra memory for densified targets, besides the model's own size
+
+
+def memory_cost(device: torch.device) -> float:
+    return MEMORY_COST.get(device.type, 64.0)
+
+
+def linear_costs(T: int, n: int, m: int, K: int, Jd: int, full: bool, beta: float) -> dict:
+    """Per-example cost (multiply-adds) of each way to get ||G||^2 and <G, T_j> for a Linear [m, n]."""
+    nm = n * m
+    costs = {"ghost": T * T * (n + m) + K * T * (n + m) + Jd * T * nm,
+             "materialise": T * nm + beta * nm * (2 + (Jd > 0))
+             + (min(K * nm + beta * nm, K * T * (n + m)) if K else 0)}
+    if full:
+        costs["full"] = T * nm + 3 * beta * nm
+    return costs
+
 
 class TargetBank:
     """Targets on the device, arranged per parameter for the hooks (all targets of a layer together)."""
 
-    def __init__(self, targets: list[Target], engine: GradientEngine):
+    def __init__(self, targets: list[Target], engine: GradientEngine, densify: bool = True):
         self.n = len(targets)
         self.engine = engine
         self.params: dict[str, _ParamBank] = {}
         dev, cdt, num = engine.device, engine.cdt, engine.num
+        facts: dict[str, list] = {}
         for j, target in enumerate(targets):
             if target.mode != engine.mode or target.param_set != engine.params:
                 raise MetadataMismatch(f"target {j} was made with --mode {target.mode} --params {target.param_set}; "
@@ -640,39 +703,90 @@ class TargetBank:
             if set(target.params) != set(engine.shapes):
                 extra = sorted(set(target.params) ^ set(engine.shapes))
                 raise MetadataMismatch(f"target {j} covers other parameters than this model/run ({extra[:4]})")
-            facts: dict[str, list] = {}
             for name, p in target.params.items():
                 if tuple(p.shape) != tuple(engine.shapes[name]):
                     raise MetadataMismatch(f"target {j}: parameter {name} has shape {p.shape}, "
                                            f"the model's is {engine.shapes[name]}")
                 bank = self.params.setdefault(name, _ParamBank())
                 if p.dense is not None:
-                    bank.dense.append((j, p.dense.to(device=dev, dtype=cdt)))
+                    bank._dense.append((j, p.dense.to(device=dev, dtype=cdt).reshape(-1)))
                 if p.rows_ids is not None:
                     lookup = torch.full((p.shape[0],), -1, dtype=torch.long, device=dev)
                     ids = p.rows_ids.to(dev, torch.long)
                     lookup[ids] = torch.arange(ids.numel(), device=dev)
                     bank.rows.append((j, lookup, ids, p.rows_val.to(device=dev, dtype=cdt)))
                 if p.fact_g is not None:
-                    facts.setdefault(name, []).append(p)
-            for name, ps in facts.items():
-                bank = self.params[name]
-                G = [num.operand(p.fact_g.to(dev)) for p in ps]
-                X = [num.operand(p.fact_x.to(dev)) for p in ps]
-                W = []
-                for p in ps:
-                    w = torch.zeros(p.fact_g.shape[0], self.n, dtype=cdt, device=dev)
-                    w[:, j] = p.fact_scale.to(device=dev, dtype=cdt)
-                    W.append(w)
-                if bank.G is not None:
-                    G, X, W = [bank.G] + G, [bank.X] + X, [bank.W] + W
-                bank.G, bank.X, bank.W = torch.cat(G), torch.cat(X), torch.cat(W)
-        for bank in self.params.values():
-            if bank.W is not None and bank.W.shape[1] != self.n:
-                bank.W = torch.cat([bank.W, bank.W.new_zeros(bank.W.shape[0], self.n - bank.W.shape[1])], 1)
+                    facts.setdefault(name, []).append((j, p))
+        for name, ps in facts.items():
+            bank = self.params[name]
+            bank.G = torch.cat([num.operand(p.fact_g.to(dev)) for _, p in ps])
+            bank.X = torch.cat([num.operand(p.fact_x.to(dev)) for _, p in ps])
+            W = []
+            for j, p in ps:
+                w = torch.zeros(p.fact_g.shape[0], self.n, dtype=cdt, device=dev)
+                w[:, j] = p.fact_scale.to(device=dev, dtype=cdt)
+                W.append(w)
+            bank.W = torch.cat(W)
+        for name, bank in self.params.items():
+            if bank._dense:
+                bank.dense_cols = torch.tensor([j for j, _ in bank._dense], dtype=torch.long, device=dev)
+                bank.dense_mat = torch.stack([d for _, d in bank._dense])
+            bank._dense = []
+        self.densified: list[str] = []
+        if densify:
+            self.densify(facts)
+
+    def densify(self, facts: dict) -> None:
+        """Add a dense copy of the factored targets of the Linear layers where (at a typical batch length)
+        materialising the per-example gradient and one GEMM against every target beats factor products,
+        greedily by the saving per byte, within DENSIFY_BYTES plus the model's own size."""
+        e = self.engine
+        linear = {s.weight for s in e.sites if s.kind == "linear" and not s.lora}
+        beta = memory_cost(e.device)
+        budget = DENSIFY_BYTES + sum(p.numel() * p.element_size() for p in e.model.parameters())
+        size = torch.tensor([], dtype=e.cdt).element_size()
+        candidates = []
+        for name, ps in facts.items():
+            bank = self.params[name]
+            if name not in linear or len(e.shapes[name]) != 2:
+                continue
+            m, n = e.shapes[name]
+            now = linear_costs(DENSIFY_T, n, m, bank.K, bank.Jd, False, beta)
+            after = linear_costs(DENSIFY_T, n, m, bank.K, bank.Jd, True, beta)["full"]
+            saving = min(now.values()) - after
+            nbytes = len({j for j, _ in ps}) * n * m * size
+            if saving > 0:
+                candidates.append((saving / nbytes, name, nbytes))
+        for _, name, nbytes in sorted(candidates, reverse=True):
+            if nbytes > budget:
+                continue
+            budget -= nbytes
+            bank = self.params[name]
+            cols = sorted({j for j, _ in facts[name]})
+            G, X, W = bank.G.to(e.cdt), bank.X.to(e.cdt), bank.W
+            extra = torch.stack([((G * W[:, j:j + 1]).T @ X).reshape(-1) for j in cols])
+            if bank.dense_mat is not None:
+                extra = torch.cat([bank.dense_mat, extra])
+                cols = bank.dense_cols.tolist() + cols
+            bank.full_mat = extra
+            bank.full_cols = torch.tensor(cols, dtype=torch.long, device=e.device)
+            if bank.dense_mat is not None:
+                bank.dense_mat = bank.full_mat[:bank.Jd]
+            self.densified.append(name)
 
     def get(self, name) -> _ParamBank | None:
         return self.params.get(name)
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for bank in self.params.values():
+            tensors = [bank.G, bank.X, bank.W, bank.full_mat if bank.full_mat is not None else bank.dense_mat]
+            tensors += [t for r in bank.rows for t in r[1:]]
+            for t in tensors:
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
 
 
 # ----------------------------------------------------------------------------- accumulators
@@ -710,9 +824,8 @@ class ScoreAccumulator:
         v = v.to(self.cdt)
         self.sq += (v * v).sum(1)
         pb = self._param(name)
-        if pb is not None:
-            for j, D_ in pb.dense:
-                self.inner[:, j] += v @ D_.reshape(-1)
+        if pb is not None and pb.Jd:
+            self.inner[:, pb.dense_cols] += v @ pb.dense_mat.T
         self.after_dense(name, v)
 
     def after_dense(self, name, v):
@@ -728,12 +841,17 @@ class ScoreAccumulator:
         m = g.shape[-1]
         pb = self._param(site.weight)
         K = pb.K if pb is not None else 0
-        Jd = len(pb.dense) if pb is not None else 0
-        ghost_cost = T * T * (n + m) + K * T * (n + m) + Jd * T * n * m
-        mat_cost = T * n * m + n * m * (1 + Jd) + min(K * n * m, K * T * (n + m))
-        materialise = e.path == "materialise" or (e.path == "auto" and mat_cost < ghost_cost)
-        if materialise:
-            self._linear_materialised(x, g, pb, T)
+        Jd = pb.Jd if pb is not None else 0
+        full = pb is not None and pb.full_mat is not None
+        if e.path == "ghost":
+            way = "ghost"
+        elif e.path == "materialise":
+            way = "full" if full else "materialise"
+        else:
+            costs = linear_costs(T, n, m, K, Jd, full, e.beta)
+            way = min(costs, key=costs.get)
+        if way != "ghost":
+            self._linear_materialised(x, g, pb, T, way == "full")
         else:
             gg = num.bmm(g, g.transpose(1, 2))
             self.sq += (gg * e.input_gram(entry)).sum((1, 2))
@@ -742,7 +860,7 @@ class ScoreAccumulator:
                 if K:
                     self.inner += self._factored_by_activations(x, g, pb)
                 for j, D_ in pb.dense:
-                    self.inner[:, j] += self._dense_by_activations(x, g, D_)
+                    self.inner[:, j] += self._dense_by_activations(x, g, D_.view(m, n))
         if pb is not None:
             for j, lookup, ids, val in pb.rows:        # a tied LM head against the embedding rows of a target
                 hr = num.mm(x.reshape(B * T, n), val.T).view(B, T, -1)
@@ -779,20 +897,22 @@ class ScoreAccumulator:
             out[r0:r1] = (y * g2[r0:r1].to(self.cdt)).sum(1)
         return out.view(B, T).sum(1)
 
-    def _linear_materialised(self, x, g, pb, T):
-        num = self.num
+    def _linear_materialised(self, x, g, pb, T, full=False):
+        """Each example's gradient of the layer, one chunk of examples at a time (in a reused buffer):
+        ||G_i||^2 from it, <G_i, T_j> by one GEMM against the dense targets (all of them with `full`)."""
+        num, e = self.num, self.e
         B, _, n = x.shape
         m = g.shape[-1]
-        K = pb.K if pb is not None else 0
+        K = pb.K if pb is not None and not full else 0
+        mat, cols = (None, None) if pb is None else \
+            (pb.full_mat, pb.full_cols) if full else (pb.dense_mat, pb.dense_cols)
         via_grad = K and K * n * m < K * T * (n + m)
         for b0, b1 in _chunks(B, m * n):
-            grads = num.bmm(g[b0:b1].transpose(1, 2), x[b0:b1])     # [b, out, in]
-            self.sq[b0:b1] += (grads * grads).sum((1, 2))
-            if pb is None:
-                continue
-            flat = grads.reshape(b1 - b0, -1)
-            for j, D_ in pb.dense:
-                self.inner[b0:b1, j] += flat @ D_.reshape(-1)
+            grads = e.per_example_grads(g[b0:b1], x[b0:b1])          # [b, out, in]
+            flat = grads.view(b1 - b0, -1)
+            self.sq[b0:b1] += torch.linalg.vector_norm(flat, dim=1).square()
+            if mat is not None:
+                self.inner[b0:b1, cols] += flat @ mat.T
             if K and via_grad:
                 Xc, Gc = pb.X.to(self.cdt), pb.G.to(self.cdt)
                 for k0, k1 in _chunks(K, (b1 - b0) * m):
@@ -800,6 +920,7 @@ class ScoreAccumulator:
                     self.inner[b0:b1] += (gx * Gc[k0:k1].T[None]).sum(1) @ pb.W[k0:k1]
             elif K:
                 self.inner[b0:b1] += self._factored_by_activations(x[b0:b1], g[b0:b1], pb)
+            del grads, flat
 
     # -------------------------------------------------------------- embedding
 
@@ -826,7 +947,7 @@ class ScoreAccumulator:
                 self.inner[:, j] += col
             for j, D_ in pb.dense:
                 col = torch.zeros(B, dtype=cdt, device=g.device)
-                col.index_add_(0, ub, (rows * D_[uid]).sum(1))
+                col.index_add_(0, ub, (rows * D_.view(V, d)[uid]).sum(1))
                 self.inner[:, j] += col
             if pb.K:                                    # tied: the LM-head factors of the target, at these rows
                 part = torch.zeros(B, self.n_targets, dtype=cdt, device=g.device)
