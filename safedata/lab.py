@@ -399,6 +399,11 @@ def plot_scores(run_dir, out_png, k: int = 100, pool_name: str = "pool", weights
         ax.set_xlabel("score (harmful - safe anchors)")
         ax.set_ylabel("examples")
         ax.legend(fontsize=8)
+    return _save_figure(fig, out_png)
+
+
+def _save_figure(fig, out_png) -> Path:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -427,12 +432,7 @@ def plot_metrics(groups: dict, out_png) -> Path:
         ax.set_title(METRIC_LABELS[metric], fontsize=10)
         if not metric.startswith("compliant_loss"):
             ax.set_ylim(0, 1.02)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out_png, buffer.getvalue())
-    return Path(out_png)
+    return _save_figure(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- the report
