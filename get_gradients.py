@@ -11,7 +11,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 """
 import argparse
 
-from safedata.cli import run
+from safedata.cli import add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features import gradients as G
 
@@ -48,11 +48,7 @@ def main():
     p.add_argument("--lora_seed", type=int, default=0, help="--mode lora: seed of a fresh adapter's init")
     p.add_argument("--optimizer_state", default=None,
                    help="--mode lora: a Trainer's optimizer.pt; pool gradients become Adam update directions (LESS)")
-    p.add_argument("--shard", default=None, help="I/N: this part of N (default: the SLURM array task, else all)")
-    p.add_argument("--chunk_size", type=int, default=512, help="examples per resumable chunk file")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, fp64")
-    p.add_argument("--device", default=None)
-    p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
+    add_stage_args(p)
     a = p.parse_args()
     chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim))
               if on]

@@ -1,7 +1,7 @@
 """Per-example hidden-state features: last layer, last supervised token (the paper's representation matching)."""
 import argparse
 
-from safedata.cli import run
+from safedata.cli import add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features.representations import extract_representations
 
@@ -18,11 +18,7 @@ def main():
                    help="keep only the first N supervised tokens (the paper used 10 for anchors)")
     p.add_argument("--layer", type=int, default=-1, help="hidden-state layer; -1 = last, after the final norm")
     p.add_argument("--pooling", choices=("last", "mean"), default="last")
-    p.add_argument("--shard", default=None, help="I/N: this part of N (default: the SLURM array task, else all)")
-    p.add_argument("--chunk_size", type=int, default=512, help="examples per resumable chunk file")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
+    add_stage_args(p)
     a = p.parse_args()
     extract_representations(a.model_name, a.data_path, a.output_dir, a.template, a.batch_size, a.max_length,
                             a.max_response_length, a.layer, a.pooling, a.shard, a.chunk_size, a.dtype, a.device,
