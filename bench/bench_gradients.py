@@ -143,8 +143,11 @@ def paper_scores(model, items, pad, tdense, pad_to):
             labels = torch.full((1, width), D.IGNORE_INDEX, dtype=torch.long)
             ids[0, :len(item)], mask[0, :len(item)] = batch["input_ids"][0], 1
             labels[0, :len(item)] = batch["labels"][0]
-            # the example's mean token loss, in the model's dtype (HF's own loss upcasts fp64 logits to fp32)
+            # the example's mean token loss: in fp32 for bf16/fp16 models (as HF's loss), else in the model's
+            # dtype (HF's own loss would round fp64 logits to fp32)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[0, :-1]
+            if logits.dtype in (torch.bfloat16, torch.float16):
+                logits = logits.float()
             target = labels[0, 1:].to(device)
             keep = target != D.IGNORE_INDEX
             loss = F.cross_entropy(logits[keep], target[keep])
