@@ -281,7 +281,7 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
     if need_response and response is None:
         raise InputError(path, line, "response", f"{kind} records carry no response; this stage needs one")
     return Example(index=index, id=record_id(record), kind=kind, instruction=instruction,
-                   input=extra, response=response if response else ("" if need_response else response),
+                   input=extra, response=response,
                    line=line, record=record)
 
 

@@ -113,10 +113,6 @@ def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_re
     if missing:
         log.info("%d chunk(s) still to do in other shards; merge runs when the last shard finishes", len(missing))
         return False
-    if stream:
-        missing = store.missing()
-        if missing:
-            raise D.UserError(f"{store.dir}: chunk {missing[0]} missing or stale")
     tensors = store if stream else store.gather()
     meta = dict(meta, created=meta.get("created") or now(), environment=environment(), chunk_size=store.chunk_size)
     write_result(tensors, meta)
