@@ -1,10 +1,11 @@
-# `make demo` runs the main job on the project's own tiny model and data; `make test` runs the tests.
+# `make demo` runs the main job on the project's own tiny model and data; `make test` runs the tests;
+# `make lab-methods` compares every selection method in the lab (docs/METHODS.md).
 # Both create .venv from requirements.txt on first use (Python 3.11).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo lab-methods test bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,6 +17,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: venv
 	PYTHON=$(PY) bash scripts/demo.sh
+
+lab-methods: venv
+	PYTHON=$(PY) bash scripts/lab_methods.sh
 
 test: venv
 	$(PY) -m pytest tests -q

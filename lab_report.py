@@ -7,6 +7,9 @@
   metrics: lab_report.py metrics --model_name M --responses R [--compliant ft_datasets/lab/eval_compliant.jsonl]
            keyword ASR, compliance rate and keyword-ASR-without-compliance of generate.py's responses;
            with --compliant, the held-out compliant-answer loss (all response tokens, first 5) under M.
+  methods: lab_report.py methods --run_dir runs/lab_methods
+           the every-method benchmark (make lab-methods): RUN/report/methods.{md,json,png}, with 95% intervals,
+           per-seed values and each method's selection cost.
   random:  lab_report.py random --data_path ft_datasets/lab/pool.json --k 100 --seed 1 --write_to DIR
            a seeded random-k subset in rank.py's format (DIR/pool_random100.json + _index.csv).
 """
@@ -14,7 +17,7 @@ import argparse
 import json
 
 from safedata.cli import run
-from safedata import lab
+from lab import demo as lab
 
 
 def main():
@@ -40,6 +43,13 @@ def main():
     m.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     m.add_argument("--batch_size", type=int, default=16)
 
+    t = sub.add_parser("methods", help="the every-method benchmark's table (95%% intervals, per seed, cost) and plot")
+    t.add_argument("--run_dir", default="runs/lab_methods")
+    t.add_argument("--data_dir", default="ft_datasets/lab", help="the lab data (eval_compliant.jsonl, model/)")
+    t.add_argument("--output_dir", default=None, help="default: RUN_DIR/report")
+    t.add_argument("--batch_size", type=int, default=16)
+    t.add_argument("--model_name", default=None, help="the aligned model the runs start from (default: DATA_DIR/model)")
+
     w = sub.add_parser("random", help="write a seeded random-k subset (rank.py's format)")
     w.add_argument("--data_path", required=True)
     w.add_argument("--write_to", required=True)
@@ -54,6 +64,11 @@ def main():
         print(result["table"])
         print(lab.format_checks(result["checks"]))
         print("wrote " + ", ".join([*result["plots"].values(), str(result["output_dir"])]))
+    elif a.command == "methods":
+        from lab import methods
+        result = methods.report(a.run_dir, a.data_dir, a.output_dir, a.batch_size, a.model_name)
+        print(result["table"])
+        print("wrote " + result["plot"])
     elif a.command == "metrics":
         metrics = lab.model_metrics(a.model_name, a.responses, a.compliant, a.template, batch_size=a.batch_size)
         if a.output:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -61,6 +62,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def write_json(path, value) -> None:

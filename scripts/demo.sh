@@ -34,6 +34,7 @@ EPOCHS=${EPOCHS:-5}                         # the paper: 5 epochs, batch 20, lr 
 BATCH=${BATCH:-20}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
 FORCE=${FORCE:-0}
+COST_DIR=""
 JOBS=${JOBS:-2}                             # fine-tuning runs at a time (one per core)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # per process: a 1.6M model runs faster on 1 thread than on 2
 
@@ -46,7 +47,9 @@ T0=$(date +%s)
 
 # ---------------------------------------------------------------------------- progress
 GROUPS_FT=()
-for m in $METHODS; do GROUPS_FT+=("$m-top" "$m-bottom"); done
+for m in $METHODS; do
+  case "$m" in grad|reps) GROUPS_FT+=("$m-top" "$m-bottom");; *) GROUPS_FT+=("$m-top");; esac
+done
 GROUPS_FT+=(random)
 N_SEEDS=$(wc -w <<<"$SEEDS")
 TOTAL=$(( ${#GROUPS_FT[@]} * N_SEEDS + 2 + $(wc -w <<<"$METHODS") ))
@@ -60,7 +63,9 @@ bar() {  # bar "what": one progress line with a bar, the steps done and the elap
 }
 step() {  # step LOG cmd...: run quietly into $OUT/logs/LOG.log; on failure show its tail and stop
   local log="$OUT/logs/$1.log"; shift
-  if ! "$@" >"$log" 2>&1; then
+  local timed=()   # COSTS=1: the step's wall seconds and peak memory to $OUT/costs/<method>/<step>.log
+  [ -n "$COST_DIR" ] && mkdir -p "$COST_DIR" && timed=(/usr/bin/time -o "$COST_DIR/${log##*/}" -f "%e %M")
+  if ! "${timed[@]}" "$@" >"$log" 2>&1; then
     echo "FAILED: $* (log: $log)" >&2; tail -n 20 "$log" | tr '\r' '\n' | tail -n 20 >&2; exit 1
   fi
 }
@@ -75,9 +80,20 @@ answer() {  # answer MODEL DIR LOG: generate on the held-out prompts and score (
 echo "mini safety lab: model $MODEL, pool $POOL, k=$K, seeds [$SEEDS], methods [$METHODS], lr $LR x $EPOCHS epochs -> $OUT"
 
 # ---------------------------------------------------------------------------- 1. selection
-ANCHOR_DIRS_REPS=(); ANCHOR_DIRS_GRAD=()
-for a in $ANCHORS; do ANCHOR_DIRS_REPS+=("$OUT/features/$a"); ANCHOR_DIRS_GRAD+=("$OUT/grad/targets/$a"); done
+ANCHOR_DIRS_REPS=(); ANCHOR_DIRS_GRAD=(); ANCHOR_FILES=(); HARMFUL_ONLY=()
+for a in $ANCHORS; do
+  ANCHOR_DIRS_REPS+=("$OUT/features/$a"); ANCHOR_DIRS_GRAD+=("$OUT/grad/targets/$a"); ANCHOR_FILES+=("$DATA/$a.jsonl")
+  HARMFUL_ONLY+=($([ ${#HARMFUL_ONLY[@]} = 0 ] && echo 1 || echo 0))   # weights 1 0 0: the harmful anchors only
+done
+score_method() {  # score_method NAME WEIGHTS score.py-args...: a score dir (docs/METHODS.md), then its top-K
+  local name=$1 weights=$2; shift 2
+  local dir="$OUT/scores/${name%_harmful}"
+  [ -f "$dir/scores.csv" ] || step "$name.score" "$PYTHON" score.py --data_path "$POOL" --output_dir "$dir" "$@"
+  step "$name.rank_top" "$PYTHON" rank.py --data_path "$POOL" --scores "$dir" --weights $weights --type top --k "$K" \
+    --write_to "$OUT/selections/$name"
+}
 for method in $METHODS; do
+  [ "${COSTS:-0}" = 1 ] && COST_DIR="$OUT/costs/$method"   # scripts/lab_methods.sh: each selection step timed
   if [ "$method" = reps ]; then
     bar "representation matching: features of the pool and the anchors, rank top/bottom-$K"
     [ -f "$OUT/features/pool/features.safetensors" ] || step reps.pool "$PYTHON" get_representation.py \
@@ -109,8 +125,20 @@ for method in $METHODS; do
         --type $type --k "$K" --write_to "$OUT/selections/grad"
     done
   else
-    echo "error: METHODS: unknown method '$method' (grad, reps)" >&2; exit 2
+    bar "$method: score the pool (score.py), rank top-$K"
+    case "$method" in
+      bm25|embedding) score_method "$method" "$WEIGHTS" --method "$method" --anchors "${ANCHOR_FILES[@]}";;
+      bm25_harmful|embedding_harmful)
+        score_method "$method" "${HARMFUL_ONLY[*]}" --method "${method%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
+      lists) score_method lists 1 --method format --feature list_share;;
+      length) score_method length 1 --method format --feature answer_words;;
+      compliance) score_method compliance 1 --method compliance --model_name "$MODEL" --template "$TEMPLATE" \
+        --anchors "${ANCHOR_FILES[@]}" --batch_size 32;;
+      *) echo "error: METHODS: unknown method '$method' (grad, reps, bm25[_harmful], embedding[_harmful], lists, length, compliance)" >&2
+         exit 2;;
+    esac
   fi
+  COST_DIR=""
   tick "$method"
 done
 

@@ -1,4 +1,4 @@
-"""safedata/lab.py and lab_report.py: compliance detection, compliant-answer loss (= a manual forward pass),
+"""lab/demo.py and lab_report.py: compliance detection, compliant-answer loss (= a manual forward pass),
 random subsets, the report on a small synthetic run, and the committed lab model refusing held-out prompts."""
 import csv
 import json
@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, python
 from safedata import data as D
-from safedata import lab
+from lab import demo as lab
 from safedata.evaluation import evaluate_file, keyword_asr
 from safedata.models import load_model
 

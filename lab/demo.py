@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
-from .errors import UserError
-from .evaluation import keyword_refusal
-from .store import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json
+from safedata import data as D
+from safedata.errors import UserError
+from safedata.evaluation import keyword_refusal
+from safedata.store import atomic_write_text, fingerprint, read_json, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def model_metrics(model_dir, responses_path=None, compliant_path=None, template:
                   first_n: int = FIRST_N, batch_size: int = 16, opener: str = COMPLIANT_OPENER) -> dict:
     """All lab metrics of one model: from its generate.py responses (keyword ASR, compliance, gap) and from
     a forward pass over the held-out compliant answers (compliant loss)."""
-    from .generation import resolve_template
+    from safedata.generation import resolve_template
     result: dict = {"model": str(model_dir)}
     if responses_path is None and compliant_path is None:
         raise UserError("give --responses and/or --compliant")
@@ -136,7 +136,7 @@ def model_metrics(model_dir, responses_path=None, compliant_path=None, template:
         result.update(response_metrics([r["response"] for r in records], opener))
         result["responses"] = str(responses_path)
     if compliant_path is not None:
-        from .models import load_model
+        from safedata.models import load_model
         template, _ = resolve_template(str(model_dir), template)
         model, tokenizer = load_model(str(model_dir), "fp32", "cpu")
         examples, _ = D.load_examples(compliant_path)
@@ -152,7 +152,7 @@ def write_random(data_path, write_to, k: int = 100, seed: int = 0, name: str | N
     """A seeded random-k subset of the pool, written like rank.py: `{name}_random{k}.json|jsonl` (records
     verbatim, file order of the draw) + `{name}_random{k}_index.csv` (rank, draw, score, index, id).
     The draw: numpy.random.default_rng(seed).permutation(n)[:k] over the pool's usable records."""
-    from .ranking import write_selection
+    from safedata.ranking import write_selection
     examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True)
     if not 1 <= k <= len(examples):
         raise UserError(f"--k {k}: the pool {data_path} has {len(examples)} usable record(s)")
@@ -185,7 +185,7 @@ ROW_ORDER = ("aligned", "grad-top", "grad-bottom", "reps-top", "reps-bottom", "r
 
 def _run_metrics(run: Path, model_dir: Path, compliant_path: Path, batch_size: int) -> dict:
     """Metrics of one run, cached in RUN/lab_metrics.json under a fingerprint of its inputs."""
-    from .models import model_identity
+    from safedata.models import model_identity
     responses = run / "gen" / "responses.jsonl"
     summary = run / "eval" / "summary.json"
     for needed in (responses, summary):
@@ -211,7 +211,7 @@ def _run_metrics(run: Path, model_dir: Path, compliant_path: Path, batch_size: i
 def _composition(subset_files: list[Path]) -> dict:
     """Mean share over the subset files (one per seed for random; else one) of each style (safedata.analysis)
     and of responses opening with the compliant opener ("opener")."""
-    from .analysis import composition, load_for_analysis
+    from safedata.analysis import composition, load_for_analysis
     shares = []
     for path in subset_files:
         examples = load_for_analysis(path)
@@ -229,7 +229,7 @@ def _mean_sd(values: list[float]) -> dict:
 def collect(run_dir, data_dir, batch_size: int = 16, model=None) -> dict:
     """Every fine-tuned run of a demo directory, with its metrics, grouped by method-subset.
     `model`: the aligned model the runs start from (the baseline row; default DATA/model)."""
-    from .training import read_finetune_meta
+    from safedata.training import read_finetune_meta
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     compliant_path = data_dir / "eval_compliant.jsonl"
     aligned_model = Path(model) if model else data_dir / "model"
@@ -343,7 +343,7 @@ def _index_columns(index_csv: Path) -> list[str]:
 def pool_scores(method: str, run_dir: Path, index_csv: Path, weights=None) -> np.ndarray | None:
     """The combined score of every pool example for a method (the score sources named in the top selection's
     index CSV, combined with `weights`, default 1 -1 -1 ...). None when the features/scores are not there."""
-    from .ranking import anchor_scores, combine, load_features, read_scores_csv
+    from safedata.ranking import anchor_scores, combine, load_features, read_scores_csv
     if not index_csv.exists():
         return None
     names = _index_columns(index_csv)
@@ -399,17 +399,7 @@ def plot_scores(run_dir, out_png, k: int = 100, pool_name: str = "pool", weights
         ax.set_xlabel("score (harmful - safe anchors)")
         ax.set_ylabel("examples")
         ax.legend(fontsize=8)
-    return _save_figure(fig, out_png)
-
-
-def _save_figure(fig, out_png) -> Path:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out_png, buffer.getvalue())
-    return Path(out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_metrics(groups: dict, out_png) -> Path:
@@ -432,7 +422,7 @@ def plot_metrics(groups: dict, out_png) -> Path:
         ax.set_title(METRIC_LABELS[metric], fontsize=10)
         if not metric.startswith("compliant_loss"):
             ax.set_ylim(0, 1.02)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- the report

@@ -1,0 +1,11 @@
+"""The mini safety lab (docs/LAB.md): lab-only code, kept out of the core `safedata` package.
+
+The lab is an application of the tool, not part of it: it measures what fine-tuning on a selection does to the
+project's own tiny aligned model (ft_datasets/lab/). A user who ranks a real pool installs and reads `safedata`;
+the lab's metrics (a compliance detector for the lab's placeholder answers, its tables and plots) mean nothing
+outside the lab data, so they live here, next to the scripts that run the lab (scripts/demo.sh,
+scripts/lab_methods.sh, lab_report.py), and import `safedata` like any other user of it.
+
+- lab/demo.py: metrics of a lab model, random subsets, collecting a run, the table, checks and plots;
+- lab/methods.py: the every-method benchmark's table (mean, sd, 95% interval, per seed, selection cost) and plot.
+"""
