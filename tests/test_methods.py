@@ -293,3 +293,21 @@ def test_agreement_metrics_against_brute_force(tmp_path):
     missing.write_text(json.dumps([{"instruction": "not in the pool", "input": "", "output": "x"}]))
     with pytest.raises(UserError, match="record 0 .* is not in the pool"):
         agreement.match_records(ids, missing)
+
+
+def test_sample_pool_keeps_every_reference_record_and_draws_the_rest_uniformly(tmp_path):
+    from safedata.methods import agreement
+    records = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(50)]
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps(records))
+    (tmp_path / "ref.json").write_text(json.dumps([records[i] for i in (40, 3, 17)]))
+    summary = agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 10, 5, tmp_path / "a.json")
+    again = agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 10, 5, tmp_path / "b.json")
+    sample = json.loads((tmp_path / "a.json").read_text())
+    assert summary["n"] == 13 and (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    positions = [records.index(r) for r in sample]
+    assert positions == sorted(positions) and {3, 17, 40} <= set(positions)
+    others = np.array(sorted(set(range(50)) - {3, 17, 40}))
+    assert set(positions) - {3, 17, 40} == set(np.random.default_rng(5).choice(others, 10, replace=False).tolist())
+    with pytest.raises(UserError, match="sample_size 48"):
+        agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 48, 5, tmp_path / "c.json")

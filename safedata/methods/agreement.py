@@ -34,6 +34,29 @@ def match_records(pool_ids: list[str], reference_path) -> np.ndarray:
     return np.array([first[e.id] for e in examples], dtype=np.int64)
 
 
+def write_sample_pool(data_path, reference_paths, n_random: int, seed: int, output) -> dict:
+    """A smaller pool for a method too slow for the whole one: every reference record plus n_random other pool
+    records drawn uniformly without replacement (numpy default_rng(seed)), verbatim, in pool order (JSON).
+
+    On it, AUC reference-top vs reference-bottom is exact (it reads only the reference records' scores), while
+    percentiles and top-1%/10% counts are relative to the sample, and top-k overlaps are not comparable with
+    the full pool's."""
+    import json
+    from ..store import atomic_write_text
+    examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True)
+    ids = [e.id for e in examples]
+    keep = set()
+    for path in reference_paths:
+        keep.update(match_records(ids, path).tolist())
+    others = np.array(sorted(set(range(len(examples))) - keep))
+    if not 0 <= n_random <= len(others):
+        raise UserError(f"--sample_size {n_random}: the pool has {len(others)} records besides the references")
+    keep.update(np.random.default_rng(seed).choice(others, n_random, replace=False).tolist())
+    records = [examples[i].record for i in sorted(keep)]
+    atomic_write_text(output, json.dumps(records, indent=4, ensure_ascii=False) + "\n")
+    return {"output": str(output), "n": len(records), "n_reference": len(records) - n_random, "seed": seed}
+
+
 def ranks(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """0-based rank of every pool position in rank.py's order (non-finite scores after all finite ones)."""
     key = np.where(np.isfinite(scores), -scores.astype(np.float64), np.inf)
