@@ -5,6 +5,9 @@ projected per-example gradient features.
   pool scores:    get_gradients.py --targets T_harmful T_safe1 T_safe2 --data_path pool.json --output_dir S
                   (scores.csv: index,id,<one column per target>; rank.py --scores S combines them)
   features:       get_gradients.py --proj_dim 8192 --data_path FILE --output_dir F   (anchors and pool alike)
+  self-influence: get_gradients.py --self_influence --data_path pool.json --output_dir S   (no anchors)
+                  (scores.csv: index,id,self_inf,self_inf_n; rank by one: rank.py --scores S --weights 0 1)
+Every score dir also has examples.csv: index,id,n_supervised,loss (each example's mean token loss).
 
 Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over anchors of G_a/||G_a||
 (= cos(G_i, T) with --renormalize). Data-parallel: torchrun --nproc_per_node K get_gradients.py ...
@@ -25,6 +28,9 @@ def main():
     what.add_argument("--anchor", action="store_true", help="build a target from this (anchor) file")
     what.add_argument("--targets", nargs="+", default=None, metavar="DIR", help="score this (pool) file against targets")
     what.add_argument("--proj_dim", type=int, default=None, help="store per-example gradient projections of this size")
+    what.add_argument("--self_influence", action="store_true",
+                      help="anchor-free scores of this (pool) file: self_inf = ||G_i||^2 and its length-normalised "
+                           "self_inf_n = ln(self_inf + 1) + ln(n_supervised + 1) (Guan et al. 2025, Self-Inf-N)")
     p.add_argument("--target_names", nargs="+", default=None, help="score column names (default: the target dir names)")
     p.add_argument("--renormalize", action="store_true",
                    help="--anchor: store T/||T|| so scores are cos(G_i, T) (default: the paper's mean cosine)")
@@ -50,10 +56,11 @@ def main():
                    help="--mode lora: a Trainer's optimizer.pt; pool gradients become Adam update directions (LESS)")
     add_stage_args(p)
     a = p.parse_args()
-    chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim))
-              if on]
+    chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim),
+                                    ("--self_influence", a.self_influence)) if on]
     if len(chosen) != 1:
-        p.error("give exactly one of --anchor, --targets, --proj_dim" + (f" (got {', '.join(chosen)})" if chosen else ""))
+        p.error("give exactly one of --anchor, --targets, --proj_dim, --self_influence"
+                + (f" (got {', '.join(chosen)})" if chosen else ""))
     common = dict(template=a.template, batch_size=a.batch_size, max_length=a.max_length,
                   max_response_length=a.max_response_length, params=a.params, mode=a.mode, lora_r=a.lora_r,
                   lora_alpha=a.lora_alpha, lora_target_modules=a.lora_target_modules, lora_path=a.lora_path,
@@ -64,9 +71,9 @@ def main():
         if a.anchor:
             G.build_target(a.model_name, a.data_path, a.output_dir, renormalize=a.renormalize,
                            layout=a.target_layout, **common)
-        elif a.targets:
-            G.score_pool(a.model_name, a.data_path, a.output_dir, a.targets, a.target_names, shard=a.shard,
-                         chunk_size=a.chunk_size, **common)
+        elif a.targets or a.self_influence:
+            G.score_pool(a.model_name, a.data_path, a.output_dir, a.targets or [], a.target_names, shard=a.shard,
+                         chunk_size=a.chunk_size, self_influence=a.self_influence, **common)
         else:
             G.extract_gradient_features(a.model_name, a.data_path, a.output_dir, a.proj_dim, a.proj_seed,
                                         shard=a.shard, chunk_size=a.chunk_size, **common)

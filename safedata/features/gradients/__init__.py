@@ -114,8 +114,8 @@ from .engine import PATHS, GradientEngine, get_engine
 from .lora import AdamState, apply_lora, load_adam_state, lora_settings
 from .numerics import MEMORY_COST, TEMP_ELEMENTS, Numerics, linear_costs, memory_cost
 from .sites import MODES, PARAMS, Site, discover_sites, unwrap
-from .stages import (FEATURES_FILE, GRADIENT_FLAGS, PRODUCTS_FILE, SCORES_FILE, build_target,
-                     extract_gradient_features, score_pool)
+from .stages import (EXAMPLES_FILE, FEATURES_FILE, GRADIENT_FLAGS, PRODUCTS_FILE, SCORES_FILE, build_target,
+                     extract_gradient_features, score_pool, self_influence_n)
 from .targets import LAYOUTS, TARGET_FILE, ParamTarget, Target, TargetBank, load_target
 
 __all__ = ["AdamState", "AnchorResult", "CaptureAccumulator", "FEATURES_FILE", "GRADIENT_FLAGS", "GradientEngine",
@@ -124,4 +124,4 @@ __all__ = ["AdamState", "AnchorResult", "CaptureAccumulator", "FEATURES_FILE", "
            "TargetBank", "anchor_gradients", "apply_lora", "bank_for", "build_target", "discover_sites",
            "extract_gradient_features", "get_engine", "init_distributed", "linear_costs", "load_adam_state",
            "load_target", "lora_settings", "memory_cost", "project_batch", "projector_for", "score_batch",
-           "score_pool", "unwrap"]
+           "score_pool", "self_influence_n", "unwrap", "EXAMPLES_FILE"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import chunks, linear_costs
+from .numerics import chunks, linear_costs, segment_sum
 from .targets import ParamTarget, TargetBank
 
 
@@ -151,27 +151,23 @@ class ScoreAccumulator:
         tok = token_ids[sel]
         key = owner * V + tok
         uniq, inv = torch.unique(key, return_inverse=True)
-        rows = torch.zeros(uniq.numel(), d, dtype=cdt, device=g.device).index_add_(0, inv, g[sel].to(cdt))
-        ub, uid = uniq // V, uniq % V
-        self.sq.index_add_(0, ub, (rows * rows).sum(1))
+        rows = segment_sum(g[sel].to(cdt), inv, uniq.numel())
+        ub, uid = uniq // V, uniq % V                   # ub is sorted (torch.unique sorts the keys)
+        self.sq += segment_sum((rows * rows).sum(1), ub, B, presorted=True)
         pb = self._param(site.weight)
         if pb is not None:
             for j, lookup, ids, val in pb.rows:
                 li = lookup[uid]
                 ok = li >= 0
-                col = torch.zeros(B, dtype=cdt, device=g.device)
-                col.index_add_(0, ub[ok], (rows[ok] * val[li[ok]]).sum(1))
-                self.inner[:, j] += col
+                self.inner[:, j] += segment_sum((rows[ok] * val[li[ok]]).sum(1), ub[ok], B, presorted=True)
             for j, D_ in pb.dense:
-                col = torch.zeros(B, dtype=cdt, device=g.device)
-                col.index_add_(0, ub, (rows * D_.view(V, d)[uid]).sum(1))
-                self.inner[:, j] += col
+                self.inner[:, j] += segment_sum((rows * D_.view(V, d)[uid]).sum(1), ub, B, presorted=True)
             if pb.K:                                    # tied: the LM-head factors of the target, at these rows
                 part = torch.zeros(B, self.n_targets, dtype=cdt, device=g.device)
                 for k0, k1 in chunks(pb.K, rows.shape[0]):
                     a = num.mm(num.operand(rows), pb.X[k0:k1].T)          # [U, k]
                     sel_g = pb.G[k0:k1][:, uid].T.to(cdt)                  # [U, k]
-                    part.index_add_(0, ub, (a * sel_g) @ pb.W[k0:k1])
+                    part += segment_sum((a * sel_g) @ pb.W[k0:k1], ub, B, presorted=True)
                 self.inner += part
         if self._stash is not None:                     # tied: 2 <E_i, H_i>
             hx, z = self._stash

@@ -11,8 +11,9 @@ from .targets import Target, TargetBank
 
 
 def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None, mode=None,
-                adam: AdamState | None = None, path="auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(inner [B, n_targets], sqnorm [B]) = (<G_i, T_j>, ||G_i||^2), from one forward + backward.
+                adam: AdamState | None = None, path="auto", with_loss=False) -> tuple[torch.Tensor, ...]:
+    """(inner [B, n_targets], sqnorm [B]) = (<G_i, T_j>, ||G_i||^2), from one forward + backward
+    (with_loss: and each example's mean token loss [B], a third element).
 
     targets: a TargetBank (made once: `TargetBank(targets, get_engine(model, ...))`; it carries the engine and
     its settings), a list of Target (moved to the device at each call), or None (norms only).
@@ -33,7 +34,7 @@ def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None
         bank = TargetBank(targets, engine) if targets else None
     acc = ScoreAccumulator(bank)
     engine.run(items, pad_id, acc)
-    return acc.inner, acc.sq
+    return (acc.inner, acc.sq, engine.example_loss) if with_loss else (acc.inner, acc.sq)
 
 
 def bank_for(model, targets: list[Target], adam: AdamState | None = None, path="auto") -> TargetBank:

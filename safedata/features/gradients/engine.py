@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ... import data as D
 from ...errors import UserError
 from .lora import AdamState
-from .numerics import TEMP_ELEMENTS, Numerics, memory_cost
+from .numerics import TEMP_ELEMENTS, Numerics, memory_cost, segment_sum
 from .sites import discover_sites, param_shapes, unwrap
 
 PATHS = ("auto", "ghost", "materialise")
@@ -62,6 +62,7 @@ class GradientEngine:
         self.tied = heads[0].weight if heads and embeds and heads[0].weight == embeds[0].weight else None
         self.beta = memory_cost(self.device)
         self._buffer = None
+        self.example_loss: torch.Tensor | None = None      # [B] of the last batch run
 
     # -------------------------------------------------------------- batch
 
@@ -99,8 +100,11 @@ class GradientEngine:
                 logits = self.head(hs)
                 rows = torch.arange(B, device=self.device)[:, None].expand(B, S)[hmask]
                 ce = F.cross_entropy(logits[hmask].to(self.cdt), target_ids[hmask], reduction="none")
-                loss = (ce / counts.to(self.cdt)[rows]).sum()     # sum over examples of each one's token mean
-                del out, hidden, hs, logits, ce
+                per_token = ce / counts.to(self.cdt)[rows]
+                loss = per_token.sum()                             # sum over examples of each one's token mean
+                # each example's own mean token loss (rows is sorted: example-major order)
+                self.example_loss = segment_sum(per_token.detach(), rows, B, presorted=True)
+                del out, hidden, hs, logits, ce, per_token
                 if self._leaf is None:
                     raise UserError("the input embeddings' forward hook did not run (unsupported model)")
                 torch.autograd.grad(loss, self._leaf)

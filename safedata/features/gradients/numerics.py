@@ -54,21 +54,21 @@ class Numerics:
         log.warning("fp32-output low-precision matmul failed (%s); upcasting operands from now on", err)
         self.fast = False
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _fp32_out(self, op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self._low(a, b):
             try:
-                return torch.mm(a, b, out_dtype=self.cdt)
+                return op(a, b, out_dtype=self.cdt)
+            except torch.OutOfMemoryError:
+                raise       # never retried with fp32 copies (more memory): the stage stops with a clear message
             except RuntimeError as err:
                 self._give_up(err)
-        return torch.mm(a.to(self.cdt), b.to(self.cdt))
+        return op(a.to(self.cdt), b.to(self.cdt))
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._fp32_out(torch.mm, a, b)
 
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self._low(a, b):
-            try:
-                return torch.bmm(a, b, out_dtype=self.cdt)
-            except RuntimeError as err:
-                self._give_up(err)
-        return torch.bmm(a.to(self.cdt), b.to(self.cdt))
+        return self._fp32_out(torch.bmm, a, b)
 
 
 # Memory traffic in multiply-add equivalents per number read or written (the device's compute/bandwidth
@@ -95,3 +95,17 @@ def linear_costs(T: int, n: int, m: int, K: int, Jd: int, full: bool, beta: floa
 def chunks(total: int, per_item: int):
     step = max(1, TEMP_ELEMENTS // max(1, per_item))
     return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, n: int, presorted: bool = False) -> torch.Tensor:
+    """out[r] = the sum of values[i] over index[i] == r (r < n), added in input order within each r.
+
+    What index_add_ computes, but in a fixed order on every device: a stable sort of the index, then
+    torch.segment_reduce, whose CUDA kernel sums each segment in one thread (index_add_'s CUDA kernel adds
+    atomically, in whatever order the threads arrive, so its last bits change from run to run).
+    presorted: the index is already non-decreasing (no sort)."""
+    if not presorted:
+        order = torch.argsort(index, stable=True)
+        index, values = index[order], values[order]
+    lengths = torch.bincount(index, minlength=n)
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0)

@@ -2,6 +2,9 @@
 that arranges all targets of a run per parameter on the device for the hooks."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from .engine import GradientEngine
 
 TARGET_FILE = "target.safetensors"
+LOCK_FILE = ".target.lock"
 TARGET_FORMAT = "safedata.gradient_target"
 TARGET_VERSION = "1"
 LAYOUTS = ("auto", "factored", "dense")
@@ -59,6 +63,7 @@ class ParamTarget:
             g = self.fact_g.to(device=device, dtype=dtype) * self.fact_scale.to(device=device, dtype=dtype)[:, None]
             out += g.T @ self.fact_x.to(device=device, dtype=dtype)
         if self.rows_ids is not None:
+            # rows_ids are distinct: no two adds meet, so even CUDA's atomic index_add_ gives fixed bits
             out.index_add_(0, self.rows_ids.to(device), self.rows_val.to(device=device, dtype=dtype))
         return out
 
@@ -260,3 +265,29 @@ def load_target(directory) -> tuple[Target, dict]:
                                  param_set=flags.get("params", "all"), norm=info.get("norm"),
                                  renormalized=info.get("renormalized", False))
     return target, meta
+
+
+@contextlib.contextmanager
+def target_lock(directory):
+    """An exclusive lock on DIRECTORY/.target.lock (fcntl.flock) held while a target is checked and built, so
+    that concurrent builders of one target (every task of a SLURM array runs the anchor builds) build it once:
+    the first builds, the others wait, then find it built with the same settings and keep it. Every task
+    therefore scores against the same target bytes. flock works on local disks and NFSv4; on a shared file
+    system without it (e.g. Lustre mounted without -o flock) the lock fails with a clear error: submit the
+    anchor builds as their own job and the scoring array with --dependency=afterok on it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as err:
+            raise UserError(f"{path}: cannot take a file lock here ({err}); build the targets in one job and "
+                            "start the scoring array after it (sbatch --dependency=afterok:JOB)") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")      # who holds it (for a person looking at a waiting array task)
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
