@@ -339,10 +339,6 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
         log.warning("%s: skipped %d bad record(s) of %d", path, len(skipped), len(raw))
     if not examples:
         raise InputError(path, None, None, "no usable records")
-    n_empty = len(empty_response_indices(examples))
-    if n_empty:
-        log.info("%s: %d record(s) with an empty response, kept as examples whose only supervised token is the "
-                 "end token (as the original)", path, n_empty)
     return examples, skipped
 
 

@@ -53,6 +53,10 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
              ", --max_length %d" % max_length if max_length else "")
     encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length,
                                           original_quirks)
+    n_empty = len(D.empty_response_indices(examples))
+    if n_empty:
+        log.info("%d record(s) with an empty response: kept, as the original, with the end token alone supervised "
+                 "(counted in meta.json)", n_empty)
     if not encoded:
         raise D.UserError(f"{data_path}: no example has a supervised token (check --max_length)")
     return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped)
