@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -167,3 +168,121 @@ def test_original_truncation_shaped_the_released_representation_bottom100(shared
     assert len(bottom & longest(lambda text: len(text.split()))) == 64   # by words
     assert len(bottom & longest(len)) == 65                              # by characters
     assert len(top & longest(len)) == 0
+
+
+# ----------------------------------------------------------------------------- newcomer's path and bad input
+
+
+def run_script(script_name, *args, cwd=ROOT):
+    return subprocess.run([python(), str(ROOT / script_name), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, expected):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if " INFO " not in line]
+    assert lines == [f"error: {expected}"], proc.stderr
+    assert "loading model" not in proc.stderr      # checked before anything is loaded
+
+
+def test_get_representation_bad_paths_and_flags(tiny_model_dir, tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": "Question", "input": "", "output": "Answer."}]))
+    out = tmp_path / "out"
+    common = ("--model_name", tiny_model_dir, "--output_dir", out)
+    assert_one_line_error(run_script("get_representation.py", *common, "--data_path", tmp_path),
+                          f"--data_path {tmp_path}: is a directory, not a file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert_one_line_error(run_script("get_representation.py", "--model_name", tiny_model_dir, "--data_path", pool,
+                                     "--output_dir", a_file), f"--output_dir {a_file}: exists and is not a directory")
+    typo = tmp_path / "no_such_model"
+    assert_one_line_error(run_script("get_representation.py", "--model_name", typo, "--data_path", pool,
+                                     "--output_dir", out),
+                          f"--model_name {typo}: no such directory (and not a Hugging Face id of the form org/name)")
+    proc = run_script("get_representation.py", *common, "--data_path", pool, "--max_response_length", "10")
+    assert proc.returncode == 2 and "--max_response_length does not apply to --pooling last" in proc.stderr
+    assert not out.exists() and a_file.read_text() == "keep"
+
+
+def test_rank_bad_avg_n_before_loading(tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": "Question", "input": "", "output": "Answer."}]))
+    (tmp_path / "feats").mkdir()
+    out = tmp_path / "sel"
+    proc = run_script("rank.py", "--data_path", pool, "--pool_features", tmp_path / "feats", "--anchor_features",
+                      tmp_path / "feats", "--avg_n", "foo", "--write_to", out)
+    assert_one_line_error(proc, "--avg_n 'foo': expected a positive integer (1 = max cosine, the paper) or 'all'")
+    proc = run_script("rank.py", "--data_path", tmp_path, "--scores", tmp_path / "feats", "--write_to", out)
+    assert_one_line_error(proc, f"--data_path {tmp_path}: is a directory, not a file")
+    assert not out.exists()
+
+
+def test_model_names_local_paths_and_hub_ids(tmp_path, monkeypatch):
+    from safedata.errors import UserError
+    from safedata.models import check_model_name, looks_like_local_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_local_path("./model") and looks_like_local_path("runs/ft/model")
+    assert looks_like_local_path("runs/model")            # its first folder exists here
+    assert not looks_like_local_path("meta-llama/Llama-2-7b-chat-hf") and not looks_like_local_path("gpt2")
+    check_model_name("meta-llama/Llama-2-7b-chat-hf")      # left to the Hub
+    with pytest.raises(UserError, match="no such directory"):
+        check_model_name("runs/model")
+
+
+def parser_of(script_path, monkeypatch):
+    """The argparse parser a script's main() builds (caught at parse_args, nothing runs)."""
+    import argparse
+    import importlib.util
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, *args, **kwargs):
+        raise Caught(self)
+    spec = importlib.util.spec_from_file_location(f"script_{script_path.stem}", script_path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Caught) as caught:
+        module.main()
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("script_name", ["rank.py", "get_representation.py", "generate.py", "evaluate.py",
+                                         "analyze.py", "scripts/make_tiny_model.py", "ft_datasets/prepare.py"])
+def test_every_flag_has_help(script_name, monkeypatch):
+    parser = parser_of(ROOT / script_name, monkeypatch)
+    missing = [action.option_strings[0] for action in parser._actions if action.option_strings and not action.help]
+    assert missing == []
+
+
+def test_analyze_default_output_is_per_input(tmp_path):
+    records = [{"instruction": f"Question {i}", "input": "", "output": f"1. Step {i}.\n2. Done."} for i in range(3)]
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(records[: 2 if name == "a.json" else 3]))
+    outputs = []
+    for name in ("a.json", "b.json"):
+        proc = run_script("analyze.py", "--subset", tmp_path / name, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(next((tmp_path / "runs" / "analysis").glob(f"{name[0]}-*/composition.json")).read_text()))
+    assert len(list((tmp_path / "runs" / "analysis").iterdir())) == 2 and outputs[0] != outputs[1]
+
+
+def test_progress_logs_lines_when_not_a_terminal(caplog):
+    from safedata.progress import LogProgress, progress
+    with caplog.at_level("INFO", logger="safedata.progress"):
+        bar = progress(total=10, desc="items", unit="ex")      # pytest captures stderr: not a terminal
+        assert isinstance(bar, LogProgress)
+        bar.interval = 0.0
+        with bar:
+            bar.update(4)
+            bar.update(6)
+        assert list(LogProgress(range(3), desc="loop", interval=1e9)) == [0, 1, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("items: 4/10 ex (40%)") and lines[1].startswith("items: 10/10 ex (100%)")
+    assert lines[-1].startswith("loop: 3/3 it (100%)") and len(lines) == 4   # 2 updates, close, loop end
+    assert all("\r" not in line for line in lines)
