@@ -14,7 +14,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 """
 import argparse
 
-from safedata.cli import add_stage_args, run
+from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features import gradients as G
 
@@ -23,7 +23,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
     p.add_argument("--data_path", required=True, help="anchor or pool records (.json / .jsonl / .csv)")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True,
+                   help="where the target / scores / features go (a rerun with the same settings resumes there)")
     what = p.add_argument_group("what to compute (exactly one)")
     what.add_argument("--anchor", action="store_true", help="build a target from this (anchor) file")
     what.add_argument("--targets", nargs="+", default=None, metavar="DIR", help="score this (pool) file against targets")
@@ -38,8 +39,10 @@ def main():
                    help="--anchor: per layer, store the target as scaled factors or dense (auto: whichever is smaller; "
                         "scores are the same)")
     p.add_argument("--proj_seed", type=int, default=0, help="--proj_dim: projection seed (anchors and pool alike)")
-    p.add_argument("--template", choices=TEMPLATES, default="paper")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--template", choices=TEMPLATES, default="paper",
+                   help="how records become prompt + response (targets and pool must agree)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="examples per forward + backward (an out-of-memory error names a smaller one to try)")
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
     p.add_argument("--max_response_length", type=int, default=None,
                    help="keep only the first N supervised tokens (the paper: 10 for anchors, all for the pool)")
@@ -47,13 +50,18 @@ def main():
                    help="all: every parameter, as the paper; linear: the decoder's Linear weights only "
                         "(attention + MLP; no embeddings, norms or LM head)")
     p.add_argument("--mode", choices=G.MODES, default="full", help="full gradients, or LoRA gradients (LESS)")
-    p.add_argument("--lora_r", type=int, default=8)
-    p.add_argument("--lora_alpha", type=float, default=32)
-    p.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--lora_r", type=int, default=8, help="--mode lora: rank of a fresh adapter")
+    p.add_argument("--lora_alpha", type=float, default=32, help="--mode lora: alpha (scale) of a fresh adapter")
+    p.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"],
+                   help="--mode lora: module names a fresh adapter wraps")
     p.add_argument("--lora_path", default=None, help="--mode lora: a trained peft adapter (else a fresh seeded one)")
     p.add_argument("--lora_seed", type=int, default=0, help="--mode lora: seed of a fresh adapter's init")
     p.add_argument("--optimizer_state", default=None,
                    help="--mode lora: a Trainer's optimizer.pt; pool gradients become Adam update directions (LESS)")
+    p.add_argument("--original_quirks", action="store_true",
+                   help=ORIGINAL_QUIRKS_HELP + "; with --anchor also the original's target: gradients never zeroed "
+                        "between anchors, so anchor i contributes the normalised running sum G_0 + ... + G_i (file "
+                        "order), averaged over i")
     add_stage_args(p)
     a = p.parse_args()
     chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim),
@@ -65,7 +73,7 @@ def main():
                   max_response_length=a.max_response_length, params=a.params, mode=a.mode, lora_r=a.lora_r,
                   lora_alpha=a.lora_alpha, lora_target_modules=a.lora_target_modules, lora_path=a.lora_path,
                   lora_seed=a.lora_seed, optimizer_state=a.optimizer_state, dtype=a.dtype, device=a.device,
-                  skip_bad=a.skip_bad)
+                  skip_bad=a.skip_bad, original_quirks=a.original_quirks)
     created = G.init_distributed()
     try:
         if a.anchor:

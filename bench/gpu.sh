@@ -13,7 +13,7 @@
 # Targets: gradient scores >= 45 examples/s (52k Alpaca in under 20 min) at <= 1.2x a training step.
 #
 #   bash bench/gpu.sh --dry_run   the whole script on the CPU at tiny size (no GPU checks, a 64-wide 2-layer
-#                                 model, 16 records, fp32): every step, the summary and the JSON, in ~1-2 min.
+#                                 model, 8 records, fp32): every step, the summary and the JSON.
 #
 # Time budget on the H200 (each step has its own limit; the sum stays under 10 minutes):
 #   nvidia-smi 30 s + environment 60 s + gradients 300 s + representations 120 s (+10 s kill grace each) +
@@ -55,7 +55,9 @@ run_step() {   # run_step NAME SECONDS COMMAND...: a time limit per step, output
 # What differs in a dry run: the device, the model and the sizes; every step and check below still runs.
 if (( DRY )); then
     DEVICE=(--device cpu --dtype fp32) MODEL=(--config small --hidden 64 --layers 2)
-    GRAD_SIZE=(--n 16 --batch_size 4 --repeats 1 --paper_n 2) REP_SIZE=(--n 16 --batch_size 4 --repeats 1)
+    # in one process, as on CUDA (on CPU the benchmark otherwise starts a process per method)
+    GRAD_SIZE=(--n 8 --batch_size 4 --repeats 1 --paper_n 1 --exactness_n 1 --inprocess)
+    REP_SIZE=(--n 8 --batch_size 4 --repeats 1)
 else
     DEVICE=(--device cuda --dtype bf16) MODEL=(--config llama2-7b)
     GRAD_SIZE=(--n 512 --batch_size 16 --repeats 2 --paper_n 8) REP_SIZE=(--n 256 --batch_size 16 --repeats 2)

@@ -626,3 +626,51 @@ def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, 
         assert chosen == [ref.pool.ids[i] for i in column.argsort(descending=True)[:3].tolist()]
     with pytest.raises(UserError, match="--self_influence needs no --targets"):
         G.score_pool(tiny_model_dir, files["pool"], tmp_path / "x", [tmp_path], self_influence=True, **FP64)
+
+
+# ----------------------------------------------------------------------------- the original's anchor gradients
+
+
+def original_target(model, items, names):
+    """What the original code computed, literally: loss.backward() per anchor with no zero_grad in between,
+    each accumulated .grad flattened and normalised, then averaged."""
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in names]
+    for p in ps:
+        p.requires_grad_(True)
+        p.grad = None
+    unit = []
+    try:
+        for item in items:
+            logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(item.labels)[1:]
+            keep = labels != D.IGNORE_INDEX
+            torch.nn.functional.cross_entropy(logits[keep], labels[keep]).backward()     # grads accumulate
+            g = torch.cat([p.grad.reshape(-1) for p in ps]).clone()
+            unit.append(g / g.norm())
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+            p.grad = None
+    return torch.stack(unit).mean(0)
+
+
+def test_original_quirks_cumulative_anchors_equal_bruteforce(ref, tiny_model_dir, files, tmp_path):
+    anchors = prepare_data(files["a"], ref.tok, "paper", max_response_length=MLEN, original_quirks=True)
+    pool = prepare_data(files["pool"], ref.tok, "paper", original_quirks=True)
+    T = original_target(ref.model, anchors.encoded, ref.names)
+    assert float((T - ref.T[0]).norm()) > 1e-3 * float(T.norm())          # really another target than ours
+    # the coefficients alone, against the literal running sums
+    res = G.anchor_gradients(ref.model, anchors.encoded, ref.pad, batch_size=2, cumulative=True)
+    assert res.target.norm == pytest.approx(float(T.norm()), rel=TOL)
+    # the stage: --anchor --original_quirks, then scores of a (quirks-tokenised) pool against it
+    assert G.build_target(tiny_model_dir, files["a"], tmp_path / "t", max_response_length=MLEN, batch_size=2,
+                          original_quirks=True, **FP64)
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["flags"]["original_quirks"] and meta["target"]["combination"].startswith("mean_i C_i")
+    assert meta["target"]["norm"] == pytest.approx(float(T.norm()), rel=TOL)
+    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [tmp_path / "t"], batch_size=3,
+                        original_quirks=True, **FP64)
+    gp = torch.stack([flat_grad(ref.model, it, ref.names) for it in pool.encoded])
+    got = torch.tensor([float(r[2]) for r in read_scores(tmp_path / "s" / "scores.csv")[1]], dtype=torch.float64)
+    assert rel_err(got, (gp @ T) / gp.norm(dim=1)) < TOL

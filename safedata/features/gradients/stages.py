@@ -45,10 +45,12 @@ def _dtype_name(model, dtype, device) -> str:
     return str(resolve_dtype(dtype, torch.device(device) if device is not None else default_device()))
 
 
-def _flags(mode, params, lora, max_length, max_response_length, dtype_name, optimizer_state, **extra) -> dict:
+def _flags(mode, params, lora, max_length, max_response_length, dtype_name, optimizer_state, original_quirks,
+           **extra) -> dict:
     flags = {"mode": mode, "params": params if mode == "full" else "lora", "lora": lora,
              "max_length": max_length, "max_response_length": max_response_length, "dtype": dtype_name,
-             "optimizer_state": _file_digest(optimizer_state) if optimizer_state else None}
+             "optimizer_state": _file_digest(optimizer_state) if optimizer_state else None,
+             "original_quirks": bool(original_quirks)}
     flags.update(extra)
     return flags
 
@@ -65,8 +67,10 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
                  max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
                  lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
                  renormalize=False, layout="auto", dtype=None, device=None, skip_bad=False, model=None,
-                 tokenizer=None) -> bool:
-    """Anchor mode: write target.safetensors + meta.json (stage gradient_target). Rank 0 only."""
+                 tokenizer=None, original_quirks=False) -> bool:
+    """Anchor mode: write target.safetensors + meta.json (stage gradient_target). Rank 0 only.
+    original_quirks: what the original code computed: the supervised trailing space (data.token_ids) and
+    anchor gradients never zeroed between anchors (anchors.py, cumulative)."""
     rank, world = distributed_rank()
     if rank != 0:
         torch.distributed.barrier()
@@ -74,10 +78,11 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad)
+    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
+                            original_quirks)
     params_key = _params_key(mode, params)
     flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, renormalize=bool(renormalize))
+                   optimizer_state, original_quirks, renormalize=bool(renormalize))
     meta = base_meta("gradient_target", model_name, prepared, template, flags)
     output_dir = Path(output_dir)
     with target_lock(output_dir):
@@ -89,7 +94,8 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
                                                  model, tokenizer)
             with stop_on_out_of_memory("anchor target", batch_size):
                 result = anchor_gradients(model, prepared.encoded, D.pad_token_id(tokenizer), params_key, mode,
-                                          batch_size, adam, renormalize, layout, progress=True)
+                                          batch_size, adam, renormalize, layout, progress=True,
+                                          cumulative=original_quirks)
             _perturb_for_tests(result.target)
             _write_target(output_dir, meta, result.target)
     if world > 1:
@@ -101,6 +107,8 @@ def _write_target(output_dir: Path, meta: dict, target) -> None:
     n = len(target.anchor_sqnorm)
     meta["target"] = {
         "format": TARGET_FORMAT, "version": TARGET_VERSION, "n_anchors": n,
+        "combination": ("mean_i C_i/||C_i||, C_i = G_0 + ... + G_i (the original's, --original_quirks)"
+                        if meta["flags"]["original_quirks"] else "mean_a G_a/||G_a||"),
         "norm": target.norm, "renormalized": target.renormalized,
         "anchor_norms": [math.sqrt(v) for v in target.anchor_sqnorm],
         # <G_a/||G_a||, T>: each anchor's score against its own (un-renormalised) target
@@ -177,7 +185,7 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
                max_length=None, max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
                lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
                shard=None, chunk_size=512, dtype=None, device=None, skip_bad=False, path="auto", model=None,
-               tokenizer=None, self_influence=False) -> bool:
+               tokenizer=None, self_influence=False, original_quirks=False) -> bool:
     """Scoring mode: scores.csv + examples.csv + products.safetensors + meta.json (stage gradient_scores);
     True once complete. Against targets (one column each), or with self_influence and no targets the
     anchor-free columns self_inf and self_inf_n (see self_influence_n)."""
@@ -189,7 +197,8 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
                                          model, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad)
+    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
+                            original_quirks)
     params_key = _params_key(mode, params)
     loaded = [load_target(d) for d in target_dirs]
     targets_info = [{"name": name, "dir": str(Path(d).resolve()), "data_file": tm.get("data_file"),
@@ -201,7 +210,7 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
     # stale, and shards that read the same file agree (a norm recomputed by another builder would not).
     identity = ("name", "data_sha256", "n_anchors", "renormalized", "sha256")
     flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, targets=[{k: t[k] for k in identity} for t in targets_info],
+                   optimizer_state, original_quirks, targets=[{k: t[k] for k in identity} for t in targets_info],
                    self_influence=bool(self_influence))
     meta = base_meta("gradient_scores", model_name, prepared, template, flags)
     for (target, tm), d in zip(loaded, target_dirs):
@@ -273,15 +282,16 @@ def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_
                               batch_size=8, max_length=None, max_response_length=None, params="all", mode="full",
                               lora_r=8, lora_alpha=32, lora_target_modules=("q_proj", "v_proj"), lora_path=None,
                               lora_seed=0, optimizer_state=None, shard=None, chunk_size=512, dtype=None,
-                              device=None, skip_bad=False, model=None, tokenizer=None) -> bool:
+                              device=None, skip_bad=False, model=None, tokenizer=None, original_quirks=False) -> bool:
     """--proj_dim: features.safetensors [N, proj_dim] (stage gradient_features), rank.py reads it."""
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
                                          model, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad)
+    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
+                            original_quirks)
     params_key = _params_key(mode, params)
     flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, proj_dim=int(proj_dim), proj_seed=int(proj_seed))
+                   optimizer_state, original_quirks, proj_dim=int(proj_dim), proj_seed=int(proj_seed))
     meta = base_meta("gradient_features", model_name, prepared, template, flags)
     check_existing_output(output_dir, meta)
     engine = get_engine(model, params_key, mode, adam)
