@@ -41,11 +41,14 @@ def interval95(values: list[float]) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+# methods that rank another method's score dir with other weights: their scoring cost is that method's
+SHARED_SCORES = {"bm25_harmful": "bm25", "embedding_harmful": "embedding", "selfinfn": "selfinf"}
+
+
 def read_cost(run_dir: Path, method: str) -> dict | None:
-    """Selection cost of a method from RUN/costs/<method>/<step>.log ('seconds peak_kib', /usr/bin/time). A _harmful
-    variant ranks the score dir of its bi-directional method with other weights: its scoring cost is that method's."""
-    base = method[:-len("_harmful")] if method.endswith("_harmful") else method
-    files = sorted((run_dir / "costs" / base).glob("*.score.log")) if base != method else []
+    """Selection cost of a method from RUN/costs/<method>/<step>.log ('seconds peak_kib', /usr/bin/time), plus,
+    for a method in SHARED_SCORES, the scoring step of the method whose score dir it ranks."""
+    files = sorted((run_dir / "costs" / SHARED_SCORES[method]).glob("*.score.log")) if method in SHARED_SCORES else []
     files += sorted((run_dir / "costs" / method).glob("*.log"))
     steps = []
     for path in files:

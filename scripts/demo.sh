@@ -85,10 +85,9 @@ for a in $ANCHORS; do
   ANCHOR_DIRS_REPS+=("$OUT/features/$a"); ANCHOR_DIRS_GRAD+=("$OUT/grad/targets/$a"); ANCHOR_FILES+=("$DATA/$a.jsonl")
   HARMFUL_ONLY+=($([ ${#HARMFUL_ONLY[@]} = 0 ] && echo 1 || echo 0))   # weights 1 0 0: the harmful anchors only
 done
-score_method() {  # score_method NAME WEIGHTS score.py-args...: a score dir (docs/METHODS.md), then its top-K
-  local name=$1 weights=$2; shift 2
-  local dir="$OUT/scores/${name%_harmful}"
-  [ -f "$dir/scores.csv" ] || step "$name.score" "$PYTHON" score.py --data_path "$POOL" --output_dir "$dir" "$@"
+score_method() {  # score_method NAME SCORE_DIR WEIGHTS CMD...: CMD writes SCORE_DIR (kept when done), then rank top-K
+  local name=$1 dir=$2 weights=$3; shift 3
+  [ -f "$dir/scores.csv" ] || step "$name.score" "$@" --output_dir "$dir"
   step "$name.rank_top" "$PYTHON" rank.py --data_path "$POOL" --scores "$dir" --weights $weights --type top --k "$K" \
     --write_to "$OUT/selections/$name"
 }
@@ -126,15 +125,21 @@ for method in $METHODS; do
     done
   else
     bar "$method: score the pool (score.py), rank top-$K"
+    SCORE=("$PYTHON" score.py --data_path "$POOL")
     case "$method" in
-      bm25|embedding) score_method "$method" "$WEIGHTS" --method "$method" --anchors "${ANCHOR_FILES[@]}";;
-      bm25_harmful|embedding_harmful)
-        score_method "$method" "${HARMFUL_ONLY[*]}" --method "${method%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
-      lists) score_method lists 1 --method format --feature list_share;;
-      length) score_method length 1 --method format --feature answer_words;;
-      compliance) score_method compliance 1 --method compliance --model_name "$MODEL" --template "$TEMPLATE" \
-        --anchors "${ANCHOR_FILES[@]}" --batch_size 32;;
-      *) echo "error: METHODS: unknown method '$method' (grad, reps, bm25[_harmful], embedding[_harmful], lists, length, compliance)" >&2
+      bm25|embedding) score_method "$method" "$OUT/scores/$method" "$WEIGHTS" "${SCORE[@]}" --method "$method" \
+        --anchors "${ANCHOR_FILES[@]}";;
+      bm25_harmful|embedding_harmful) score_method "$method" "$OUT/scores/${method%_harmful}" "${HARMFUL_ONLY[*]}" \
+        "${SCORE[@]}" --method "${method%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
+      lists) score_method lists "$OUT/scores/lists" 1 "${SCORE[@]}" --method format --feature list_share;;
+      length) score_method length "$OUT/scores/length" 1 "${SCORE[@]}" --method format --feature answer_words;;
+      compliance) score_method compliance "$OUT/scores/compliance" 1 "${SCORE[@]}" --method compliance \
+        --model_name "$MODEL" --template "$TEMPLATE" --anchors "${ANCHOR_FILES[@]}" --batch_size 32;;
+      selfinf|selfinfn)  # anchor-free: one score dir, columns self_inf and self_inf_n
+        score_method "$method" "$OUT/scores/selfinf" "$([ "$method" = selfinf ] && echo 1 0 || echo 0 1)" \
+          "$PYTHON" get_gradients.py --self_influence --model_name "$MODEL" --data_path "$POOL" --template "$TEMPLATE" \
+          --batch_size 16;;
+      *) echo "error: METHODS: unknown method '$method' (grad, reps, bm25[_harmful], embedding[_harmful], lists, length, compliance, selfinf[n])" >&2
          exit 2;;
     esac
   fi
