@@ -15,6 +15,7 @@
 """
 import argparse
 import json
+from pathlib import Path
 
 from safedata.cli import run
 from lab import demo as lab
@@ -42,6 +43,9 @@ def main():
     m.add_argument("--template", default=None, help="default: the model's fine-tuning template, else paper")
     m.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     m.add_argument("--batch_size", type=int, default=16)
+    m.add_argument("--run_dir", default=None,
+                   help="instead: a demo run (RUN/gen/responses.jsonl, RUN/eval/summary.json) whose metrics under "
+                        "--model_name and --compliant are cached in RUN/lab_metrics.json, where report reads them")
 
     t = sub.add_parser("methods", help="the every-method benchmark's table (95%% intervals, per seed, cost) and plot")
     t.add_argument("--run_dir", default="runs/lab_methods")
@@ -69,6 +73,10 @@ def main():
         result = methods.report(a.run_dir, a.data_dir, a.output_dir, a.batch_size, a.model_name)
         print(result["table"])
         print("wrote " + result["plot"])
+    elif a.command == "metrics" and a.run_dir:
+        if not a.compliant:
+            p.error("metrics --run_dir needs --compliant")
+        print(json.dumps(lab.run_metrics(Path(a.run_dir), Path(a.model_name), Path(a.compliant), a.batch_size), indent=1))
     elif a.command == "metrics":
         metrics = lab.model_metrics(a.model_name, a.responses, a.compliant, a.template, batch_size=a.batch_size)
         if a.output:

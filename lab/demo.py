@@ -183,7 +183,7 @@ METRIC_LABELS = {"compliance": "compliance", "keyword_asr": "keyword ASR", "asr_
 ROW_ORDER = ("aligned", "grad-top", "grad-bottom", "reps-top", "reps-bottom", "random")
 
 
-def _run_metrics(run: Path, model_dir: Path, compliant_path: Path, batch_size: int) -> dict:
+def run_metrics(run: Path, model_dir: Path, compliant_path: Path, batch_size: int) -> dict:
     """Metrics of one run, cached in RUN/lab_metrics.json under a fingerprint of its inputs."""
     from safedata.models import model_identity
     responses = run / "gen" / "responses.jsonl"
@@ -252,7 +252,7 @@ def collect(run_dir, data_dir, batch_size: int = 16, model=None) -> dict:
             seed = int(run.name[len("seed"):])
         else:
             model_dir, subset_file, seed = aligned_model, None, None
-        metrics = _run_metrics(run, model_dir, compliant_path, batch_size)
+        metrics = run_metrics(run, model_dir, compliant_path, batch_size)
         g = groups.setdefault(group, {"runs": [], "subset_files": []})
         g["runs"].append({"seed": seed, "dir": str(run), **metrics})
         if subset_file is not None and subset_file not in g["subset_files"]:

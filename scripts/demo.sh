@@ -173,6 +173,8 @@ finetune_run() {  # finetune_run GROUP SEED (in the background; JOBS at a time)
     --model_name "$MODEL" --data_path "$subset" --output_dir "$run/model" --template "$TEMPLATE" \
     --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" --seed "$seed" --overwrite
   answer "$run/model" "$run" "$group.seed$seed"
+  [ -f "$run/lab_metrics.json" ] || step "$group.seed$seed.metrics" "$PYTHON" lab_report.py metrics --run_dir "$run" \
+    --model_name "$run/model" --compliant "$DATA/eval_compliant.jsonl"   # cached for the report; runs in parallel
   tick "$group.seed$seed"
   bar "$group seed $seed: fine-tuned on $(basename "$subset"), answered, scored"
 }
