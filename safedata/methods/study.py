@@ -8,7 +8,7 @@ from pathlib import Path
 from ..store import atomic_write_text, save_figure, write_json
 from .agreement import METRICS, compare
 
-HEADER = ("method", "reference", "overlap top-100", "in top-100 of bottom", "ref. top in top 1%",
+HEADER = ("method", "reference", "top-100 ∩ ref. top", "top-100 ∩ ref. bottom", "ref. top in top 1%",
           "ref. top in top 10%", "mean pct ref. top", "mean pct ref. bottom", "AUC top vs bottom", "seconds",
           "peak MiB")
 
