@@ -178,8 +178,8 @@ finetune_run() {  # finetune_run GROUP SEED (in the background; JOBS at a time)
   tick "$group.seed$seed"
   bar "$group seed $seed: fine-tuned on $(basename "$subset"), answered, scored"
 }
-for group in "${GROUPS_FT[@]}"; do
-  for seed in $SEEDS; do
+for seed in $SEEDS; do   # seed-major: a run stopped early still has every subset with the first seeds
+  for group in "${GROUPS_FT[@]}"; do
     finetune_run "$group" "$seed" &
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do
       wait -n || { echo "a fine-tuning run failed; stopping" >&2; kill $(jobs -rp) 2>/dev/null || true; exit 1; }
