@@ -3,6 +3,7 @@ random subsets, the report on a small synthetic run, and the committed lab model
 import csv
 import json
 import shutil
+import statistics
 import subprocess
 
 import numpy as np
@@ -260,3 +261,29 @@ def test_committed_lab_model_card_matches_the_recipe():
     assert 1e6 <= card["parameters"] <= 3e6
     before, after = card["heldout_metrics"]["pretrained"], card["heldout_metrics"]["aligned"]
     assert before["compliance"] >= 0.9 and after["keyword_asr"] <= 0.05 and after["compliance"] == 0.0
+
+
+def test_methods_table_interval_cost_and_per_seed_values(tmp_path):
+    from lab import methods
+    values = [0.1, 0.3, 0.2, 0.6, 0.4]
+    low, high = methods.interval95(values)
+    mean, sd = 0.32, statistics.stdev(values)
+    assert (low + high) / 2 == pytest.approx(mean)
+    assert (high - low) / 2 == pytest.approx(2.7764451051977987 * sd / 5 ** 0.5)  # t(0.975, 4), from tables
+    assert methods.interval95([0.5]) == (0.5, 0.5)
+    costs = tmp_path / "costs"
+    (costs / "bm25").mkdir(parents=True)
+    (costs / "bm25_harmful").mkdir()
+    (costs / "bm25" / "bm25.score.log").write_text("2.50 204800\n")
+    (costs / "bm25" / "bm25.rank_top.log").write_text("1.00 102400\n")
+    (costs / "bm25_harmful" / "bm25_harmful.rank_top.log").write_text("Command exited with non-zero status 1\n0.75 307200\n")
+    assert methods.read_cost(tmp_path, "bm25") == {"seconds": 3.5, "peak_mib": 200.0, "steps": 2}
+    assert methods.read_cost(tmp_path, "bm25_harmful") == {"seconds": 3.25, "peak_mib": 300.0, "steps": 2}
+    assert methods.read_cost(tmp_path, "lists") is None
+    group = {"runs": [{"seed": s} for s in range(1, 6)], "composition": None,
+             "metrics": {m: {"mean": statistics.fmean(values), "sd": sd, "values": values}
+                         for m in ("compliance", "keyword_asr", "compliant_loss")}}
+    rows = methods.summarize({"bm25-top": group}, tmp_path)
+    table = methods.table_markdown(rows)
+    assert "| bm25-top | BM25, bi-directional | 32.0 ± 19.2% [" in table
+    assert "| 10 / 30 / 20 / 60 / 40 |" in table and "| 3.5 | 200 |" in table
