@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .errors import UserError
+from .progress import interactive
 
 
 def run(main) -> None:
     """Call main(); a user error becomes one line on stderr and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not interactive():  # a job log: the libraries' bars would write carriage-return redraws
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         main()
     except UserError as err:

@@ -24,7 +24,8 @@ case "$(basename "$POOL" | tr '[:upper:]' '[:lower:]')" in
   *) _pool_default=$ALPACA_MAX_LENGTH ;;    # Alpaca, and any other pool
 esac
 POOL_MAX_LENGTH=${POOL_MAX_LENGTH-$_pool_default}
-ORIGINAL_QUIRKS=${ORIGINAL_QUIRKS:-0}      # 1: tokenise as the original (a supervised trailing space)
+ORIGINAL_QUIRKS=${ORIGINAL_QUIRKS:-0}      # 1: what the original computed (--original_quirks: a supervised trailing
+                                           # space; for gradient targets also its never-zeroed anchor gradients)
 EXTRA=${EXTRA:-}                           # more flags for every python call, e.g. "--dtype fp32 --skip_bad"
 
 MODEL_NAME=$(basename "$MODEL")

@@ -1,6 +1,7 @@
 """The paper recipes (scripts/*.sh) end to end with variables only, on real Alpaca slices, and the
 facts the README states about the original's recipe."""
 import csv
+import io
 import json
 import os
 import shlex
@@ -272,10 +273,12 @@ def test_analyze_default_output_is_per_input(tmp_path):
     assert len(list((tmp_path / "runs" / "analysis").iterdir())) == 2 and outputs[0] != outputs[1]
 
 
-def test_progress_logs_lines_when_not_a_terminal(caplog):
+def test_progress_logs_lines_when_not_a_terminal(caplog, monkeypatch):
+    import safedata.progress as P
     from safedata.progress import LogProgress, progress
+    monkeypatch.setattr(P.sys, "stderr", io.StringIO())   # a job's log file: not a terminal
     with caplog.at_level("INFO", logger="safedata.progress"):
-        bar = progress(total=10, desc="items", unit="ex")      # pytest captures stderr: not a terminal
+        bar = progress(total=10, desc="items", unit="ex")
         assert isinstance(bar, LogProgress)
         bar.interval = 0.0
         with bar:

@@ -150,7 +150,7 @@ def test_same_command_twice_is_byte_identical(tiny_model_dir, tmp_path):
     for run in ("a", "b"):
         d = tmp_path / run
         subprocess.run(rep_cmd(tiny_model_dir, pool, d / "pool"), check=True, capture_output=True)
-        subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_response_length", "10"), check=True,
+        subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_length", "480"), check=True,
                        capture_output=True)
         subprocess.run([python(), str(ROOT / "rank.py"), "--data_path", str(pool), "--pool_features", str(d / "pool"),
                         "--anchor_features", str(d / "anchors"), "--k", "3", "--write_to", str(d / "sel")],
