@@ -5,6 +5,7 @@ Several GPUs: torchrun --standalone --nproc_per_node 4 finetune.py ... --fsdp
 """
 import argparse
 
+from safedata import plan
 from safedata.cli import run
 from safedata.data import TEMPLATES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
@@ -46,8 +47,12 @@ def main():
                    help="shard the model over the torchrun processes (FSDP full shard, one unit per decoder layer)")
     p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a finished fine-tune in --output_dir")
+    plan.add_plan_flag(p)
     a = vars(p.parse_args())
     a["lora_target_modules"] = [m.strip() for m in a["lora_target_modules"].split(",") if m.strip()]
+    if a["plan"] is not None:
+        return plan.print_plan(plan.finetune_plan_from_args(a))
+    del a["plan"]
     finetune(FinetuneConfig(**a))
 
 

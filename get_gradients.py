@@ -11,6 +11,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 """
 import argparse
 
+from safedata import plan
 from safedata.cli import add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features import gradients as G
@@ -49,7 +50,10 @@ def main():
     p.add_argument("--optimizer_state", default=None,
                    help="--mode lora: a Trainer's optimizer.pt; pool gradients become Adam update directions (LESS)")
     add_stage_args(p)
+    plan.add_plan_flag(p)
     a = p.parse_args()
+    if a.plan is not None:
+        return plan.print_plan(plan.gradient_plan_from_args(a))
     chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim))
               if on]
     if len(chosen) != 1:

@@ -1,6 +1,7 @@
 """Per-example hidden-state features: last layer, last supervised token (the paper's representation matching)."""
 import argparse
 
+from safedata import plan
 from safedata.cli import add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features.representations import extract_representations
@@ -19,7 +20,10 @@ def main():
     p.add_argument("--layer", type=int, default=-1, help="hidden-state layer; -1 = last, after the final norm")
     p.add_argument("--pooling", choices=("last", "mean"), default="last")
     add_stage_args(p)
+    plan.add_plan_flag(p)
     a = p.parse_args()
+    if a.plan is not None:
+        return plan.print_plan(plan.representation_plan_from_args(a))
     extract_representations(a.model_name, a.data_path, a.output_dir, a.template, a.batch_size, a.max_length,
                             a.max_response_length, a.layer, a.pooling, a.shard, a.chunk_size, a.dtype, a.device,
                             a.skip_bad)
