@@ -4,27 +4,12 @@ OVERWRITE=1 retrains (the recorded settings show the new value). Never the old m
 import csv
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-import pytest
-
 import slurm_util
-from conftest import ROOT, python
-from test_slurm_pipeline import PROMPTS, write_subset
-
-
-@pytest.fixture()
-def workdir(request):
-    slurm_util.require_slurm()
-    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
-    base = Path(tempfile.mkdtemp(prefix="safedata-slurm-rerun-", dir="/tmp"))
-    base.chmod(0o755)
-    shutil.copytree(tiny_model_dir, base / "model")
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+from conftest import ROOT
+from test_slurm_pipeline import PROMPTS, workdir, write_subset  # noqa: F401 (workdir: a fixture)
 
 
 def sbatch_as_documented(env: dict) -> tuple[str, Path]:
