@@ -77,4 +77,5 @@ def test_finetune_generate_evaluate_job(workdir):
     assert f"seed 1: lr=0.001 epochs=2 precision=auto keyword_asr={summary['keyword_asr']} n=6" in text
     # A batch job logs the Trainer's progress as one line per optimizer step, not progress-bar redraws.
     assert sum("'loss':" in line for line in text.splitlines()) == meta["total_steps"]
-    assert "it/s]" not in text.split("== seed 1")[1].split("generate")[0]
+    training = text.split("safedata.training: fine-tuning")[1].split("safedata.training: wrote")[0]
+    assert "it/s]" not in training and "\r" not in training
