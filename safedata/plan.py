@@ -25,7 +25,6 @@ Sizes are printed in GB (10^9 bytes), as the README states them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

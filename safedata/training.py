@@ -314,6 +314,10 @@ def finetune(config: FinetuneConfig) -> dict:
     from transformers import TrainingArguments
 
     out = Path(config.output_dir)
+    interactive = sys.stderr.isatty()
+    if not interactive:  # a batch job's log: no progress-bar redraws from loading and saving either
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     if config.epochs < 1:
         raise UserError("--epochs must be at least 1")
     if config.merge_lora and not config.lora:
@@ -395,7 +399,7 @@ def finetune(config: FinetuneConfig) -> dict:
         logging_strategy="steps",
         logging_steps=1,
         # A batch job's log gets one line per step (the Trainer's own log printer), not progress-bar redraws.
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not interactive,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
