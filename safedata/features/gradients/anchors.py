@@ -18,6 +18,7 @@ import torch
 
 from ... import data as D
 from ...errors import UserError
+from ...progress import progress as progress_bar
 from .accumulators import CaptureAccumulator, ScoreAccumulator
 from .engine import get_engine
 from .lora import AdamState
@@ -50,8 +51,7 @@ def anchor_target(engine, items: list[D.Encoded], pad_id: int, batch_size=8, ren
     acc = CaptureAccumulator()
     sq = torch.zeros(n, dtype=torch.float64)
     batches = D.length_bucketed_batches([len(it) for it in items], batch_size)
-    from tqdm import tqdm
-    for positions in tqdm(batches, desc="anchors", unit="batch", disable=not progress):
+    for positions in progress_bar(batches, desc="anchors", unit="batch", disable=not progress):
         acc.owners = torch.tensor(positions, dtype=torch.long)
         engine.run([items[p] for p in positions], pad_id, acc)
         sq[positions] = acc.sq.detach().double().cpu()

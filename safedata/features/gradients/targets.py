@@ -276,6 +276,8 @@ def target_lock(directory):
     system without it (e.g. Lustre mounted without -o flock) the lock fails with a clear error: submit the
     anchor builds as their own job and the scoring array with --dependency=afterok on it."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--output_dir {directory}: is a file, not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     with open(path, "a") as handle:
