@@ -113,7 +113,10 @@ def test_micro_batches_and_accumulation_do_not_change_the_result(tiny_model_dir,
     assert meta["gradient_accumulation_steps"] == 4 and meta["per_device_batch_size"] == 1
     w1, w2 = weights(out1), weights(tmp_path / "accum")
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
+        # fp32 sums in another order change a gradient in its last bits; where an entry is near zero Adam's
+        # normalisation can turn that into a visible step, so the bound is 1% of one Adam step (lr 1e-3):
+        # a dropped or doubled micro-batch moves weights by whole steps.
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_adapter_and_merge(tiny_model_dir, subset, tmp_path):
@@ -199,7 +202,10 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, subset, seed1_run, tmp
     w1, w2 = weights(out1), weights(out)
     assert set(w1) == set(w2)
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
+        # fp32 sums in another order change a gradient in its last bits; where an entry is near zero Adam's
+        # normalisation can turn that into a visible step, so the bound is 1% of one Adam step (lr 1e-3):
+        # a dropped or doubled micro-batch moves weights by whole steps.
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_defaults_are_the_papers_pure_bf16():
