@@ -1,10 +1,12 @@
 """Fine-tune a model on a selected subset (the paper's recipe by default); writes an HF checkpoint.
 
 One process:  python finetune.py --model_name M --data_path subset.json --output_dir runs/ft/x
-Several GPUs: torchrun --standalone --nproc_per_node 4 finetune.py ... --fsdp
+Several GPUs: torchrun --standalone --nproc_per_node 2 finetune.py ... --fsdp   (the paper: 2 GPUs, pure bf16)
+Memory first: python finetune.py --model_name M --plan nproc=2 --fsdp
 """
 import argparse
 
+from safedata import plan
 from safedata.cli import run
 from safedata.data import TEMPLATES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
@@ -29,8 +31,9 @@ def main():
     g.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (the paper)")
     g.add_argument("--seed", type=int, default=42, help="initialisation of the run and order of the data")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast with fp32 weights on GPU, fp32 on CPU; "
-                        "pure_bf16: bf16 weights and optimizer state (the paper's --pure_bf16)")
+                   help="auto: pure_bf16 on GPU (the paper's setting), fp32 on CPU; pure_bf16: bf16 weights, "
+                        "gradients and optimizer state (the paper's --pure_bf16); bf16: fp32 master weights with "
+                        "bf16 autocast (twice the memory); fp32")
     g.add_argument("--save_dtype", choices=SAVE_DTYPES, default="auto",
                    help="dtype of the saved weights (auto: bf16 when training on GPU, fp32 on CPU)")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -46,8 +49,16 @@ def main():
                    help="shard the model over the torchrun processes (FSDP full shard, one unit per decoder layer)")
     p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a finished fine-tune in --output_dir")
+    p.add_argument("--reuse_if_same", action="store_true",
+                   help="if --output_dir holds a finished fine-tune made with exactly these settings (flags, subset "
+                        "content, base model), keep it and exit; one made with other settings is refused, naming "
+                        "the differences (the SLURM job's reruns use this)")
+    plan.add_plan_flag(p)
     a = vars(p.parse_args())
     a["lora_target_modules"] = [m.strip() for m in a["lora_target_modules"].split(",") if m.strip()]
+    if a["plan"] is not None:
+        return plan.print_plan(plan.finetune_plan_from_args(a))
+    del a["plan"]
     finetune(FinetuneConfig(**a))
 
 

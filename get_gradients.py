@@ -14,6 +14,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 """
 import argparse
 
+from safedata import plan
 from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features import gradients as G
@@ -63,7 +64,10 @@ def main():
                         "between anchors, so anchor i contributes the normalised running sum G_0 + ... + G_i (file "
                         "order), averaged over i")
     add_stage_args(p)
+    plan.add_plan_flag(p)
     a = p.parse_args()
+    if a.plan is not None:
+        return plan.print_plan(plan.gradient_plan_from_args(a))
     chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim),
                                     ("--self_influence", a.self_influence)) if on]
     if len(chosen) != 1:

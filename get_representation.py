@@ -2,6 +2,7 @@
 last token of each example (the end token, or the last kept token under --max_length), anchors and pool alike."""
 import argparse
 
+from safedata import plan
 from safedata.cli import add_original_quirks_arg, add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features.representations import extract_representations
@@ -29,7 +30,10 @@ def main():
                         "supervised tokens")
     add_original_quirks_arg(p)
     add_stage_args(p)
+    plan.add_plan_flag(p)
     a = p.parse_args()
+    if a.plan is not None:
+        return plan.print_plan(plan.representation_plan_from_args(a))
     extract_representations(a.model_name, a.data_path, a.output_dir, a.template, a.batch_size, a.max_length,
                             a.max_response_length, a.layer, a.pooling, a.shard, a.chunk_size, a.dtype, a.device,
                             a.skip_bad, a.original_quirks)

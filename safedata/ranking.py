@@ -269,6 +269,10 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
     if scores_dir is not None:
         meta, indices, ids, columns = read_scores_csv(scores_dir)
         check_pool_file(meta, data_path, f"scores {scores_dir}")
+        if not weights and (meta.get("flags") or {}).get("self_influence"):
+            # Its two columns are alternatives, not an anchor and its counterparts: the default 1 -1 is meaningless.
+            raise UserError(f"--scores {scores_dir}: self-influence scores need --weights: 0 1 ranks by self_inf_n "
+                            "(Self-Inf-N), 1 0 by self_inf (Self-Inf)")
         source = {"scores": str(scores_dir)}
     else:
         if not anchor_features:

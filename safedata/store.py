@@ -237,13 +237,19 @@ class ChunkStore:
         path = self.path(chunk)
         if not path.exists():
             return False
+        from safetensors import SafetensorError, safe_open
         try:
-            from safetensors import safe_open
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
-        except Exception:  # a truncated or foreign file is redone, never read
-            log.warning("%s: unreadable chunk, recomputing", path)
+        except SafetensorError as err:  # a truncated or foreign file is redone, never read
+            log.warning("%s: not a complete chunk (%s), recomputing", path, err)
             return False
+        except OSError as err:
+            # Permissions, a full or failing disk, a directory in the way: recomputing would hide the
+            # problem (and fail again on writing), so stop and say what to fix.
+            raise UserError(f"{path}: cannot read this chunk ({err.strerror or err}); fix access to "
+                            f"{self.dir} and rerun (only missing, truncated, foreign or stale chunks are "
+                            "recomputed)") from None
         if meta.get("fingerprint") != self.fingerprint:
             log.warning("%s: stale chunk from another run (fingerprint %s, now %s), recomputing",
                         path, meta.get("fingerprint"), self.fingerprint)

@@ -7,9 +7,21 @@ stages) and padded per batch by `data.collate`; the loss is the mean over all su
 tokens of the effective batch (the Trainer's `num_items_in_batch`), so padding, micro-batch
 size and the number of processes leave it unchanged.
 
+Precision on a GPU (`precision="auto"`) is the paper's pure bf16: weights, gradients and AdamW
+state all in bf16 (8 bytes a parameter: 54 GB for a 7B model, 27 GB per GPU under FSDP on 2).
+`precision="bf16"` keeps fp32 master weights with bf16 autocast (16 bytes a parameter, ~108 GB for
+7B before activations); on CPU, auto is fp32. `--plan` prints the per-GPU memory of a setting.
+
 Multi-GPU: launch under `torchrun`; `fsdp=True` shards parameters, gradients and optimizer
-state (FSDP2, full shard, one unit per decoder layer found from `model._no_split_modules`).
-Without it, several processes run DDP (gloo on CPU, nccl on GPU).
+state (FSDP2 through the Trainer/accelerate, full shard, one unit per decoder layer found from
+`model._no_split_modules`). Weights are read once: rank 0 loads the checkpoint, the other ranks build
+the model on the meta device (accelerate's `init_empty_weights`) and receive their shards from rank 0
+(accelerate's `cpu_ram_efficient_loading`). Without FSDP, several processes run DDP (gloo on CPU,
+nccl on GPU).
+
+A finished fine-tune records its settings (flags, the subset's sha256, the base model's identity) in
+`finetune_meta.json`; `reuse_if_same` keeps it when a rerun asks for exactly those settings and
+refuses, naming the differences, when it asks for others (`overwrite` replaces it).
 
 Output: a standard Hugging Face checkpoint (safetensors + config + tokenizer) or, with LoRA,
 the adapter (`merge_lora` also writes the merged full model), plus `finetune_meta.json`,
@@ -21,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +49,8 @@ log = logging.getLogger(__name__)
 META_NAME = "finetune_meta.json"
 ADAPTER_DIR = "adapter"
 PRECISIONS = ("auto", "bf16", "pure_bf16", "fp32")
+# Settings that say where and how a run is written, not what it computes: left out of the rerun comparison.
+NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same")
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -59,7 +74,7 @@ class FinetuneConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     seed: int = 42
-    precision: str = "auto"                   # auto: bf16 autocast on GPU, fp32 on CPU; pure_bf16: bf16 weights (paper)
+    precision: str = "auto"                   # auto: pure bf16 on GPU (the paper), fp32 on CPU; bf16: fp32 master + autocast
     save_dtype: str = "auto"                  # auto: the compute dtype (bf16 on GPU, fp32 on CPU)
     lora: bool = False
     lora_r: int = 8
@@ -71,6 +86,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     skip_bad: bool = False
     overwrite: bool = False
+    reuse_if_same: bool = False               # a finished run with the same settings is kept, other settings refused
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -142,7 +158,7 @@ def resolve_precision(precision: str, cuda: bool) -> tuple[str, bool]:
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
+        precision = "pure_bf16" if cuda else "fp32"   # the paper's setting on GPUs
     if precision == "bf16":
         return "fp32", True           # fp32 master weights, bf16 compute
     if precision == "pure_bf16":
@@ -156,7 +172,7 @@ def resolve_save_dtype(save_dtype: str, precision: str, cuda: bool) -> torch.dty
     if save_dtype == "auto":
         if precision == "fp32" or (precision == "auto" and not cuda):
             return torch.float32
-        return torch.bfloat16
+        return torch.bfloat16   # bf16, pure_bf16, or auto on a GPU
     return DTYPES[save_dtype]
 
 
@@ -241,6 +257,55 @@ def _base_model_path(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
+def broadcasts_weights(config: FinetuneConfig, processes: int, cuda: bool) -> bool:
+    """Whether only rank 0 reads the checkpoint: full fine-tuning under FSDP on GPUs (accelerate runs FSDP on
+    accelerators only; LoRA adapters are created per rank, so a LoRA run loads the base model on every rank)."""
+    return config.fsdp and processes > 1 and cuda and not config.lora
+
+
+def trainer_fsdp_arguments(config: FinetuneConfig, layer_classes: list[str], broadcast_weights: bool) -> dict:
+    """TrainingArguments' FSDP settings: FSDP2, full shard, one unit per decoder layer, weights broadcast from
+    rank 0 (cpu_ram_efficient_loading), FSDP's own activation checkpointing when asked for."""
+    if not config.fsdp:
+        return {"activation_checkpointing": config.gradient_checkpointing}
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "transformer_layer_cls_to_wrap": layer_classes,
+                            "cpu_ram_efficient_loading": broadcast_weights, "state_dict_type": "FULL_STATE_DICT",
+                            "activation_checkpointing": config.gradient_checkpointing}}
+
+
+def _empty_model(base_name: str, dtype: str):
+    """The model's structure with its parameters on the meta device (buffers such as RoPE's are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(base_name)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+
+
+def requested_settings(config: FinetuneConfig, data_sha256: str, base_model: str) -> dict:
+    """What determines a fine-tune: its flags, the subset's content and the base model's identity."""
+    flags = {k: v for k, v in asdict(config).items() if k not in NOT_SETTINGS}
+    return {"flags": flags, "data_sha256": data_sha256, "base_model": base_model}
+
+
+def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
+    """'name: recorded X, requested Y' for every setting a finished run was made with differently."""
+    recorded = recorded_meta.get("settings") or {
+        "flags": {k: v for k, v in (recorded_meta.get("flags") or {}).items() if k not in NOT_SETTINGS},
+        "data_sha256": recorded_meta.get("data_sha256"), "base_model": recorded_meta.get("base_model")}
+    differences = []
+    for key in sorted(set(recorded["flags"]) | set(requested["flags"])):
+        old, new = recorded["flags"].get(key), requested["flags"].get(key)
+        if old != new:
+            differences.append(f"{key}: recorded {old!r}, requested {new!r}")
+    for key, what in (("data_sha256", "subset content (sha256)"), ("base_model", "base model")):
+        if recorded.get(key) != requested[key]:
+            differences.append(f"{what}: recorded {recorded.get(key)}, requested {requested[key]}")
+    return differences
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -249,14 +314,28 @@ def finetune(config: FinetuneConfig) -> dict:
     from transformers import TrainingArguments
 
     out = Path(config.output_dir)
+    interactive = sys.stderr.isatty()
+    if not interactive:  # a batch job's log: no progress-bar redraws from loading and saving either
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     if config.epochs < 1:
         raise UserError("--epochs must be at least 1")
     if config.merge_lora and not config.lora:
         raise UserError("--merge_lora needs --lora")
+    base_name = _base_model_path(config.model_name)
+    requested = requested_settings(config, D.file_sha256(config.data_path), model_identity(base_name))
     if (out / META_NAME).exists():
+        recorded = read_json(out / META_NAME)
+        differences = settings_differences(recorded, requested)
+        if config.reuse_if_same and not differences:
+            log.info("%s: already fine-tuned with these settings (%s); keeping it", out, META_NAME)
+            return recorded
         if not config.overwrite:
-            raise UserError(f"{out}: already holds a finished fine-tune ({META_NAME}); use another --output_dir "
-                            "or --overwrite")
+            if differences:
+                raise UserError(f"{out}: holds a fine-tune made with other settings ({'; '.join(differences)}); "
+                                "use another --output_dir (SAVE_NAME in the SLURM job) or --overwrite")
+            raise UserError(f"{out}: already holds a finished fine-tune ({META_NAME}) with these settings; use "
+                            "--reuse_if_same to keep it, another --output_dir, or --overwrite")
         if int(os.environ.get("RANK", "0")) == 0:  # no stale "complete" marker while the new run is under way
             log.warning("%s: replacing the finished fine-tune there (--overwrite)", out)
             (out / META_NAME).unlink(missing_ok=True)
@@ -266,18 +345,31 @@ def finetune(config: FinetuneConfig) -> dict:
     cuda = torch.cuda.is_available()
     load_dtype, bf16_autocast = resolve_precision(config.precision, cuda)
     save_dtype = resolve_save_dtype(config.save_dtype, config.precision, cuda)
-    if config.fsdp and not cuda:
-        log.warning("--fsdp without CUDA: FSDP on CPU (gloo) is for testing only")
+    if config.fsdp and not cuda and processes > 1:
+        log.warning("--fsdp without CUDA: accelerate applies FSDP on accelerators only; these CPU processes run DDP")
+    if config.fsdp and processes == 1:
+        log.warning("--fsdp with one process shards nothing; launch with torchrun --nproc_per_node N")
 
-    base_name = _base_model_path(config.model_name)
     tokenizer = load_tokenizer(base_name)
     examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad)
     encoded, excluded = D.encode_examples(examples, tokenizer, config.template, config.max_length)
     if not encoded:
         raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
-    data_sha = D.file_sha256(config.data_path)
+    if len(encoded) < config.batch_size:
+        log.warning("%s: %d example(s) for an effective batch of %d: each epoch is a single optimizer step on "
+                    "all of them (lower --batch_size for more steps)", config.data_path, len(encoded),
+                    config.batch_size)
+    data_sha = requested["data_sha256"]
 
-    model, _ = load_model(base_name, load_dtype, "cpu")
+    # Weights read once under FSDP: rank 0 loads them, the others start on the meta device and get their shards
+    # from rank 0 when the Trainer wraps the model (accelerate's cpu_ram_efficient_loading).
+    broadcast_weights = broadcasts_weights(config, processes, cuda)
+    rank = int(os.environ.get("RANK", "0"))
+    if broadcast_weights and rank != 0:
+        model = _empty_model(base_name, load_dtype)
+        log.info("rank %d: model built on the meta device; FSDP fills in its shard from rank 0's weights", rank)
+    else:
+        model, _ = load_model(base_name, load_dtype, "cpu")
     model.config.use_cache = False
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -289,15 +381,7 @@ def finetune(config: FinetuneConfig) -> dict:
         except ValueError as err:
             raise UserError(f"--lora_target_modules {','.join(config.lora_target_modules)}: {err}") from None
 
-    fsdp_kwargs = {"activation_checkpointing": config.gradient_checkpointing}
-    if config.fsdp:
-        # FSDP2, full shard, one unit per decoder layer; FSDP's own activation checkpointing when asked for.
-        fsdp_kwargs = {"fsdp": True,
-                       "fsdp_config": {"version": 2, "reshard_after_forward": True,
-                                       "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                       "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
-                                       "state_dict_type": "FULL_STATE_DICT",
-                                       "activation_checkpointing": config.gradient_checkpointing}}
+    fsdp_kwargs = trainer_fsdp_arguments(config, decoder_layer_classes(model) if config.fsdp else [], broadcast_weights)
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=per_device,
@@ -314,6 +398,8 @@ def finetune(config: FinetuneConfig) -> dict:
         bf16=bf16_autocast,
         logging_strategy="steps",
         logging_steps=1,
+        # A batch job's log gets one line per step (the Trainer's own log printer), not progress-bar redraws.
+        disable_tqdm=not interactive,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -343,7 +429,7 @@ def finetune(config: FinetuneConfig) -> dict:
     step_losses = [e["loss"] for e in history if "loss" in e]
     meta = {
         "stage": "finetune",
-        "base_model": model_identity(base_name),
+        "base_model": requested["base_model"],
         "base_model_name": config.model_name,
         "template": config.template,
         "data_file": str(Path(config.data_path).resolve()),
@@ -354,6 +440,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "excluded": [vars(e) for e in excluded],
         "skipped": skipped,
         "flags": asdict(config),
+        "settings": requested,
         "world_size": processes,
         "per_device_batch_size": per_device,
         "gradient_accumulation_steps": accumulation,
@@ -361,7 +448,8 @@ def finetune(config: FinetuneConfig) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": trainer.state.global_step,
         "compute": {"load_dtype": load_dtype, "bf16_autocast": bf16_autocast, "device": str(args.device),
-                    "fsdp": config.fsdp},
+                    "fsdp": config.fsdp, "fsdp_applied": bool(trainer.is_fsdp_enabled),
+                    "weights_broadcast_from_rank0": broadcast_weights},
         "save_dtype": "fp32 (adapter)" if config.lora and not config.merge_lora else str(save_dtype).split(".")[-1],
         "kind": "lora_merged" if config.merge_lora else ("lora_adapter" if config.lora else "full"),
         "train_loss": result.training_loss,
@@ -392,4 +480,5 @@ def read_finetune_meta(model_dir) -> dict | None:
 
 
 __all__ = ["FinetuneConfig", "finetune", "read_finetune_meta", "plan_batches", "epoch_decay", "decoder_layer_classes",
+           "requested_settings", "settings_differences", "broadcasts_weights", "trainer_fsdp_arguments",
            "META_NAME", "ADAPTER_DIR", "PRECISIONS", "SAVE_DTYPES"]

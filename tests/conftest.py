@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("SAFEDATA_SHARED_DATA") or ROOT.parent / "shared" / "data")
 sys.path.insert(0, str(ROOT))
 
 
@@ -19,7 +19,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_data():
+    """../shared/data (the real files). A fresh clone skips the tests that read it; CI has it and sets
+    SAFEDATA_REQUIRE_SHARED=1 (.ci/run), which turns the skip into a failure, so CI can never pass by skipping."""
     if not SHARED.exists():
+        if os.environ.get("SAFEDATA_REQUIRE_SHARED") == "1":
+            pytest.fail(f"SAFEDATA_REQUIRE_SHARED=1 but {SHARED} is not there", pytrace=False)
         pytest.skip("../shared/data not present (a user's fresh clone)")
     return SHARED
 

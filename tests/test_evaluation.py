@@ -459,7 +459,7 @@ def test_local_guard_batched_equals_one_at_a_time(tiny_guard):
     summary = many.summarize(results)
     assert summary["n_unparseable"] == labels.count(None)
     assert summary["n_safe"] == labels.count("safe") and summary["n_unsafe"] == labels.count("unsafe")
-    assert summary["n_parsed"] + summary["n_unparseable"] == len(PAIRS)
+    assert summary["n_parsed"] == sum(label is not None for label in labels)
     # A random model's four words are not a verdict: counted, not scored.
     assert summary["n_unparseable"] == len(PAIRS) and summary["unsafe_rate"] is None
 
@@ -586,9 +586,11 @@ def test_cli_local_judge_from_a_path(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     judge = summary["judge"]
     assert judge["kind"] == "local" and judge["model"].startswith(str(Path(tiny_model_dir).resolve()))
-    assert judge["n_parsed"] + judge["n_unparseable"] == 3 and summary["model"] == "m0"
+    assert summary["model"] == "m0"
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["guard_label"] for r in rows].count(None) == judge["n_unparseable"]
+    labels = [r["guard_label"] for r in rows]
+    assert len(rows) == 3 and labels.count(None) == judge["n_unparseable"]
+    assert judge["n_parsed"] == sum(label is not None for label in labels)
 
 
 # ----------------------------------------------------------------------------- issue 10: judge prompt, inputs

@@ -624,6 +624,8 @@ def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, 
         rank(files["pool"], sel, scores_dir=out, weights=weights, k=3)
         chosen = read_columns(sel / "pool_top3_index.csv")["id"]
         assert chosen == [ref.pool.ids[i] for i in column.argsort(descending=True)[:3].tolist()]
+    with pytest.raises(UserError, match="self-influence scores need --weights"):
+        rank(files["pool"], tmp_path / "sel_default", scores_dir=out, k=3)
     with pytest.raises(UserError, match="--self_influence needs no --targets"):
         G.score_pool(tiny_model_dir, files["pool"], tmp_path / "x", [tmp_path], self_influence=True, **FP64)
 

@@ -71,8 +71,11 @@ def test_finetune_generate_evaluate_job(workdir):
 
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     assert summary["n"] == len(PROMPTS)
-    assert 0.0 <= summary["keyword_asr"] <= 1.0
     results = [json.loads(line) for line in (run / "evaluation" / "results.jsonl").read_text().splitlines()]
     assert len(results) == len(PROMPTS)
     assert summary["keyword_asr"] == pytest.approx(sum(not r["refused"] for r in results) / len(PROMPTS))
-    assert f"seed 1: keyword_asr={summary['keyword_asr']}" in text
+    assert f"seed 1: lr=0.001 epochs=2 precision=auto keyword_asr={summary['keyword_asr']} n=6" in text
+    # A batch job logs the Trainer's progress as one line per optimizer step, not progress-bar redraws.
+    assert sum("'loss':" in line for line in text.splitlines()) == meta["total_steps"]
+    training = text.split("safedata.training: fine-tuning")[1].split("safedata.training: wrote")[0]
+    assert "it/s]" not in training and "\r" not in training

@@ -1,0 +1,67 @@
+"""Chunks: only a missing, truncated, foreign or stale chunk is recomputed; any other read error stops."""
+import errno
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, python
+from safedata.errors import UserError
+from safedata.store import ChunkStore
+
+
+def filled_store(root, fingerprint="fp-a", n=10, chunk_size=4):
+    chunks = ChunkStore(root, fingerprint, n, chunk_size)
+    for c in range(chunks.n_chunks):
+        chunks.save(c, {"x": torch.arange(len(chunks.span(c)), dtype=torch.float32)})
+    return chunks
+
+
+def test_missing_truncated_foreign_and_stale_chunks_are_recomputed(tmp_path):
+    chunks = filled_store(tmp_path)
+    assert chunks.missing() == []
+    chunks.path(0).unlink()                                            # missing
+    chunks.path(1).write_bytes(chunks.path(1).read_bytes()[:-5])       # truncated
+    chunks.path(2).write_bytes(b"not a safetensors file at all")       # foreign
+    assert chunks.missing() == [0, 1, 2]
+    filled_store(tmp_path, n=10)
+    assert ChunkStore(tmp_path, "fp-b", 10, 4).missing() == [0, 1, 2]  # stale: another run's fingerprint
+    assert ChunkStore(tmp_path, "fp-a", 12, 4).missing() == [2]        # chunk 2 now spans other rows
+
+
+def test_unreadable_chunk_stops_with_one_line_instead_of_recomputing(tmp_path, monkeypatch):
+    chunks = filled_store(tmp_path)
+    chunks.path(1).unlink()
+    chunks.path(1).mkdir()                                             # a directory where a chunk should be
+    with pytest.raises(UserError, match=r"chunk-000001\.safetensors: cannot read this chunk") as err:
+        chunks.missing()
+    assert "\n" not in str(err.value)
+
+    import safetensors
+
+    def denied(path, framework):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(safetensors, "safe_open", denied)
+    with pytest.raises(UserError, match=r"chunk-000000\.safetensors: cannot read this chunk \(Permission denied\)"):
+        ChunkStore(tmp_path, "fp-a", 10, 4).done(0)
+
+
+def test_cli_stops_on_an_unreadable_chunk_and_leaves_it(tiny_model_dir, tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": f"Describe item {i}", "input": "", "output": f"Item {i} is fine."}
+                                for i in range(6)]))
+    out = tmp_path / "reps"
+    cmd = [python(), str(ROOT / "get_representation.py"), "--model_name", tiny_model_dir, "--data_path", str(pool),
+           "--output_dir", str(out), "--chunk_size", "2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (out / "features.safetensors").unlink()
+    (out / "meta.json").unlink()
+    chunk = out / "chunks" / "chunk-000001.safetensors"
+    chunk.unlink()
+    chunk.mkdir()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"error: {chunk}: cannot read this chunk")
+    assert chunk.is_dir() and not (out / "features.safetensors").exists()
+
