@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo lab-defence test bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: venv
 	PYTHON=$(PY) bash scripts/demo.sh
+
+lab-defence: venv
+	PYTHON=$(PY) bash scripts/lab_defence.sh
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -142,7 +142,7 @@ def parse_conversation(path, line, record) -> Conversation:
         expected = USER if number % 2 == 0 else ASSISTANT
         if message["role"] != expected:
             position = number + (len(messages) - len(body))
-            raise InputError(path, line, f"{name}[{position}]", f"expected a {expected} turn, found "
+            raise InputError(path, line, f"{name}[{position}]", f"expected {'an' if expected == ASSISTANT else 'a'} {expected} turn, found "
                              f"{message['role']} (turns alternate user, assistant after an optional system turn)")
         if expected == USER and not message["content"].strip():
             raise InputError(path, line, f"{name}[{number + len(messages) - len(body)}]", "empty user turn")

@@ -187,3 +187,48 @@ def write_subset(path, rows, target) -> Path:
     else:
         raise UserError(f"{path}: not a datasets-library source")
     return target
+
+
+def _text_subset(path: Path, wanted: list[int]) -> str:
+    """JSONL: the records' own lines, byte for byte. JSON arrays: the records re-serialised (indent 4, as
+    rank.py writes). CSV: the header and the rows, re-quoted by the csv module."""
+    import csv
+    import io
+
+    from .data import read_raw_records
+    from .ranking import _records_text
+    raw = read_raw_records(path)
+    chosen = [raw[i] for i in wanted]
+    text = path.read_text(encoding="utf-8-sig")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
+        lines = text.splitlines()
+        return "".join(lines[line - 1] + "\n" for line, _ in chosen)
+    if suffix == ".json":
+        return _records_text([record for _, record in chosen], ".json")
+    buffer = io.StringIO()
+    header = list(raw[0][1]) if raw else []
+    one_column_prompts = header == ["prompt"] and not text.lstrip().startswith("prompt")
+    writer = csv.writer(buffer, lineterminator="\n")
+    if not one_column_prompts:
+        writer.writerow(header)
+    for _, record in chosen:
+        writer.writerow([record[h] for h in header])
+    return buffer.getvalue()
+
+
+def subset_suffix(path) -> str:
+    """The file suffix (or "" for a directory) a subset of `path` is written with."""
+    return output_suffix(path) if is_dataset_source(path) else Path(path).suffix.lower()
+
+
+def write_subset_like(path, rows, target_stem) -> Path:
+    """Rows `rows` (0-based record indices) of any input, in ascending order, in the input's own type:
+    returns `target_stem` + the input's suffix (a directory for save_to_disk input)."""
+    from .store import atomic_write_text
+    target = Path(str(target_stem) + subset_suffix(path))
+    wanted = sorted(set(int(r) for r in rows))
+    if is_dataset_source(path):
+        return write_subset(path, wanted, target)
+    atomic_write_text(target, _text_subset(Path(path), wanted))
+    return target
