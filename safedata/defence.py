@@ -167,7 +167,10 @@ def plot(groups: dict, out_png) -> Path:
 
 
 def report(run_dir, data_dir="ft_datasets/lab", batch_size=16) -> dict:
-    groups = collect(run_dir, data_dir, batch_size)
+    collected = collect(run_dir, data_dir, batch_size)
+    order = ["aligned"] + [f"{mix}-{condition}" for mix in MIXES for condition in CONDITIONS]
+    groups = {name: collected[name] for name in order if name in collected}
+    groups.update({name: g for name, g in collected.items() if name not in groups})
     out = Path(run_dir) / "report"
     table = table_markdown(groups)
     atomic_write_text(out / "table.md", table)
