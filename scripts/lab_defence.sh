@@ -43,19 +43,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT/logs"
 T0=$(date +%s)
 say() { printf '%4ds  %s\n' $(( $(date +%s) - T0 )) "$1"; }
-step() {  # step LOG cmd...: run quietly into $OUT/logs/LOG.log; on failure show its tail and stop
-  local log="$OUT/logs/$1.log"; shift
-  if ! "$@" >"$log" 2>&1; then
-    echo "FAILED: $* (log: $log)" >&2; tail -n 20 "$log" | tr '\r' '\n' | tail -n 20 >&2; exit 1
-  fi
-}
-answer() {  # answer MODEL DIR LOG: generate on the held-out prompts and score (skipped when done)
-  [ -f "$2/gen/responses.jsonl" ] || step "$3.generate" "$PYTHON" generate.py --model_name "$1" \
-    --data_path "$DATA/eval_prompts.jsonl" --output_dir "$2/gen" --template "$TEMPLATE" \
-    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size 64 --overwrite
-  [ -f "$2/eval/summary.json" ] || step "$3.evaluate" "$PYTHON" evaluate.py \
-    --responses "$2/gen/responses.jsonl" --output_dir "$2/eval"
-}
+source scripts/lab_steps.sh   # step, answer, finetune_and_answer (as the demo)
 
 echo "lab defence: model $MODEL, mixes [$MIXES] of $N_MIX, drops [$FRACTIONS]%, seeds [$SEEDS], lr $LR x $EPOCHS epochs -> $OUT"
 
@@ -110,26 +98,10 @@ finetune_run() {  # finetune_run GROUP SEED (in the background; JOBS at a time)
   local group=$1 seed=$2 subset run
   subset=$(subset_of "$group" "$seed")
   run="$OUT/ft/$group/seed$seed"
-  [ -f "$run/model/finetune_meta.json" ] || step "$group.seed$seed.finetune" "$PYTHON" finetune.py \
-    --model_name "$MODEL" --data_path "$subset" --output_dir "$run/model" --template "$TEMPLATE" \
-    --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" --seed "$seed" --overwrite
-  answer "$run/model" "$run" "$group.seed$seed"
+  finetune_and_answer "$subset" "$run" "$group.seed$seed" "$seed"
   say "$group seed $seed done"
 }
-for seed in $SEEDS; do     # seed-major: an interrupted run still has every condition for the first seeds
-  for group in "${GROUPS_FT[@]}"; do
-    finetune_run "$group" "$seed" &
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do
-      wait -n || { echo "a fine-tuning run failed; stopping" >&2; kill $(jobs -rp) 2>/dev/null || true; exit 1; }
-    done
-  done
-done
-wait || true
-for group in "${GROUPS_FT[@]}"; do
-  for seed in $SEEDS; do
-    [ -f "$OUT/ft/$group/seed$seed/eval/summary.json" ] || { echo "error: run $group seed $seed did not finish (logs: $OUT/logs/$group.seed$seed.*)" >&2; exit 1; }
-  done
-done
+run_grid seed  # seed-major: an interrupted run still has every condition for the first seeds
 
 # ---------------------------------------------------------------------------- 4. the table
 say "report"
