@@ -1,9 +1,10 @@
 # The lab's pipeline steps, shared by scripts/demo.sh and scripts/lab_defence.sh (sourced, not run).
 # They read the caller's variables: PYTHON, OUT, DATA, MODEL, TEMPLATE, MAX_NEW_TOKENS, LR, EPOCHS, BATCH.
 
+declare -p TIMED >/dev/null 2>&1 || TIMED=()   # a command prefix for every step (e.g. /usr/bin/time ...), or none
 step() {  # step LOG cmd...: run quietly into $OUT/logs/LOG.log; on failure show its tail and stop
   local log="$OUT/logs/$1.log"; shift
-  if ! "$@" >"$log" 2>&1; then
+  if ! "${TIMED[@]}" "$@" >"$log" 2>&1; then
     echo "FAILED: $* (log: $log)" >&2; tail -n 20 "$log" | tr '\r' '\n' | tail -n 20 >&2; exit 1
   fi
 }

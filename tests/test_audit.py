@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, python
 from safedata import data as D
 from safedata.audit import AuditConfig, audit
-from safedata.errors import MetadataMismatch, UserError
+from safedata.errors import InputError, MetadataMismatch, UserError
 
 LAB = ROOT / "ft_datasets" / "lab"
 SYSTEM = "You are a helpful assistant."
@@ -257,3 +257,46 @@ def test_report_renders_in_headless_chromium_with_its_images(audits, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,1600", (audits["jsonl"][0] / "report.html").as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- sources and the lab mixes
+
+
+def test_arrow_file_and_dataset_dict_and_hub_spec(inputs, tmp_path):
+    import datasets
+    from safedata import sources as S
+    arrow = next(inputs["saved"].glob("*.arrow"))
+    assert [e.id for e in D.load_examples(arrow)[0]] == [e.id for e in D.load_examples(inputs["jsonl"])[0]]
+    kept = S.write_subset_like(arrow, [0, 2, 5], tmp_path / "kept")
+    assert kept.suffix == ".arrow" and [e.index for e in D.load_examples(kept)[0]] == [0, 1, 2]
+    assert [e.record for e in D.load_examples(kept)[0]] == [D.load_examples(arrow)[0][i].record for i in (0, 2, 5)]
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(inputs["saved"]))}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match="DatasetDict with splits train; give one split's directory"):
+        D.load_examples(tmp_path / "dd")
+    assert S.parse_hub("hf:org/name?config=c&split=test") == ("org/name", "c", "test")
+    assert S.parse_hub("hf:org/name") == ("org/name", None, "train")
+    with pytest.raises(UserError, match="unknown option revision"):
+        S.parse_hub("hf:org/name?revision=x")
+
+
+def test_bad_parquet_row_names_the_record(tmp_path):
+    import datasets
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(InputError, match=r"bad.parquet:record 1: field 'messages\[1\]': expected an assistant turn"):
+        D.load_examples(tmp_path / "bad.parquet")
+
+
+def test_lab_mixes_are_disjoint_draws_with_the_stated_enrichment(tmp_path):
+    from safedata import defence
+    summary = defence.build_mixes(LAB / "pool.json", tmp_path, n_mix=300, n_heldout=50, n_enrich=30, seed=3)
+    mixes = json.loads((tmp_path / "mixes.json").read_text())
+    heldout, natural, enriched = (set(mixes[k]["pool_indices"]) for k in ("heldout_benign", "natural", "enriched"))
+    assert (len(heldout), len(natural), len(enriched)) == (50, 300, 300)
+    assert not heldout & natural and not heldout & enriched and len(natural & enriched) == 270
+    pool = json.loads((LAB / "pool.json").read_text())
+    added = [pool[i] for i in enriched - natural]
+    assert all(r["output"].lstrip().startswith("Sure, here") for r in added)
+    assert json.loads((tmp_path / "natural.json").read_text()) == [pool[i] for i in sorted(natural)]
+    assert summary["enriched"]["opener_share"] > summary["natural"]["opener_share"]
