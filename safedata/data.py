@@ -291,7 +291,7 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
             response = conversation.messages[1]["content"] if len(conversation.messages) > 1 else None
         else:
             messages = conversation.messages
-            instruction = next(m["content"] for m in messages if m["role"] == C.USER)
+            instruction = [m["content"] for m in messages if m["role"] == C.USER][-1]  # the request answered last
             response = C.joined_answers(messages)
         if response is None and need_response:
             raise InputError(path, line, conversation.field, "no assistant turn after the user turn")
@@ -480,17 +480,23 @@ def _keep_supervised(ids, labels, n):
     return ids, labels
 
 
+def _encode_conversation(example: Example, tokenizer, template, max_length, max_response_length) -> Encoded:
+    ids, labels = conversation_ids(example, template, tokenizer)
+    if max_response_length is not None:
+        ids, labels = _keep_supervised(ids, labels, max_response_length)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(example.index, example.id, ids, labels)
+
+
 def encode(example: Example, tokenizer, template="paper", max_length=None, max_response_length=None) -> Encoded:
     if example.messages is not None:
-        ids, labels = conversation_ids(example, template, tokenizer)
-        if max_response_length is not None:
-            ids, labels = _keep_supervised(ids, labels, max_response_length)
-    else:
-        p, r = token_ids(example, template, tokenizer)
-        if max_response_length is not None:
-            r = r[:max_response_length]
-        ids = p + r
-        labels = [IGNORE_INDEX] * len(p) + list(r)
+        return _encode_conversation(example, tokenizer, template, max_length, max_response_length)
+    p, r = token_ids(example, template, tokenizer)
+    if max_response_length is not None:
+        r = r[:max_response_length]
+    ids = p + r
+    labels = [IGNORE_INDEX] * len(p) + list(r)
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(example.index, example.id, ids, labels)
