@@ -109,7 +109,6 @@ def _anchor_dirs(cfg: AuditConfig) -> list[Path]:
 def _score_gradient(cfg: AuditConfig) -> Scored | None:
     from .features import gradients as G
     from .models import load_model
-    from .ranking import read_scores_csv
     model, tokenizer = load_model(cfg.model_name, cfg.dtype, cfg.device)
     common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
                   model=model, tokenizer=tokenizer)
@@ -120,9 +119,7 @@ def _score_gradient(cfg: AuditConfig) -> Scored | None:
     if not G.score_pool(cfg.model_name, cfg.data_path, scores_dir, [str(t) for t in targets], shard=cfg.shard,
                         chunk_size=cfg.chunk_size, max_length=cfg.max_length, skip_bad=cfg.skip_bad, **common):
         return None
-    scored = _read_scores_dir(scores_dir, cfg.data_path)
-    scored.source["method"] = "gradient"
-    return scored
+    return _read_scores_dir(scores_dir, cfg.data_path)
 
 
 def _score_representation(cfg: AuditConfig) -> Scored | None:
@@ -154,7 +151,8 @@ def _read_scores_dir(directory, data_path) -> Scored:
     meta, indices, ids, columns = read_scores_csv(directory)
     check_pool_file(meta, data_path, f"scores {directory}")
     unscored = [dict(e) for e in meta.get("excluded", [])] + [dict(e) for e in meta.get("nonfinite", [])]
-    source = {"method": meta.get("method") or meta.get("stage", "scores"), "scores": str(Path(directory).resolve())}
+    method = meta.get("method") or {"gradient_scores": "gradient"}.get(meta.get("stage"), meta.get("stage", "scores"))
+    source = {"method": method, "scores": str(Path(directory).resolve())}
     return Scored(source, indices, ids, columns, meta["data_sha256"], unscored)
 
 
