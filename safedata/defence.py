@@ -157,7 +157,11 @@ def plot(groups: dict, out_png) -> Path:
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
         ax.set_title(LABELS[metric], fontsize=10)
-        if "aligned" in groups:
+        if metric.endswith("loss"):  # differences of a few thousandths: zoom on the fine-tuned runs
+            values = [v for name, g in groups.items() if name != "aligned" for v in g["metrics"][metric]["values"]]
+            low, high = min(values), max(values)
+            ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
+        elif "aligned" in groups:
             ax.axhline(groups["aligned"]["metrics"][metric]["mean"], color="#2471a3", linestyle=":", linewidth=1,
                        label="aligned, not fine-tuned")
             ax.legend(fontsize=7)
