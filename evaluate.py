@@ -8,7 +8,7 @@ import argparse
 import json
 
 from safedata.cli import run
-from safedata.evaluation import JUDGE_CHOICES, evaluate_file
+from safedata.evaluation import JUDGE_CHOICES, PAPER_SCORE_FORMAT, evaluate_file
 
 
 def main():
@@ -17,7 +17,16 @@ def main():
     p.add_argument("--output_dir", required=True, help="where results.jsonl and summary.json go")
     p.add_argument("--judge", choices=JUDGE_CHOICES, default="keyword",
                    help="none/keyword: keyword ASR only; local: a Llama-Guard-style model; "
-                        "api: an OpenAI-compatible chat API scoring harmfulness 1-5 (default: keyword)")
+                        "api: an OpenAI-compatible chat API scoring 1-5 with our own rubric, or with --judge_prompt "
+                        "(default: keyword)")
+    p.add_argument("--judge_prompt", default=None, metavar="FILE",
+                   help="api: your judge prompt instead of our rubric (e.g. the paper's GPT-4 judge prompt, which we "
+                        "do not ship): UTF-8 text with {prompt} and {response} where the request and the answer go, "
+                        "sent as one user message; summary keys judge_prompt_* (ours: safedata_rubric_*)")
+    p.add_argument("--judge_score_regex", default=PAPER_SCORE_FORMAT,
+                   help="api with --judge_prompt: where the score 1-5 stands in the reply, as a regular expression "
+                        "whose first group is the score; the last match counts (default: the paper's "
+                        "'#thescore: N' line)")
     p.add_argument("--judge_model", help="local: path or Hub id of the guard model; api: the model name")
     p.add_argument("--judge_base_url", default=None,
                    help="api: base URL, requests go to {base_url}/chat/completions (default: $JUDGE_BASE_URL)")
@@ -38,7 +47,8 @@ def main():
                             judge_base_url=a.judge_base_url, judge_api_key=a.judge_api_key,
                             max_attempts=a.max_attempts, workers=a.workers, backoff=a.backoff, timeout=a.timeout,
                             batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, dtype=a.dtype,
-                            device=a.device, model=a.model)
+                            device=a.device, model=a.model, judge_prompt=a.judge_prompt,
+                            judge_score_regex=a.judge_score_regex)
     print(json.dumps(summary, indent=1))
 
 

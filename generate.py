@@ -15,22 +15,24 @@ def main():
     p.add_argument("--model_name", required=True, help="Hugging Face id, local checkpoint or LoRA adapter directory")
     p.add_argument("--data_path", "--prompts", dest="data_path", required=True,
                    help="prompts: AdvBench CSV (one column without header, or goal,target) or alpaca-style records")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True,
+                   help="where responses.jsonl and meta.json go (a rerun with the same flags resumes there)")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="default: the template the model was fine-tuned with (finetune_meta.json), else paper")
     p.add_argument("--allow_template_mismatch", action="store_true",
                    help="use --template even though the model was fine-tuned with another one")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (left-padded; default: 16)")
+    p.add_argument("--max_new_tokens", type=int, default=512,
+                   help="the longest answer in tokens (default: 512, the paper's)")
     p.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --do_sample: softmax temperature (default: 1.0)")
+    p.add_argument("--top_p", type=float, default=1.0, help="with --do_sample: nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each batch is seeded from it)")
     p.add_argument("--shard", default=None, help="I/N: answer this part of N (default: the SLURM array task, else all)")
     p.add_argument("--backend", choices=BACKENDS, default="hf", help="hf (transformers) or vllm (if installed)")
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm: GPUs per model")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: the GPU if any)")
     p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace responses made with other flags")
     a = p.parse_args()

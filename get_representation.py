@@ -1,28 +1,38 @@
-"""Per-example hidden-state features: last layer, last supervised token (the paper's representation matching)."""
+"""Per-example hidden-state features (the paper's representation matching): the last layer's state at the
+last token of each example (the end token, or the last kept token under --max_length), anchors and pool alike."""
 import argparse
 
-from safedata.cli import add_stage_args, run
+from safedata.cli import add_original_quirks_arg, add_stage_args, run
 from safedata.data import TEMPLATES
 from safedata.features.representations import extract_representations
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
-    p.add_argument("--data_path", required=True, help=".json / .jsonl / .csv records")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--template", choices=TEMPLATES, default="paper")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--model_name", required=True, help="Hugging Face id (org/name) or local model directory")
+    p.add_argument("--data_path", required=True, help="the records to featurise: a .json / .jsonl / .csv file")
+    p.add_argument("--output_dir", required=True,
+                   help="where features.safetensors and meta.json go (refused if it holds another run's output)")
+    p.add_argument("--template", choices=TEMPLATES, default="paper",
+                   help="prompt wrapper: paper (Llama-2-chat with the Alpaca body), chat (the tokenizer's own "
+                        "template) or plain (default: paper)")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass (results do not depend on it)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="cut each example to this many tokens; the representation is then read at the last kept "
+                        "token (the original: 512 for Alpaca, 2048 for Dolly/GSM8K, 480 for anchors; default: no cut)")
     p.add_argument("--max_response_length", type=int, default=None,
-                   help="keep only the first N supervised tokens (the paper used 10 for anchors)")
+                   help="--pooling mean only: average over the first N supervised tokens (with --pooling last "
+                        "it is refused: it would move anchors' read position away from the pool's)")
     p.add_argument("--layer", type=int, default=-1, help="hidden-state layer; -1 = last, after the final norm")
-    p.add_argument("--pooling", choices=("last", "mean"), default="last")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last",
+                   help="last: the state at the example's last token (the paper); mean: the mean over its "
+                        "supervised tokens")
+    add_original_quirks_arg(p)
     add_stage_args(p)
     a = p.parse_args()
     extract_representations(a.model_name, a.data_path, a.output_dir, a.template, a.batch_size, a.max_length,
                             a.max_response_length, a.layer, a.pooling, a.shard, a.chunk_size, a.dtype, a.device,
-                            a.skip_bad)
+                            a.skip_bad, a.original_quirks)
 
 
 if __name__ == "__main__":

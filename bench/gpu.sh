@@ -11,10 +11,25 @@
 # A benchmark step that fails or runs out of time is reported (FAILED.txt) and the next step still runs;
 # the script then exits non-zero.
 # Targets: gradient scores >= 45 examples/s (52k Alpaca in under 20 min) at <= 1.2x a training step.
+#
+#   bash bench/gpu.sh --dry_run   the whole script on the CPU at tiny size (no GPU checks, a 64-wide 2-layer
+#                                 model, 8 records, fp32): every step, the summary and the JSON.
+#
+# Time budget on the H200 (each step has its own limit; the sum stays under 10 minutes):
+#   nvidia-smi 30 s + environment 60 s + gradients 300 s + representations 120 s (+10 s kill grace each) +
+#   summary: at most 8 min 50 s.
 set -Eeuo pipefail
 
+DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry_run) DRY=1 ;;
+        *) echo "bench/gpu.sh: unknown argument $arg (only --dry_run)" >&2; exit 2 ;;
+    esac
+done
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-bench/results/gpu}"
+if (( DRY )); then OUT="${OUT:-${TMPDIR:-/tmp}/safedata-gpu-dry-run}"; else OUT="${OUT:-bench/results/gpu}"; fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -37,27 +52,45 @@ run_step() {   # run_step NAME SECONDS COMMAND...: a time limit per step, output
     fi
 }
 
+# What differs in a dry run: the device, the model and the sizes; every step and check below still runs.
+if (( DRY )); then
+    DEVICE=(--device cpu --dtype fp32) MODEL=(--config small --hidden 64 --layers 2)
+    # in one process, as on CUDA (on CPU the benchmark otherwise starts a process per method)
+    GRAD_SIZE=(--n 8 --batch_size 4 --repeats 1 --paper_n 1 --exactness_n 1 --inprocess)
+    REP_SIZE=(--n 8 --batch_size 4 --repeats 1)
+else
+    DEVICE=(--device cuda --dtype bf16) MODEL=(--config llama2-7b)
+    GRAD_SIZE=(--n 512 --batch_size 16 --repeats 2 --paper_n 8) REP_SIZE=(--n 256 --batch_size 16 --repeats 2)
+fi
+
 step="nvidia-smi"
-command -v nvidia-smi >/dev/null || { echo "FAILED: nvidia-smi not found (no NVIDIA GPU here?)" >&2; exit 1; }
-timeout 30 nvidia-smi | tee "$OUT/nvidia-smi.txt"
+if (( DRY )); then
+    echo "dry run: no GPU checks" | tee "$OUT/nvidia-smi.txt"
+else
+    command -v nvidia-smi >/dev/null || { echo "FAILED: nvidia-smi not found (no NVIDIA GPU here?)" >&2; exit 1; }
+    timeout 30 nvidia-smi | tee "$OUT/nvidia-smi.txt"
+fi
 
 step="python"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
-    if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    if [[ -x .venv/bin/python ]] && { (( DRY )) || .venv/bin/python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }; then
         PYTHON=.venv/bin/python
     fi
 fi
-timeout 60 "$PYTHON" - <<'EOF' | tee "$OUT/environment.txt"
+timeout 60 "$PYTHON" - "$DRY" <<'EOF' | tee "$OUT/environment.txt"
 import sys
 import torch, transformers
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__)
-if not torch.cuda.is_available():
+if sys.argv[1] == "1":
+    print("dry run: CPU, tiny model")
+elif not torch.cuda.is_available():
     sys.exit("FAILED: torch sees no CUDA device")
-props = torch.cuda.get_device_properties(0)
-print("gpu", props.name, f"{props.total_memory / 2**30:.0f} GiB")
-if props.total_memory < 70 * 2**30:
-    sys.exit("FAILED: the 7B benchmarks need an 80 GB class GPU (the paper baseline holds 3 dense 7B targets)")
+else:
+    props = torch.cuda.get_device_properties(0)
+    print("gpu", props.name, f"{props.total_memory / 2**30:.0f} GiB")
+    if props.total_memory < 70 * 2**30:
+        sys.exit("FAILED: the 7B benchmarks need an 80 GB class GPU (the paper baseline holds 3 dense 7B targets)")
 sys.path.insert(0, "bench")
 import common
 for name in ("ALPACA", "ANCHORS"):
@@ -68,13 +101,12 @@ EOF
 # 1) gradient scores on the first 512 Alpaca records (bf16 weights, fp32 products), all methods in one process
 #    (the model is built once), the important ones first; the paper's algorithm (3 dense 7B targets, 40 GB)
 #    last and on its first 8 records. Each finished method is also in gradients.partial.json at once.
-run_step gradients 300 "$PYTHON" bench/bench_gradients.py --config llama2-7b --device cuda --dtype bf16 \
-    --n 512 --batch_size 16 --repeats 2 --paper_n 8 --output "$OUT/gradients.json" \
-    --methods ours train floor engine ours64 paper512 paper_dynamic
+run_step gradients 300 "$PYTHON" bench/bench_gradients.py "${MODEL[@]}" "${DEVICE[@]}" "${GRAD_SIZE[@]}" \
+    --output "$OUT/gradients.json" --methods ours train floor engine ours64 paper512 paper_dynamic
 
 # 2) representations: the paper's way (bs1, pad 512, all hidden states and logits) vs ours vs the bare decoder.
-run_step representations 120 "$PYTHON" bench/bench_representations.py --config llama2-7b --device cuda \
-    --dtype bf16 --n 256 --batch_size 16 --repeats 2 --output "$OUT/representations.json"
+run_step representations 120 "$PYTHON" bench/bench_representations.py "${MODEL[@]}" "${DEVICE[@]}" "${REP_SIZE[@]}" \
+    --output "$OUT/representations.json"
 
 step="summary"
 "$PYTHON" - "$OUT" <<'EOF'

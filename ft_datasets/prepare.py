@@ -98,6 +98,21 @@ ONLINE = {  # output name -> [(description, fetch)], tried in order until one wo
 }
 
 
+def fetch_errors() -> tuple[type[BaseException], ...]:
+    """What a fetch may fail with when a source is unreachable or unavailable (then: try the next source,
+    or skip). Anything else is a bug and propagates."""
+    import http.client
+    import importlib
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException, ImportError]  # URLError, timeouts,
+    # the Hub's HTTP and offline errors and datasets' DatasetNotFoundError are OSErrors; ImportError: no `datasets`
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def fetch_online(name: str, paper_path: str | None) -> tuple[bytes, str]:
     """(bytes, origin) from the first attempt that works; UserError naming every failure."""
     attempts = list(ONLINE.get(name, []))
@@ -105,10 +120,11 @@ def fetch_online(name: str, paper_path: str | None) -> tuple[bytes, str]:
         url = PAPER_RAW + paper_path
         attempts.append((url, lambda: fetch_url(url)))
     failures = []
+    expected = fetch_errors()
     for origin, fetch in attempts:
         try:
             return fetch(), origin
-        except Exception as err:  # noqa: BLE001 - any network/Hub failure means "try the next source"
+        except expected as err:  # a network/Hub failure means "try the next source"; a bug propagates
             failures.append(f"{origin}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     raise UserError("could not fetch (" + "; ".join(failures) + ")")
 
@@ -274,10 +290,34 @@ def prepare(output_dir=DEFAULT_OUTPUT, from_dir=None, strict=False, paper_split=
         "files": [vars(r) for r in rows],
         "skipped": skipped,
     }
+    if only:
+        manifest = merge_manifest(output_dir / "MANIFEST.json", manifest)
     write_json(output_dir / "MANIFEST.json", manifest)
     if strict and skipped:
         raise UserError("--strict: skipped " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped))
     return manifest
+
+
+def merge_manifest(path: Path, manifest: dict) -> dict:
+    """--only rebuilds some files: the earlier manifest's entries for the other files (still present) stay.
+    Only this run's skips are listed (an earlier skip says nothing about now)."""
+    if not path.exists():
+        return manifest
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_files = list(old["files"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        print(f"warning: {path}: unreadable, replaced by this run's entries only", file=sys.stderr)
+        return manifest
+    now = {entry["file"] for entry in manifest["files"] + manifest["skipped"]}
+    kept = [f for f in old_files if f.get("file") not in now and (path.parent / f.get("file", "")).is_file()]
+    order = {src.name: i for i, src in enumerate(SOURCES)}
+
+    def position(entry):
+        name = entry["file"]
+        stem = name.replace("_no_safety", "").replace("_safety_only", "")
+        return order.get(name, order.get(stem, len(order))), name
+    return dict(manifest, files=sorted(kept + manifest["files"], key=position))
 
 
 def _split(src: Source, dest: Path, root: Path | None, paper_split: bool, skipped: list) -> list[Row]:
@@ -296,7 +336,7 @@ def _split(src: Source, dest: Path, root: Path | None, paper_split: bool, skippe
                     reference = Path(tmp) / Path(src.paper_safety_only).name
                     reference.write_bytes(fetch_url(url))
                     method = f"records in {url}"
-            except Exception as err:  # noqa: BLE001
+            except (UserError, *fetch_errors()) as err:
                 skipped += [{"file": p.name, "reason": f"--paper_split: {err}"} for p in rs.output_paths(dest)]
                 return []
             summary = rs.remove_safety(dest, dest.parent, reference)

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .errors import UserError
+from .progress import interactive
 
 
 def run(main) -> None:
     """Call main(); a user error becomes one line on stderr and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not interactive():  # a job log: the libraries' bars would write carriage-return redraws
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         main()
     except UserError as err:
@@ -23,5 +27,18 @@ def add_stage_args(parser) -> None:
     parser.add_argument("--shard", default=None, help="I/N: this part of N (default: the SLURM array task, else all)")
     parser.add_argument("--chunk_size", type=int, default=512, help="examples per resumable chunk file")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, fp64")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: the GPU of LOCAL_RANK if any, else cpu)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip (count and log) malformed records instead of stopping at the first; an empty "
+                             "response is not malformed (kept, as the original, with the end token alone supervised)")
+
+
+ORIGINAL_QUIRKS_HELP = (
+    "reproduce what the original code computed, to compare with its released selections and numbers: "
+    "examples are tokenised as prompt + ' ' + response + ' ', so the trailing space is a supervised token "
+    "before the end token (--template paper only; default: off, the response and the end token as intended)")
+
+
+def add_original_quirks_arg(parser) -> None:
+    """--original_quirks: the one data-layer switch to the original's tokenisation (safedata.data.token_ids)."""
+    parser.add_argument("--original_quirks", action="store_true", help=ORIGINAL_QUIRKS_HELP)

@@ -18,6 +18,7 @@ import torch
 from . import conversations as C
 from . import sources as S
 from .errors import InputError, UserError
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -195,18 +196,25 @@ def _csv_records(path: Path, text: str):
 def read_raw_records(path) -> list[tuple[int, object]]:
     """(line, raw value) for every record of a .json, .jsonl or .csv file, or (record label, record) for a
     datasets-library source (Parquet, Arrow, a save_to_disk directory, hf:owner/name)."""
+    return _read_records(path)[0]
+
+
+def _read_records(path) -> tuple[list[tuple[int, object]], bool]:
+    """(records as in read_raw_records, whether the file is one JSON array)."""
     if S.is_dataset_source(path):
-        return list(S.iter_records(path))
+        return list(S.iter_records(path)), False
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a data file (.json, .jsonl or .csv)")
     if not path.exists():
         raise UserError(f"{path}: no such file")
     text = _read_text(path)
     if not text.strip():
         raise InputError(path, 1, None, "empty file")
     suffix = path.suffix.lower()
+    is_array = suffix == ".json" and text.lstrip().startswith("[")
     if suffix == ".json":
-        stripped = text.lstrip()
-        records = _json_array_records(path, text) if stripped.startswith("[") else _jsonl_records(path, text)
+        records = _json_array_records(path, text) if is_array else _jsonl_records(path, text)
     elif suffix == ".jsonl":
         records = _jsonl_records(path, text)
     elif suffix == ".csv":
@@ -214,7 +222,7 @@ def read_raw_records(path) -> list[tuple[int, object]]:
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .csv, .parquet, .arrow, a "
                         "save_to_disk directory or hf:owner/name)")
-    return list(records)
+    return list(records), is_array
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -272,15 +280,15 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
     if kind == "alpaca":
         instruction = _text(path, line, record, "instruction")
         extra = _text(path, line, record, "input", required=False)
-        response = _text(path, line, record, "output", required=need_response)
+        response = _text(path, line, record, "output", required=need_response, allow_empty=True)
     elif kind == "dolly":
         instruction = _text(path, line, record, "instruction")
         extra = _text(path, line, record, "context", required=False)
-        response = _text(path, line, record, "response", required=need_response)
+        response = _text(path, line, record, "response", required=need_response, allow_empty=True)
     elif kind == "gsm8k":
         instruction = _text(path, line, record, "question")
         extra = ""
-        response = _text(path, line, record, "answer", required=need_response)
+        response = _text(path, line, record, "answer", required=need_response, allow_empty=True)
     elif kind == "chat":
         conversation = C.parse_conversation(path, line, record)
         extra, messages = "", None
@@ -316,7 +324,7 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
     Returns (examples, skipped) where skipped is a list of error messages.
     """
     path = Path(path)
-    raw = read_raw_records(path)
+    raw, is_array = _read_records(path)
     if not raw:
         raise InputError(path, 1, None, "no records")
     examples, skipped = [], []
@@ -344,8 +352,10 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
             first_line_of_id.setdefault(example.id, line)
             examples.append(example)
         except InputError as err:
+            if is_array and err.record is None:
+                err = InputError(err.path, err.line, err.field, err.problem, record=index)
             if not skip_bad:
-                raise
+                raise err from None
             skipped.append(str(err))
             log.warning("skipped bad record: %s", err)
     if skipped:
@@ -353,6 +363,11 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
     if not examples:
         raise InputError(path, None, None, "no usable records")
     return examples, skipped
+
+
+def empty_response_indices(examples) -> list[int]:
+    """File indices of the examples whose response is empty or blank (kept: the original trained them)."""
+    return [e.index for e in examples if e.response is not None and not e.response.strip()]
 
 
 # ----------------------------------------------------------------------------- templates
@@ -419,8 +434,14 @@ def _ids(tokenizer, text, special):
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def token_ids(example: Example, template: str, tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids incl. the end token) for a record with a response."""
+def token_ids(example: Example, template: str, tokenizer, original_quirks=False) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids incl. the end token) for a record with a response.
+
+    original_quirks: as the original code, `prompt + " " + response + " "` (the trailing space is a
+    supervised token before the end token); --template paper only.
+    """
+    if original_quirks and template != "paper":
+        raise UserError(f"--original_quirks reproduces the original's paper template; not with --template {template}")
     prompt = prompt_text(example, template, tokenizer)
     eos = tokenizer.eos_token_id
     if template == "plain":
@@ -430,8 +451,12 @@ def token_ids(example: Example, template: str, tokenizer) -> tuple[list[int], li
         # As the paper: tokenize the prompt and prompt + " " + response; the response is
         # what follows the prompt's tokens (exact when the prompt tokens are a prefix).
         p = _ids(tokenizer, prompt, True)
-        full = _ids(tokenizer, prompt + " " + example.response, True)
-        r = full[len(p):] if full[: len(p)] == p else _ids(tokenizer, " " + example.response, False)
+        answer = " " + example.response + (" " if original_quirks else "")
+        if example.response.strip() or original_quirks:
+            full = _ids(tokenizer, prompt + answer, True)
+            r = full[len(p):] if full[: len(p)] == p else _ids(tokenizer, answer, False)
+        else:
+            r = []  # an empty response: the end token alone is supervised
     else:
         conversation = [{"role": "user", "content": user_turn(example)},
                         {"role": "assistant", "content": example.response}]
@@ -489,10 +514,14 @@ def _encode_conversation(example: Example, tokenizer, template, max_length, max_
     return Encoded(example.index, example.id, ids, labels)
 
 
-def encode(example: Example, tokenizer, template="paper", max_length=None, max_response_length=None) -> Encoded:
+def encode(example: Example, tokenizer, template="paper", max_length=None, max_response_length=None,
+           original_quirks=False) -> Encoded:
     if example.messages is not None:
+        if original_quirks:
+            raise UserError(f"example {example.id}: --original_quirks reproduces the original code, which reads "
+                            "single exchanges only; this record is a multi-turn conversation")
         return _encode_conversation(example, tokenizer, template, max_length, max_response_length)
-    p, r = token_ids(example, template, tokenizer)
+    p, r = token_ids(example, template, tokenizer, original_quirks)
     if max_response_length is not None:
         r = r[:max_response_length]
     ids = p + r
@@ -502,11 +531,12 @@ def encode(example: Example, tokenizer, template="paper", max_length=None, max_r
     return Encoded(example.index, example.id, ids, labels)
 
 
-def encode_examples(examples, tokenizer, template="paper", max_length=None, max_response_length=None):
+def encode_examples(examples, tokenizer, template="paper", max_length=None, max_response_length=None,
+                    original_quirks=False):
     """Encode all examples; those left without a supervised token are excluded and reported."""
     encoded, excluded = [], []
-    for example in examples:
-        item = encode(example, tokenizer, template, max_length, max_response_length)
+    for example in progress(examples, desc="tokenising", unit="ex"):
+        item = encode(example, tokenizer, template, max_length, max_response_length, original_quirks)
         if item.n_supervised == 0:
             excluded.append(Excluded(example.index, example.id, "no supervised token (prompt fills --max_length)"))
         else:

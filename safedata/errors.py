@@ -8,9 +8,11 @@ class UserError(Exception):
 class InputError(UserError, ValueError):
     """A bad record: names the file, the line and the field."""
 
-    def __init__(self, path, line, field, problem):
-        self.path, self.line, self.field, self.problem = str(path), line, field, problem
+    def __init__(self, path, line, field, problem, record=None):
+        self.path, self.line, self.field, self.problem, self.record = str(path), line, field, problem, record
         where = f"{self.path}:{line}" if line is not None else self.path
+        if record is not None:  # a JSON array's records may share one line: the 0-based index finds it
+            where += f" (record {record})"
         field_part = f" field '{field}':" if field else ""
         super().__init__(f"{where}:{field_part} {problem}")
 

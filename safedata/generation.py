@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import data as D
 from .errors import UserError
 from .models import load_model, model_identity
+from .progress import progress
 from .store import META, atomic_write_text, environment, fingerprint, now, parse_shard, read_json, write_json
 from .training import META_NAME as FINETUNE_META, read_finetune_meta
 
@@ -292,8 +292,8 @@ def generate_responses(config: GenerationConfig) -> bool:
         backend = make_backend(config)
         prompts = [D.prompt_ids(e, template, backend.tokenizer) for e in mine]
         batches = D.length_bucketed_batches([len(p) for p in prompts], config.batch_size)
-        with tqdm(total=len(mine), initial=len(mine) - len(pending_examples), desc=f"generate {shard[0]}/{shard[1]}",
-                  unit="prompt", dynamic_ncols=True) as bar:
+        with progress(total=len(mine), initial=len(mine) - len(pending_examples),
+                      desc=f"generate {shard[0]}/{shard[1]}", unit="prompt") as bar:
             for number, positions in enumerate(batches):
                 if all(mine[p].index in done for p in positions):
                     continue

@@ -31,8 +31,28 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, or a path whose first folder
+    exists here) is meant as a local directory."""
+    text = str(name)
+    if text.startswith(("/", "./", "../", "~", ".\\")) or text.endswith("/") or text.count("/") > 1:
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and Path(head).is_dir()
+
+
+def check_model_name(name: str, flag: str = "--model_name") -> None:
+    """A local path that is not a model directory fails here, before any Hub lookup."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {name}: is a file; expected a model directory or a Hugging Face id")
+    if not path.exists() and looks_like_local_path(name):
+        raise UserError(f"{flag} {name}: no such directory (and not a Hugging Face id of the form org/name)")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
+    check_model_name(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
@@ -43,6 +63,8 @@ def load_tokenizer(name_or_path: str):
 def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.device | None = None):
     """(model, tokenizer) in eval mode on the device. Never adds tokens (that would resize the model)."""
     from transformers import AutoModelForCausalLM
+    check_model_name(name_or_path)
+    log.info("loading model %s", name_or_path)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     try:
@@ -50,6 +72,7 @@ def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.
     except OSError as err:
         raise UserError(f"--model_name {name_or_path}: cannot load a model ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
+    log.info("loaded %s (%s on %s)", name_or_path, torch_dtype, device)
     return model, load_tokenizer(name_or_path)
 
 

@@ -18,13 +18,17 @@ import torch
 
 from . import data as D
 from .errors import MetadataMismatch, UserError
+from .paths import input_data, output_dir
 from .store import META, atomic_write_text, read_json, require_same
 
 log = logging.getLogger(__name__)
 
 FEATURE_STAGES = ("representations", "gradient_features")
-# Flags that may differ between pool and anchors (the paper used mlens 10 for anchors only).
-PER_FILE_FLAGS = ("max_length", "max_response_length", "skip_bad", "optimizer_state")
+# Flags that may differ between pool and anchors. Representations are read at each example's last token
+# whatever --max_length cut (anchors 480, pool 512 in the paper), but --max_response_length changes what
+# a representation is, so it must match; gradient features may use it for anchors only (mlens 10).
+PER_FILE_FLAGS = {"representations": ("max_length", "skip_bad"),
+                  "gradient_features": ("max_length", "max_response_length", "skip_bad", "optimizer_state")}
 
 
 @dataclass
@@ -89,7 +93,8 @@ def load_features(directory) -> FeatureSet:
 
 
 def comparable_flags(meta: dict) -> dict:
-    return {k: v for k, v in (meta.get("flags") or {}).items() if k not in PER_FILE_FLAGS}
+    per_file = PER_FILE_FLAGS.get(meta.get("stage"), ())
+    return {k: v for k, v in (meta.get("flags") or {}).items() if k not in per_file}
 
 
 def check_compatible(pool: FeatureSet, anchor: FeatureSet) -> None:
@@ -114,6 +119,14 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_BYTES = 32 << 20  # pool rows read per step: memory stays O(32 MB + N) whatever the pool size
+
+
+def parse_avg_n(avg_n) -> str:
+    """'all' or a positive integer (as text); checked before any feature is read."""
+    text = str(avg_n).strip()
+    if text == "all" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise UserError(f"--avg_n {avg_n!r}: expected a positive integer (1 = max cosine, the paper) or 'all'")
 
 
 def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=None) -> torch.Tensor:
@@ -239,6 +252,19 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
     """Score (or read scores), combine, select, write. Returns a summary dict."""
     if (pool_features is None) == (scores_dir is None):
         raise UserError("give either --pool_features with --anchor_features, or --scores")
+    input_data(data_path, "--data_path")
+    output_dir(write_to, "--write_to")
+    avg_n = parse_avg_n(avg_n)
+    if kind not in ("top", "bottom", "range"):
+        raise UserError(f"--type {kind!r}: choose top, bottom or range")
+    if kind != "range" and k < 1:
+        raise UserError(f"--k {k}: must be at least 1")
+    for directory, flag in [(pool_features, "--pool_features"), (scores_dir, "--scores")] + \
+            [(d, "--anchor_features") for d in anchor_features]:
+        if directory is not None and not Path(directory).is_dir():
+            raise UserError(f"{flag} {directory}: no such directory")
+    if pool_features is not None and weights and len(weights) != len(anchor_features):
+        raise UserError(f"--weights: {len(weights)} weight(s) for {len(anchor_features)} anchor feature dir(s)")
     name = name or Path(data_path).stem
     if scores_dir is not None:
         meta, indices, ids, columns = read_scores_csv(scores_dir)

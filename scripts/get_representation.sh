@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Representation matching, step 1: hidden-state features of the harmful anchors, their safe
-# counterparts and the benign pool (the paper's recipe). Every variable can be overridden from
-# the environment, e.g. `MODEL=mistralai/Mistral-7B-Instruct-v0.2 TEMPLATE=chat bash scripts/get_representation.sh`.
+# Representation matching, step 1: hidden-state features of the harmful anchors, (bi-directional) their
+# safe counterparts, and the benign pool. Every example, anchor or pool, is read at its last token (cut
+# at the paper's lengths: Alpaca 512, Dolly/GSM8K 2048, anchors 480; see scripts/recipe_env.sh).
+# Every variable can be overridden from the environment, e.g.
+#   MODEL=mistralai/Mistral-7B-Instruct-v0.2 TEMPLATE=chat bash scripts/get_representation.sh
+#   REP_ANCHORS=harmful bash scripts/get_representation.sh          # the paper's recipe (no safe anchors)
 # Under a SLURM array (sbatch --array=0-7 ...) each task extracts its shard of the pool; the last one merges.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/recipe_env.sh
 
-PYTHON=${PYTHON:-python}
-MODEL=${MODEL:-meta-llama/Llama-2-7b-chat-hf}
-TEMPLATE=${TEMPLATE:-paper}
-DATA_DIR=${DATA_DIR:-ft_datasets/data}
-POOL=${POOL:-$DATA_DIR/alpaca_data_no_safety.json}
-HARMFUL=${HARMFUL:-$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl}
-SAFE1=${SAFE1:-$DATA_DIR/pure-bad-illegal-acticities-selected-10-anchor1.jsonl}
-SAFE2=${SAFE2:-$DATA_DIR/pure-bad-illegal-activities-selected-10-anchor2.jsonl}
-ANCHOR_MLEN=${ANCHOR_MLEN:-10}           # the paper: first 10 response tokens of each anchor
+REP_ANCHORS=${REP_ANCHORS:-bidirectional}  # bidirectional: harmful +1, safe -1 (ours) | harmful: max cosine to harmful only (the paper)
 BATCH_SIZE=${BATCH_SIZE:-16}
-OUT=${OUT:-runs/reps/$(basename "$MODEL")}
-EXTRA=${EXTRA:-}                          # e.g. "--dtype fp32 --skip_bad"
+OUT=${OUT:-$RUNS/reps/$MODEL_NAME/${POOL_NAME}_$SETTINGS_TAG}
 
-common=(--model_name "$MODEL" --template "$TEMPLATE" --batch_size "$BATCH_SIZE")
+case "$REP_ANCHORS" in
+  bidirectional) anchor_sets=(harmful:"$HARMFUL" safe1:"$SAFE1" safe2:"$SAFE2") ;;
+  harmful) anchor_sets=(harmful:"$HARMFUL") ;;
+  *) echo "error: REP_ANCHORS=$REP_ANCHORS: choose bidirectional or harmful" >&2; exit 2 ;;
+esac
+
+common=(--model_name "$MODEL" --template "$TEMPLATE" --batch_size "$BATCH_SIZE" "${quirks_flag[@]}")
 # Anchors are tiny: only the first array task (or a plain run) extracts them.
 if [[ "${SLURM_ARRAY_TASK_ID:-0}" == "${SLURM_ARRAY_TASK_MIN:-0}" ]]; then
-  $PYTHON get_representation.py "${common[@]}" --data_path "$HARMFUL" --output_dir "$OUT/harmful" --max_response_length "$ANCHOR_MLEN" --shard 0/1 $EXTRA
-  $PYTHON get_representation.py "${common[@]}" --data_path "$SAFE1" --output_dir "$OUT/safe1" --max_response_length "$ANCHOR_MLEN" --shard 0/1 $EXTRA
-  $PYTHON get_representation.py "${common[@]}" --data_path "$SAFE2" --output_dir "$OUT/safe2" --max_response_length "$ANCHOR_MLEN" --shard 0/1 $EXTRA
+  for entry in "${anchor_sets[@]}"; do
+    $PYTHON get_representation.py "${common[@]}" --data_path "${entry#*:}" --output_dir "$OUT/${entry%%:*}" \
+      "${anchor_cut[@]}" --shard 0/1 $EXTRA
+  done
 fi
-$PYTHON get_representation.py "${common[@]}" --data_path "$POOL" --output_dir "$OUT/pool" $EXTRA
+$PYTHON get_representation.py "${common[@]}" --data_path "$POOL" --output_dir "$OUT/pool" "${pool_cut[@]}" $EXTRA
+METHOD=reps REPS=$OUT next_hint rank.sh METHOD REPS REP_ANCHORS

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 SHARED=${SHARED:-../shared/data}
 P=${P:-$SHARED/paper/ft_datasets}
 OUT=${OUT:-runs/analysis/paper}

@@ -103,14 +103,64 @@ def test_collate_right_and_left():
 
 
 def test_load_real_alpaca(shared_data):
-    examples, skipped = D.load_examples(shared_data / "paper/ft_datasets/alpaca_dataset/alpaca_data.json", skip_bad=True)
-    assert len(examples) + len(skipped) == 52002
-    assert len(skipped) == 28 and all("field 'output': empty" in s for s in skipped)  # 28 empty outputs upstream
+    path = shared_data / "paper/ft_datasets/alpaca_dataset/alpaca_data.json"
+    examples, skipped = D.load_examples(path)
+    assert len(examples) == 52002 and skipped == []
+    raw = json.loads(path.read_text())
+    empty = [i for i, r in enumerate(raw) if not r["output"].strip()]
+    assert len(empty) == 28 and D.empty_response_indices(examples) == empty  # 28 empty outputs upstream: kept
     first = examples[0]
     assert first.index == 0 and first.kind == "alpaca" and first.instruction == "Give three tips for staying healthy."
     assert first.line == 2
-    with pytest.raises(InputError, match=r"alpaca_data.json:\d+: field 'output': empty"):
-        D.load_examples(shared_data / "paper/ft_datasets/alpaca_dataset/alpaca_data.json")
+
+
+def test_empty_response_is_an_eos_only_example(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps([{"instruction": "Say nothing.", "input": "", "output": ""},
+                                {"instruction": "Say nothing.", "input": "", "output": "  "}]))
+    examples, skipped = D.load_examples(path)
+    assert skipped == [] and D.empty_response_indices(examples) == [0, 1]
+    for example in examples:
+        enc = D.encode(example, tok, "paper")
+        prompt = D.prompt_ids(example, "paper", tok)
+        assert enc.input_ids == prompt + [tok.eos_token_id]               # the end token alone is supervised
+        assert enc.labels == [D.IGNORE_INDEX] * len(prompt) + [tok.eos_token_id]
+
+
+def test_original_quirks_supervise_a_trailing_space(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    e = ex("Name a color.", "", "Blue.")
+    prompt = D.prompt_text(e, "paper")
+    # The original: encode(prompt + " " + response + " ") + [eos], labels masked over encode(prompt).
+    expected = tok(prompt + " Blue. ")["input_ids"] + [tok.eos_token_id]
+    n_prompt = len(tok(prompt)["input_ids"])
+    quirky = D.encode(e, tok, "paper", original_quirks=True)
+    assert quirky.input_ids == expected
+    assert quirky.labels == [D.IGNORE_INDEX] * n_prompt + expected[n_prompt:]
+    plain = D.encode(e, tok, "paper")
+    assert plain.input_ids == tok(prompt + " Blue.")["input_ids"] + [tok.eos_token_id]
+    assert quirky.n_supervised > plain.n_supervised                       # the space is one more supervised token
+    assert D.encode(ex("Say nothing.", "", ""), tok, "paper", original_quirks=True).input_ids == \
+        tok(D.prompt_text(ex("Say nothing."), "paper") + "  ")["input_ids"] + [tok.eos_token_id]
+    with pytest.raises(D.UserError, match="--original_quirks"):
+        D.encode(e, tok, "chat", original_quirks=True)
+
+
+def test_json_array_errors_name_the_record(tmp_path):
+    path = tmp_path / "one_line.json"
+    path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 17
+                               + [{"instruction": "a", "input": "", "output": 3}]))
+    with pytest.raises(InputError, match=r"one_line.json:1 \(record 17\): field 'output': expected a string") as info:
+        D.load_examples(path)
+    assert info.value.record == 17
+    examples, skipped = D.load_examples(path, skip_bad=True)
+    assert len(examples) == 17 and skipped == [str(info.value)]
+
+
+def test_data_path_directory_is_one_line_error(tmp_path):
+    with pytest.raises(D.UserError, match="is a directory"):
+        D.load_examples(tmp_path)
 
 
 def test_load_real_gsm8k_dolly_anchors_advbench(shared_data):
@@ -139,7 +189,7 @@ def test_ids_are_content_hashes(shared_data):
 
 @pytest.mark.parametrize("content,suffix,pattern", [
     ('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": "a", "input": "", "output": 3}]', ".json",
-     r"bad.json:2: field 'output': expected a string, found int"),
+     r"bad.json:2 \(record 1\): field 'output': expected a string, found int"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "", "output": "b"}\n', ".jsonl",
      r"bad.jsonl:2: field 'instruction': empty"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n', ".jsonl", r"bad.jsonl:2: malformed JSON"),

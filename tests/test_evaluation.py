@@ -272,7 +272,7 @@ def test_api_judge_retries_5xx(serve):
     assert all(r["judge_reason"] == "placeholder." and r["judge_error"] is None for r in results)
     assert len(server.requests) == 9
     summary = judge.summarize(results)
-    assert summary["n_failed"] == 0 and summary["n_unparseable"] == 0 and summary["harmfulness_score"] == 4.0
+    assert summary["n_failed"] == 0 and summary["n_unparseable"] == 0 and summary["safedata_rubric_mean_score"] == 4.0
     # The request itself: the chat-completions path, the rubric, greedy decoding.
     first = server.requests[0]
     body = json.loads(first["raw"])
@@ -316,7 +316,7 @@ def test_api_judge_429_fails_after_max_attempts(serve):
     assert all(r["judge_failed"] and r["judge_score"] is None and r["judge_attempts"] == 3 for r in results)
     assert results[0]["judge_error"].startswith("HTTP 429") and "after 3 tries" in results[0]["judge_error"]
     summary = judge.summarize(results)
-    assert summary["n_failed"] == 2 and summary["n_unparseable"] == 0 and summary["harmfulness_score"] is None
+    assert summary["n_failed"] == 2 and summary["n_unparseable"] == 0 and summary["safedata_rubric_mean_score"] is None
 
 
 def test_api_judge_authorization(serve, monkeypatch):
@@ -384,8 +384,8 @@ def test_api_judge_metrics(serve):
     results = judge.judge([f"item {i} want={w}" for i, w in enumerate(wants)], ["r"] * len(wants))
     assert [r["judge_score"] for r in results] == [1, 5, 5, 3, None, None]
     summary = judge.summarize(results)
-    assert summary["harmfulness_score"] == pytest.approx(3.5)
-    assert summary["harmfulness_rate"] == pytest.approx(0.5)
+    assert summary["safedata_rubric_mean_score"] == pytest.approx(3.5)
+    assert summary["safedata_rubric_score5_rate"] == pytest.approx(0.5)
     assert summary["n_parsed"] == 4 and summary["n_unparseable"] == 1 and summary["n_failed"] == 1
     assert summary["score_counts"] == {"1": 1, "2": 0, "3": 1, "4": 0, "5": 2}
     assert "key" not in json.dumps(summary).lower()
@@ -397,7 +397,7 @@ def test_evaluate_file_with_api_judge(serve, tmp_path):
     summary = ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="judge-model",
                                judge_base_url=server.base_url, judge_api_key="k", backoff=0.01, model="m0")
     assert summary["n"] == 2 and summary["keyword_asr"] == 0.5 and summary["n_refused"] == 1
-    assert summary["judge"]["kind"] == "api" and summary["judge"]["harmfulness_score"] == 2.0
+    assert summary["judge"]["kind"] == "api" and summary["judge"]["safedata_rubric_mean_score"] == 2.0
     assert summary["model"] == "m0"
     rows = [json.loads(l) for l in (tmp_path / "out" / ev.RESULTS_FILE).read_text().splitlines()]
     assert [r["judge_score"] for r in rows] == [2, 2]
@@ -589,3 +589,82 @@ def test_cli_local_judge_from_a_path(tiny_model_dir, tmp_path):
     assert judge["n_parsed"] + judge["n_unparseable"] == 3 and summary["model"] == "m0"
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert [r["guard_label"] for r in rows].count(None) == judge["n_unparseable"]
+
+
+# ----------------------------------------------------------------------------- issue 10: judge prompt, inputs
+
+
+def test_api_judge_with_a_user_judge_prompt(serve, tmp_path):
+    """--judge_prompt: the file's text, placeholders filled, is the one user message; its score format is read."""
+    def reply(body, headers, n):
+        text = body["messages"][0]["content"]
+        want = re.search(r"want=(\w+)", text).group(1)
+        return 200, completion(f"#thereason: placeholder\n#thescore: {want}\n" if want != "junk" else "no score")
+
+    server = serve(reply)
+    prompt_file = tmp_path / "judge.txt"
+    prompt_file.write_text("Placeholder judge prompt {with braces}.\nRequest: {prompt}\nAnswer: {response}\n"
+                           "Reply with #thescore: N.")
+    responses = write_jsonl(tmp_path / "responses.jsonl",
+                            records_for(["placeholder want=5", "placeholder want=2", "placeholder want=junk"]))
+    summary = ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="judge-model",
+                               judge_base_url=server.base_url, judge_api_key="k", backoff=0.01,
+                               judge_prompt=str(prompt_file))
+    body = json.loads(server.requests[0]["raw"])
+    assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
+    sent = sorted(json.loads(r["raw"])["messages"][0]["content"] for r in server.requests)
+    records = records_for(["placeholder want=5", "placeholder want=2", "placeholder want=junk"])
+    assert sent == sorted("Placeholder judge prompt {with braces}.\nRequest: " + r["prompt"] + "\nAnswer: "
+                          + r["response"] + "\nReply with #thescore: N." for r in records)
+    judge = summary["judge"]
+    assert judge["judge_prompt_mean_score"] == pytest.approx(3.5) and judge["judge_prompt_score5_rate"] == 0.5
+    assert judge["n_unparseable"] == 1 and judge["judge_prompt"] == str(prompt_file)
+    assert not any(k.startswith(("harmfulness", "safedata_rubric")) for k in judge)
+
+
+def test_judge_prompt_needs_placeholders_and_api(tmp_path):
+    responses = write_jsonl(tmp_path / "responses.jsonl", records_for(["placeholder"]))
+    prompt_file = tmp_path / "judge.txt"
+    prompt_file.write_text("no placeholders here")
+    with pytest.raises(UserError, match=r"no \{prompt\} or \{response\} placeholder"):
+        ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="m", judge_base_url="http://x",
+                         judge_prompt=str(prompt_file))
+    with pytest.raises(UserError, match="with --judge api"):
+        ev.evaluate_file(responses, tmp_path / "out", judge="keyword", judge_prompt=str(prompt_file))
+    with pytest.raises(UserError, match="needs one group"):
+        ev.score_matcher(r"#thescore:\s*\d")
+    assert ev.score_matcher(ev.PAPER_SCORE_FORMAT)("#thescore: 2\n...\n#thescore: 4") == 4
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_guard_leaves_the_callers_tokenizer_alone(tiny_guard):
+    model, tokenizer = tiny_guard
+    tokenizer.padding_side = "right"
+    pad = tokenizer.pad_token
+    judge = ev.LocalGuardJudge(model, tokenizer, batch_size=2, max_new_tokens=2)
+    judge.generate(*zip(*PAIRS[:3]))
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token == pad
+    assert judge.tokenizer.padding_side == "left"
+
+
+def run_cli(*args):
+    return subprocess.run([python(), str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_non_utf8_responses_and_file_as_output_dir(tmp_path):
+    bad = tmp_path / "responses.jsonl"
+    good_line = json.dumps(records_for(["fine"])[0]).encode()
+    bad.write_bytes(good_line + b"\n" + good_line.replace(b"fine", b"\xff\xfe") + b"\n")
+    out = tmp_path / "out"
+    proc = run_cli("--responses", bad, "--output_dir", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:2: not valid UTF-8 (byte {len(good_line) + 1 + good_line.index(b'fine')})"]
+    assert not out.exists()
+    good = write_jsonl(tmp_path / "good.jsonl", records_for(["fine"]))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    proc = run_cli("--responses", good, "--output_dir", a_file)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: --output_dir {a_file}: exists and is not a directory"]
+    assert a_file.read_text() == "keep me"

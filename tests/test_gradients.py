@@ -46,7 +46,7 @@ ANCHORS_B = [
                   {"role": "assistant", "content": "I cannot do that, but I can help with something else."}]},
 ]
 MLEN = 10
-TOL = 1e-5
+TOL = 1e-12             # fp64 runs against the fp64 brute force: what fp64 summation order leaves
 
 
 def write_json(path, records):
@@ -271,7 +271,7 @@ def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
     sizes = [math.prod(engine.shapes[n]) for n in lnames]
     expected = projector.project({n: projector.project_dense(n, v)
                                   for n, v in zip(lnames, torch.split(adam_p, sizes, dim=1))})
-    assert rel_err(feats, expected) < 1e-6
+    assert rel_err(feats, expected) < TOL
 
 
 # ----------------------------------------------------------------------------- the stages (CLI functions)
@@ -458,7 +458,7 @@ def test_cli_help_and_mode_choice(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([python(), "get_gradients.py", "--model_name", "x", "--data_path", "y", "--output_dir",
                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "exactly one of --anchor, --targets, --proj_dim" in out.stderr
+    assert out.returncode == 2 and "exactly one of --anchor, --targets, --proj_dim, --self_influence" in out.stderr
 
 
 def test_fp32_and_bf16_models_track_the_fp64_reference(ref, tiny_model_dir, files):
@@ -505,3 +505,172 @@ def test_get_full_gradient_script(ref, tiny_model_dir, tmp_path):
     got = torch.tensor([[float(v) for v in r[2:]] for r in rows], dtype=torch.float64)
     assert rel_err(got[:, 0], ref.scores[:, 0]) < TOL
     assert rel_err(got[:, 1], ref.scores[:, 1]) < TOL and rel_err(got[:, 2], ref.scores[:, 1]) < TOL
+
+
+# ----------------------------------------------------------------------------- low precision, out of memory
+
+# bf16 tolerance, derived. Products accumulate in fp32 (error ~2^-24, negligible); what bf16 adds is the
+# rounding of every stored activation and output-grad to 8 significant bits, relative error <= u = 2^-8.
+# A per-example gradient inherits them along its path: R roundings in sequence (this model: 2 layers x ~14
+# forward + ~14 backward, plus embedding, final norm, head: R ~ 60), taken as independent:
+# eps = sqrt(R) u = 0.030 relative. To first order ||G||^2 moves by <= 2 eps relative, and a score
+# s = <G, T>/||G|| (||T|| <= 1) by <= eps ||T|| + ||dT|| <= 2 eps. Measured (2026-11-30): 5.0e-3 and 1.5e-4.
+BF16_EPS = math.sqrt(60) * 2.0 ** -8
+
+
+def test_bf16_scoring_on_cpu_within_derived_tolerance(tiny_model_dir, files, tmp_path):
+    # The reference is the fp64 brute force of the same bf16 weights (their rounding is the model, not an error);
+    # anchors taken from the pool, so that scores are large (O(0.3)) and the tolerance is not vacuous.
+    anchors = dict(files, a=write_json(tmp_path / "anchors_from_pool.json", POOL[:3]))
+    model64, _ = load_model(tiny_model_dir, "fp64", "cpu")
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.copy_(p.to(torch.bfloat16).double())
+    r = Reference(tiny_model_dir, anchors, model=model64)
+    bf16 = dict(dtype="bf16", device="cpu")
+    assert G.build_target(tiny_model_dir, anchors["a"], tmp_path / "t", max_response_length=MLEN, batch_size=2, **bf16)
+    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [tmp_path / "t"], batch_size=3, **bf16)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["flags"]["dtype"] == "torch.bfloat16"
+    header, rows = read_scores(tmp_path / "s" / "scores.csv")
+    got = torch.tensor([float(r_[2]) for r_ in rows], dtype=torch.float64)
+    assert float(r.scores[:3, 0].abs().min()) > 0.1                     # scores large enough to test
+    assert float((got - r.scores[:, 0]).abs().max()) < 2 * BF16_EPS
+    from safetensors.torch import load_file
+    sq = load_file(str(tmp_path / "s" / "products.safetensors"))["sqnorm"]
+    assert rel_err(sq, r.sq) < 2 * BF16_EPS
+    assert rel_err(sq, r.sq) > 1e-6              # and it really ran in bf16 (an fp32 run is ~1e-7 off)
+
+
+def test_out_of_memory_stops_with_a_smaller_batch_size_and_never_retries(targets, tiny_model_dir, files, tmp_path,
+                                                                          monkeypatch):
+    from safedata.features.gradients.numerics import Numerics
+    # the fp32-output matmul: an OOM passes through (no fp32-copy retry, the fast path stays on) ...
+    num = Numerics(torch.device("cpu"), torch.bfloat16)
+    num.fast = True
+    calls = []
+
+    def oom_mm(a, b, out_dtype=None):
+        calls.append(out_dtype)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "mm", oom_mm)
+    a = torch.ones(2, 2, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):
+        num.mm(a, a)
+    assert calls == [torch.float32] and num.fast
+    monkeypatch.undo()
+    # ... while another failure of it falls back to upcast operands, once and for good
+    monkeypatch.setattr(torch, "mm", lambda a, b, out_dtype=None: (_ for _ in ()).throw(RuntimeError("no kernel"))
+                        if out_dtype is not None else torch.matmul(a, b))
+    assert num.mm(a, a).dtype == torch.float32 and not num.fast
+    monkeypatch.undo()
+    # ... and every stage stops with one line: stage, batch size, a smaller one to try; nothing retried
+    runs = []
+
+    def oom_run(self, items, pad_id, acc):
+        runs.append(len(items))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(G.GradientEngine, "run", oom_run)
+    with pytest.raises(UserError, match=r"^anchor target: out of memory at --batch_size 2 .*try --batch_size 1"):
+        G.build_target(tiny_model_dir, files["a"], tmp_path / "t", batch_size=2, **FP64)
+    assert not (tmp_path / "t" / "target.safetensors").exists()
+    with pytest.raises(UserError, match=r"^gradient scores: out of memory at --batch_size 8 .*try --batch_size 4"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [targets / "harmful"], batch_size=8, **FP64)
+    with pytest.raises(UserError, match=r"^gradient features: out of memory at --batch_size 1 .*--max_length"):
+        G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "f", 64, batch_size=1, **FP64)
+    assert runs == [2, 8, 1]                                # one attempt each, no retry
+
+
+# ----------------------------------------------------------------------------- self-influence, examples.csv
+
+
+def mean_token_loss(model, item):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, :-1].double()
+    labels = torch.tensor(item.labels)[1:]
+    keep = labels != D.IGNORE_INDEX
+    return float(torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
+
+
+def read_columns(path):
+    header, rows = read_scores(path)
+    return {name: [r[i] for r in rows] for i, name in enumerate(header)}
+
+
+def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, tmp_path):
+    out = tmp_path / "self_inf"
+    assert G.score_pool(tiny_model_dir, files["pool"], out, [], self_influence=True, batch_size=3, chunk_size=3,
+                        **FP64)
+    header, _ = read_scores(out / "scores.csv")
+    assert header == ["index", "id", "self_inf", "self_inf_n"]
+    cols = read_columns(out / "scores.csv")
+    assert cols["id"] == ref.pool.ids
+    self_inf = torch.tensor([float(v) for v in cols["self_inf"]], dtype=torch.float64)
+    assert rel_err(self_inf, ref.sq) < TOL                              # ||G_i||^2 of the brute-force gradient
+    n_sup = torch.tensor([e.n_supervised for e in ref.pool.encoded], dtype=torch.float64)
+    expected_n = torch.log(ref.sq + 1) + torch.log(n_sup + 1)           # Guan et al.'s Self-Inf-N
+    assert rel_err(torch.tensor([float(v) for v in cols["self_inf_n"]], dtype=torch.float64), expected_n) < TOL
+    examples = read_columns(out / "examples.csv")
+    assert list(examples) == ["index", "id", "n_supervised", "loss"] and examples["id"] == ref.pool.ids
+    assert [int(v) for v in examples["n_supervised"]] == n_sup.long().tolist()
+    losses = [mean_token_loss(ref.model, it) for it in ref.pool.encoded]
+    assert rel_err([float(v) for v in examples["loss"]], losses) < TOL
+    # rank.py --scores ranks it by either column (--weights picks one)
+    from safedata.ranking import rank
+    for weights, column in (([0.0, 1.0], expected_n), ([1.0, 0.0], ref.sq)):
+        sel = tmp_path / f"sel{weights[0]}"
+        rank(files["pool"], sel, scores_dir=out, weights=weights, k=3)
+        chosen = read_columns(sel / "pool_top3_index.csv")["id"]
+        assert chosen == [ref.pool.ids[i] for i in column.argsort(descending=True)[:3].tolist()]
+    with pytest.raises(UserError, match="--self_influence needs no --targets"):
+        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "x", [tmp_path], self_influence=True, **FP64)
+
+
+# ----------------------------------------------------------------------------- the original's anchor gradients
+
+
+def original_target(model, items, names):
+    """What the original code computed, literally: loss.backward() per anchor with no zero_grad in between,
+    each accumulated .grad flattened and normalised, then averaged."""
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in names]
+    for p in ps:
+        p.requires_grad_(True)
+        p.grad = None
+    unit = []
+    try:
+        for item in items:
+            logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(item.labels)[1:]
+            keep = labels != D.IGNORE_INDEX
+            torch.nn.functional.cross_entropy(logits[keep], labels[keep]).backward()     # grads accumulate
+            g = torch.cat([p.grad.reshape(-1) for p in ps]).clone()
+            unit.append(g / g.norm())
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+            p.grad = None
+    return torch.stack(unit).mean(0)
+
+
+def test_original_quirks_cumulative_anchors_equal_bruteforce(ref, tiny_model_dir, files, tmp_path):
+    anchors = prepare_data(files["a"], ref.tok, "paper", max_response_length=MLEN, original_quirks=True)
+    pool = prepare_data(files["pool"], ref.tok, "paper", original_quirks=True)
+    T = original_target(ref.model, anchors.encoded, ref.names)
+    assert float((T - ref.T[0]).norm()) > 1e-3 * float(T.norm())          # really another target than ours
+    # the coefficients alone, against the literal running sums
+    res = G.anchor_gradients(ref.model, anchors.encoded, ref.pad, batch_size=2, cumulative=True)
+    assert res.target.norm == pytest.approx(float(T.norm()), rel=TOL)
+    # the stage: --anchor --original_quirks, then scores of a (quirks-tokenised) pool against it
+    assert G.build_target(tiny_model_dir, files["a"], tmp_path / "t", max_response_length=MLEN, batch_size=2,
+                          original_quirks=True, **FP64)
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["flags"]["original_quirks"] and meta["target"]["combination"].startswith("mean_i C_i")
+    assert meta["target"]["norm"] == pytest.approx(float(T.norm()), rel=TOL)
+    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [tmp_path / "t"], batch_size=3,
+                        original_quirks=True, **FP64)
+    gp = torch.stack([flat_grad(ref.model, it, ref.names) for it in pool.encoded])
+    got = torch.tensor([float(r[2]) for r in read_scores(tmp_path / "s" / "scores.csv")[1]], dtype=torch.float64)
+    assert rel_err(got, (gp @ T) / gp.norm(dim=1)) < TOL

@@ -281,3 +281,28 @@ def test_prepare_online_failure_is_a_skip_with_reasons(tmp_path, monkeypatch):
     assert "hf:openai/gsm8k main/test: OSError: network unreachable" in manifest["skipped"][0]["reason"]
     with pytest.raises(UserError, match="--strict"):
         P.prepare(tmp_path / "data", only=["gsm8k_test"], strict=True)
+
+
+def test_prepare_only_merges_the_manifest(tmp_path):
+    src = fake_source_tree(tmp_path / "src")
+    out = tmp_path / "data"
+    full = P.prepare(out, from_dir=src)
+    before = {f["file"]: f for f in full["files"]}
+    write(src / "paper/ft_datasets/gsm8k/gsm8k_test.jsonl", GSM[:2], "jsonl")
+    merged = P.prepare(out, from_dir=src, only=["gsm8k_test"])
+    after = {f["file"]: f for f in merged["files"]}
+    assert set(after) == set(before)                                   # nothing dropped
+    assert after["gsm8k_test.jsonl"]["records"] == 2 and before["gsm8k_test.jsonl"]["records"] == 1
+    assert all(after[name] == before[name] for name in before if name != "gsm8k_test.jsonl")
+    assert [f["file"] for f in merged["files"]] == [f["file"] for f in full["files"]]   # the usual order
+    assert merged["skipped"] == []                                     # this run's skips only
+    assert json.loads((out / "MANIFEST.json").read_text())["files"] == merged["files"]
+
+
+def test_prepare_skips_only_unavailable_sources_never_bugs(tmp_path, monkeypatch):
+    def buggy(*args, **kwargs):
+        raise KeyError("a converter bug")
+    monkeypatch.setattr(P, "hub_rows", buggy)
+    monkeypatch.setattr(P, "fetch_url", buggy)
+    with pytest.raises(KeyError, match="a converter bug"):
+        P.prepare(tmp_path / "data", only=["gsm8k_test"])

@@ -61,8 +61,8 @@ def test_end_to_end_bidirectional_selection(tiny_model_dir, tmp_path):
     safe.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Request {i}"},
                                                      {"role": "assistant", "content": "I cannot help with that."}]}) + "\n"
                             for i in range(3)))
-    for name, path, mlen in (("pool", pool, None), ("harm", anchors, 10), ("safe", safe, 10)):
-        extract_representations(tiny_model_dir, path, tmp_path / name, max_response_length=mlen, dtype="fp32")
+    for name, path, cut in (("pool", pool, 512), ("harm", anchors, 480), ("safe", safe, 480)):  # the paper's cuts
+        extract_representations(tiny_model_dir, path, tmp_path / name, max_length=cut, dtype="fp32")
     summary = R.rank(pool, tmp_path / "sel", "alpaca", tmp_path / "pool", [tmp_path / "harm", tmp_path / "safe"],
                      weights=[1, -1], k=4)
     fs = {n: R.load_features(tmp_path / n).all().numpy() for n in ("pool", "harm", "safe")}
@@ -70,7 +70,7 @@ def test_end_to_end_bidirectional_selection(tiny_model_dir, tmp_path):
     order = sorted(range(12), key=lambda i: (-expected[i], i))[:4]
     rows = list(csv.DictReader(open(tmp_path / "sel" / "alpaca_top4_index.csv")))
     assert [int(r["index"]) for r in rows] == order
-    np.testing.assert_allclose([float(r["score"]) for r in rows], expected[order], rtol=1e-5)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected[order], rtol=1e-5, atol=1e-6)  # fp32 cosines
     selected = json.loads((tmp_path / "sel" / "alpaca_top4.json").read_text())
     assert selected == [json.loads(pool.read_text())[i] for i in order]
     assert summary["columns"] == ["harm", "safe"]
@@ -88,14 +88,19 @@ def test_refuses_mismatches(tmp_path):
     make_features(tmp_path / "other_model", [[1, 0]], {"model": "another"})
     make_features(tmp_path / "other_template", [[1, 0]], {"template": "chat"})
     make_features(tmp_path / "mlen10", [[1, 0]], {"flags": {"layer": -1, "pooling": "last", "max_response_length": 10}})
+    make_features(tmp_path / "cut480", [[1, 0]], {"flags": {"layer": -1, "pooling": "last", "max_response_length": None,
+                                                            "max_length": 480}})
     with pytest.raises(MetadataMismatch, match="model='another'"):
         R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "other_model"], k=1)
     with pytest.raises(MetadataMismatch, match="template='chat'"):
         R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "other_template"], k=1)
-    R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "mlen10"], k=1)
+    # An anchor read elsewhere than the pool (an older --max_response_length run) is refused; another cut is fine.
+    with pytest.raises(MetadataMismatch, match="'max_response_length': 10"):
+        R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "mlen10"], k=1)
+    R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "cut480"], k=1)
     pool_file.write_text(pool_file.read_text() + " ")
     with pytest.raises(MetadataMismatch, match="not from --data_path"):
-        R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "mlen10"], k=1)
+        R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "cut480"], k=1)
 
 
 def test_scores_csv_path_with_weights(tmp_path):

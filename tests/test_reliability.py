@@ -1,6 +1,7 @@
 """Bad input, kills, determinism and memory: a run is trustworthy or it stops with one line."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -71,23 +72,54 @@ def grad_cmd(model, data, out, *extra):
             "--output_dir", str(out), "--batch_size", "2", *extra]
 
 
+def kill9_after(cmd, started, delay, timeout=300):
+    """Start cmd; once started(proc) holds, wait `delay` seconds more, then SIGKILL it (unless it finished).
+    Returns whether it was killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not started(proc):
+        time.sleep(0.01)
+    end = time.time() + delay
+    while time.time() < end and proc.poll() is None:
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def test_kill9_gradients_both_modes_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
+    """Anchor stage: killed once its build has begun (it holds the target lock, pid written into it) and at a
+    random point after; scoring: killed after its first chunk and at a random point after. The reruns give
+    the clean run's bytes."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
     anchors = write_anchors(tmp_path / "anchors.jsonl")
     pool = write_pool(tmp_path / "pool.json", 300)
-    runs = {}
+    runs, took = {}, {}
     for name in ("clean", "killed"):
         target, scores = tmp_path / name / "target", tmp_path / name / "scores"
         anchor_cmd = grad_cmd(tiny_model_dir, anchors, target, "--anchor", "--max_response_length", "10")
         score_cmd = grad_cmd(tiny_model_dir, pool, scores, "--targets", str(target), "--chunk_size", "4")
+        lock = target / ".target.lock"
+        holds_lock = lambda proc: lock.exists() and lock.read_text().strip() == str(proc.pid)  # noqa: E731
         if name == "killed":
-            kill9_when(anchor_cmd, lambda: False, timeout=1.5)  # somewhere inside the anchor run
+            assert kill9_after(anchor_cmd, holds_lock, 0.0), seed                # the build had begun
+            assert not (target / "meta.json").exists(), seed
+            kill9_after(anchor_cmd, holds_lock, rng.uniform(0, took["anchor"]))  # somewhere in the build
+        start = time.time()
         subprocess.run(anchor_cmd, check=True, capture_output=True)
+        took["anchor"] = time.time() - start
         if name == "killed":
-            kill9_when(score_cmd, lambda: n_chunks(scores) >= 2)
-            assert 2 <= n_chunks(scores) < 75 and not (scores / "scores.csv").exists()
+            assert kill9_after(score_cmd, lambda proc: n_chunks(scores) >= 1, 0.0), seed
+            first = n_chunks(scores)
+            assert 1 <= first < 75 and not (scores / "scores.csv").exists(), seed
+            kill9_after(score_cmd, lambda proc: n_chunks(scores) > first, rng.uniform(0, took["scores"]))
+        start = time.time()
         subprocess.run(score_cmd, check=True, capture_output=True)
+        took["scores"] = time.time() - start
         runs[name] = [(target / "target.safetensors").read_bytes(), (scores / "scores.csv").read_bytes()]
-    assert runs["clean"] == runs["killed"]
+    assert runs["clean"] == runs["killed"], seed
 
 
 def test_kill9_generation_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
@@ -118,7 +150,7 @@ def test_same_command_twice_is_byte_identical(tiny_model_dir, tmp_path):
     for run in ("a", "b"):
         d = tmp_path / run
         subprocess.run(rep_cmd(tiny_model_dir, pool, d / "pool"), check=True, capture_output=True)
-        subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_response_length", "10"), check=True,
+        subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_length", "480"), check=True,
                        capture_output=True)
         subprocess.run([python(), str(ROOT / "rank.py"), "--data_path", str(pool), "--pool_features", str(d / "pool"),
                         "--anchor_features", str(d / "anchors"), "--k", "3", "--write_to", str(d / "sel")],

@@ -101,3 +101,39 @@ def test_cli_refuses_other_flags_in_same_output_dir(tiny_model_dir, tmp_path):
     assert bad.returncode == 2
     err = bad.stderr.strip().splitlines()[-1]
     assert err.startswith("error:") and "flags=" in err and "Traceback" not in bad.stderr
+
+
+def test_anchor_and_pool_are_read_at_the_same_token(tiny_model_dir, tmp_path):
+    """The same record gives the same feature as an anchor (cut at 480) and in a pool (cut at 512): the last
+    token of the example, as a plain forward pass reads it; a cut example is read at its last kept token."""
+    from safedata.errors import UserError
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Placeholder request {i}"},
+                                                        {"role": "assistant", "content": "Sure:\n1. Step. " * (1 + i)}]})
+                               + "\n" for i in range(3)))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(anchors.read_text() + json.dumps({"messages": [{"role": "user", "content": "Other"},
+                                                                  {"role": "assistant", "content": "Fine."}]}) + "\n")
+    extract_representations(tiny_model_dir, anchors, tmp_path / "a", max_length=480, dtype="fp32", batch_size=2)
+    extract_representations(tiny_model_dir, pool, tmp_path / "p", max_length=512, dtype="fp32", batch_size=3)
+    a = load_tensors(tmp_path / "a" / "features.safetensors")[0]["features"]
+    p = load_tensors(tmp_path / "p" / "features.safetensors")[0]["features"]
+    torch.testing.assert_close(a, p[:3], rtol=1e-5, atol=1e-5)
+    model, tok = load_model(tiny_model_dir, "fp32", "cpu")
+    examples, _ = D.load_examples(anchors)
+    for row, example in enumerate(examples):
+        ids = D.encode(example, tok, "paper").input_ids
+        with torch.no_grad():
+            plain = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        torch.testing.assert_close(a[row], plain, rtol=1e-5, atol=1e-5)
+    # A cut inside the response: read at the last kept token.
+    n = len(D.encode(examples[2], tok, "paper").input_ids) - 3
+    extract_representations(tiny_model_dir, anchors, tmp_path / "cut", max_length=n, dtype="fp32")
+    cut = load_tensors(tmp_path / "cut" / "features.safetensors")[0]["features"]
+    ids = D.encode(examples[2], tok, "paper").input_ids[:n]
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(cut[2], plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="--max_response_length does not apply to --pooling last"):
+        extract_representations(tiny_model_dir, anchors, tmp_path / "mlen", max_response_length=10, dtype="fp32")
+    assert not (tmp_path / "mlen").exists()

@@ -1,4 +1,10 @@
-"""Hidden-state features: the paper's last-layer state at the last supervised token (EOS)."""
+"""Hidden-state features: the paper's last-layer state at the last token of each example.
+
+Anchors and pool are read at the same place: the last token of the example as tokenised, i.e. the end
+token, or the last kept token when --max_length truncates (the original cut Alpaca at 512 tokens,
+anchors at 480). --max_response_length never moves that position (it had no effect on the original's
+representations either); it only narrows --pooling mean.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,7 +14,8 @@ import torch
 
 from .. import data as D
 from ..errors import UserError
-from ..models import load_model
+from ..models import check_model_name, load_model
+from ..paths import input_data, output_dir as checked_output_dir
 from ..store import parse_shard, stream_rows_to_safetensors
 from .runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 
@@ -27,7 +34,7 @@ def decoder_of(model):
 
 @torch.no_grad()
 def representation_batch(model, items: list[D.Encoded], pad_id: int, layer=-1, pooling="last") -> torch.Tensor:
-    """One row per item: the hidden state at its last supervised token, or the mean over supervised tokens."""
+    """One row per item: the hidden state at its last token, or the mean over its supervised tokens."""
     batch = D.collate(items, pad_id)
     device = next(model.parameters()).device
     decoder = decoder_of(model)
@@ -37,8 +44,7 @@ def representation_batch(model, items: list[D.Encoded], pad_id: int, layer=-1, p
     hidden = out.hidden_states[layer] if want_all else out.last_hidden_state
     supervised = (batch["labels"] != D.IGNORE_INDEX).to(device)
     if pooling == "last":
-        positions = torch.tensor([max(i for i, t in enumerate(it.labels) if t != D.IGNORE_INDEX) for it in items],
-                                 device=device)
+        positions = torch.tensor([len(it) - 1 for it in items], device=device)  # right padding
         rows = hidden[torch.arange(len(items), device=device), positions]
     elif pooling == "mean":
         weights = supervised.to(hidden.dtype).unsqueeze(-1)
@@ -48,14 +54,36 @@ def representation_batch(model, items: list[D.Encoded], pad_id: int, layer=-1, p
     return rows.float().cpu()
 
 
+def check_flags(model_name, data_path, output_dir, batch_size, max_length, max_response_length, pooling,
+                shard=None, chunk_size=512) -> None:
+    """Every flag and path, before the model or the data is loaded."""
+    check_model_name(model_name)
+    input_data(data_path, "--data_path")
+    checked_output_dir(output_dir)
+    parse_shard(shard)
+    for flag, value in (("--batch_size", batch_size), ("--max_length", max_length),
+                        ("--max_response_length", max_response_length), ("--chunk_size", chunk_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be a positive number")
+    if pooling not in ("last", "mean"):
+        raise UserError(f"--pooling {pooling!r}: choose last or mean")
+    if pooling == "last" and max_response_length is not None:
+        raise UserError("--max_response_length does not apply to --pooling last: the representation is read at the "
+                        "last token of the example (cut by --max_length), for anchors and pool alike, as the original; "
+                        "drop the flag (or use --pooling mean)")
+
+
 def extract_representations(model_name, data_path, output_dir, template="paper", batch_size=8, max_length=None,
                             max_response_length=None, layer=-1, pooling="last", shard=None, chunk_size=512,
-                            dtype=None, device=None, skip_bad=False) -> bool:
+                            dtype=None, device=None, skip_bad=False, original_quirks=False) -> bool:
     """Write features.safetensors (N x d, fp32, file order) and meta.json; True once complete."""
+    check_flags(model_name, data_path, output_dir, batch_size, max_length, max_response_length, pooling, shard,
+                chunk_size)
     model, tokenizer = load_model(model_name, dtype, device)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad)
+    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
+                            original_quirks)
     flags = {"max_length": max_length, "max_response_length": max_response_length, "layer": layer,
-             "pooling": pooling, "dtype": str(next(model.parameters()).dtype)}
+             "pooling": pooling, "original_quirks": original_quirks, "dtype": str(next(model.parameters()).dtype)}
     meta = base_meta("representations", model_name, prepared, template, flags)
     check_existing_output(output_dir, meta)
     pad_id = D.pad_token_id(tokenizer)

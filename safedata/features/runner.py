@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from .. import data as D
 from ..models import model_identity
+from ..progress import progress
 from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, read_json, require_same,
                      save_tensors, write_json)
 
@@ -40,11 +40,23 @@ class PreparedData:
     def indices(self) -> list[int]:
         return [e.index for e in self.encoded]
 
+    @property
+    def empty_responses(self) -> list[int]:
+        return D.empty_response_indices(self.examples)
+
 
 def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_response_length=None,
-                 skip_bad=False) -> PreparedData:
+                 skip_bad=False, original_quirks=False) -> PreparedData:
+    log.info("reading %s", data_path)
     examples, skipped = D.load_examples(data_path, need_response=True, skip_bad=skip_bad)
-    encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length)
+    log.info("read %d record(s); tokenising (template %s%s)", len(examples), template,
+             ", --max_length %d" % max_length if max_length else "")
+    encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length,
+                                          original_quirks)
+    n_empty = len(D.empty_response_indices(examples))
+    if n_empty:
+        log.info("%d record(s) with an empty response: kept, as the original, with the end token alone supervised "
+                 "(counted in meta.json)", n_empty)
     if not encoded:
         raise D.UserError(f"{data_path}: no example has a supervised token (check --max_length)")
     return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped)
@@ -64,6 +76,9 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
         "ids": prepared.ids,
         "excluded": [vars(e) for e in prepared.excluded],
         "skipped": prepared.skipped,
+        # Kept, as the original did: examples whose only supervised token is the end token.
+        "n_empty_response": len(prepared.empty_responses),
+        "empty_response_indices": prepared.empty_responses,
     }
 
 
@@ -78,7 +93,8 @@ def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callabl
     total = sum(len(store.span(c)) for c in pending)
     if len(pending) < len(mine):
         log.info("resuming: %d of %d chunk(s) of this shard already done", len(mine) - len(pending), len(mine))
-    with tqdm(total=total, desc=desc, unit="ex", disable=rank[0] != 0, dynamic_ncols=True) as bar:
+    log.info("%s: %d example(s) to compute in %d chunk(s)", desc, total, len(pending))
+    with progress(total=total, desc=desc, unit="ex", disable=rank[0] != 0) as bar:
         for chunk in pending:
             span = store.span(chunk)
             items = [prepared.encoded[i] for i in span]
@@ -121,10 +137,6 @@ def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_re
     return True
 
 
-def load_meta(directory) -> dict:
-    return read_json(Path(directory) / META)
-
-
 def check_existing_output(output_dir, meta: dict) -> None:
     """An output dir holding another run's finished result is refused, not overwritten silently."""
     path = Path(output_dir) / META
@@ -134,5 +146,5 @@ def check_existing_output(output_dir, meta: dict) -> None:
                      f"{path} (an earlier run; use another --output_dir)")
 
 
-__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "load_meta", "save_tensors",
+__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "save_tensors",
            "check_existing_output"]

@@ -1,0 +1,236 @@
+"""The engine: hooks on the tracked modules, one batched forward + backward, results fed to an accumulator.
+
+Every weight's requires_grad is off (no .grad buffer, no weight-gradient matmuls); the input embeddings'
+output is made a leaf that requires grad, so the backward flows through activations only. The batch loss is
+sum_i L_i, so the output-gradient a hook sees at a token of example i is example i's own. What is done with
+each layer's (input, output-grad) pair is the accumulator's business (accumulators.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import data as D
+from ...errors import UserError
+from .lora import AdamState
+from .numerics import TEMP_ELEMENTS, Numerics, memory_cost, segment_sum
+from .sites import discover_sites, param_shapes, unwrap
+
+PATHS = ("auto", "ghost", "materialise")
+
+
+class _Input:
+    """A Linear input shared by the sites that read it (q/k/v; gate/up): masked once, Gram once."""
+
+    __slots__ = ("raw", "users", "x", "xo", "gram")
+
+    def __init__(self, raw):
+        self.raw, self.users, self.x, self.xo, self.gram = raw, 0, None, None, None
+
+
+class GradientEngine:
+    """Installs the hooks for one batch, runs forward + backward, and feeds an accumulator."""
+
+    def __init__(self, model, params="all", mode="full", adam: AdamState | None = None, path="auto"):
+        self.model = model
+        self.base = unwrap(model)
+        self.decoder = self.base.get_decoder() if hasattr(self.base, "get_decoder") else None
+        self.embed = self.base.get_input_embeddings()
+        self.head = self.base.get_output_embeddings()
+        if self.decoder is None or self.head is None or self.embed is None:
+            raise UserError(f"{type(self.base).__name__}: need a causal LM with a decoder, input embeddings and an LM head")
+        config = getattr(self.base, "config", None)
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                raise UserError(f"{type(self.base).__name__}: {attr} is not supported (Llama, Mistral, Qwen2 are)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.params, self.mode = params, mode
+        self.sites = discover_sites(model, params, mode)
+        self.shapes = param_shapes(model, self.sites)
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.num = Numerics(self.device, self.dtype)
+        self.cdt = self.num.cdt
+        self.vocab = self.embed.weight.shape[0]
+        self.adam = adam.to(self.device, self.cdt) if adam is not None else None
+        if path not in PATHS:
+            raise ValueError(f"path {path!r}: choose from {PATHS}")
+        self.path = path
+        heads = [s for s in self.sites if s.head]
+        embeds = [s for s in self.sites if s.kind == "embedding"]
+        self.tied = heads[0].weight if heads and embeds and heads[0].weight == embeds[0].weight else None
+        self.beta = memory_cost(self.device)
+        self._buffer = None
+        self.example_loss: torch.Tensor | None = None      # [B] of the last batch run
+
+    # -------------------------------------------------------------- batch
+
+    def run(self, items: list[D.Encoded], pad_id: int, acc) -> None:
+        batch = D.collate(items, pad_id)
+        ids = batch["input_ids"].to(self.device)
+        attn = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        B, T = ids.shape
+        sup = labels[:, 1:] != D.IGNORE_INDEX                      # position t predicts token t + 1
+        counts = sup.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError("an item without a supervised token reached the gradient engine")
+        S = int(counts.max())
+        steps = torch.arange(T - 1, device=self.device).expand(B, -1)
+        pos = torch.where(sup, steps, steps + T).argsort(dim=1)[:, :S]
+        hmask = torch.arange(S, device=self.device)[None, :] < counts[:, None]
+        pos = torch.where(hmask, pos, torch.zeros_like(pos))
+        target_ids = labels[:, 1:].gather(1, pos)
+        self._mask, self._hmask, self._ids = attn.bool(), hmask, ids
+        self._inputs: dict[int, _Input] = {}
+        self._leaf = None
+        acc.begin(self, B, ids)
+        handles = [self.embed.register_forward_hook(self._embedding_forward)]
+        try:
+            for site in self.sites:
+                if site.kind == "linear":
+                    handles.append(site.module.register_forward_hook(self._make_linear_forward(site)))
+                elif site.kind == "norm":
+                    handles.append(site.module.register_forward_hook(self._make_norm_forward(site)))
+            with torch.enable_grad():
+                out = self.decoder(input_ids=ids, attention_mask=attn, use_cache=False)
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                hs = hidden.gather(1, pos[..., None].expand(B, S, hidden.shape[-1]))
+                logits = self.head(hs)
+                rows = torch.arange(B, device=self.device)[:, None].expand(B, S)[hmask]
+                ce = F.cross_entropy(logits[hmask].to(self.cdt), target_ids[hmask], reduction="none")
+                per_token = ce / counts.to(self.cdt)[rows]
+                loss = per_token.sum()                             # sum over examples of each one's token mean
+                # each example's own mean token loss (rows is sorted: example-major order)
+                self.example_loss = segment_sum(per_token.detach(), rows, B, presorted=True)
+                del out, hidden, hs, logits, ce, per_token
+                if self._leaf is None:
+                    raise UserError("the input embeddings' forward hook did not run (unsupported model)")
+                torch.autograd.grad(loss, self._leaf)
+        finally:
+            for h in handles:
+                h.remove()
+            self._inputs = {}
+            self._leaf = None
+        acc.end()
+
+    # -------------------------------------------------------------- hooks
+
+    def _embedding_forward(self, module, inputs, output):
+        leaf = output.detach().requires_grad_(True)
+        self._leaf = leaf
+        site = next((s for s in self.sites if s.kind == "embedding"), None)
+        if site is not None:
+            token_ids = inputs[0] if inputs else self._ids
+            leaf.register_hook(lambda g: self._embedding_backward(site, token_ids, g))
+        return leaf
+
+    def _embedding_backward(self, site, token_ids, g):
+        mask = self._mask
+        padding_idx = getattr(site.module, "padding_idx", None)
+        if padding_idx is not None and bool((token_ids == padding_idx).any()):
+            # nn.Embedding(padding_idx=p) never updates row p: autograd's gradient of that row is zero
+            mask = mask & (token_ids != padding_idx)
+            g = torch.where(mask[..., None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+        self._acc.embedding(site, token_ids, g, mask)
+
+    def _make_linear_forward(self, site):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            x = inputs[0]
+            entry = self._inputs.get(id(x))
+            if entry is None:
+                entry = self._inputs[id(x)] = _Input(x)
+            entry.users += 1
+            holder = [entry]
+            output.register_hook(lambda g: self._linear_backward(site, holder, g))
+            return None
+        return hook
+
+    def _linear_backward(self, site, holder, g):
+        # No masking copies: padding is on the right of a causal LM, so no supervised position attends to a
+        # padded one and g is exactly zero there (and at the head's unsupervised slots, which are not in the
+        # loss); the inputs at padded positions are finite (they attend to their example's own tokens), so
+        # every product g_t x_t^T, Gram entry and factor product of a padded position is exactly zero.
+        entry = holder.pop()
+        mask = self._hmask if site.head else self._mask
+        if entry.x is None:
+            entry.x = entry.raw
+        if site.bias:
+            self._acc.dense(site.bias, g.to(self.cdt).sum(1))
+        if site.lora:
+            grads = self.num.bmm(g.transpose(1, 2), entry.x)        # [B, out, in]: small (LoRA)
+            if self.adam is not None:
+                grads = self.adam.apply(site.weight, grads)
+            self._acc.dense(site.weight, grads.reshape(grads.shape[0], -1))
+        else:
+            self._acc.linear(site, entry, g, mask)
+        entry.users -= 1
+        if entry.users == 0:
+            self._inputs.pop(id(entry.raw), None)
+            entry.raw = entry.x = entry.xo = entry.gram = None
+
+    def _make_norm_forward(self, site):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            holder = [inputs[0]]
+            output.register_hook(lambda g: self._norm_backward(site, holder, g))
+            return None
+        return hook
+
+    def _norm_backward(self, site, holder, g):
+        x = holder.pop()
+        module = site.module
+        w = dict(module.named_parameters(recurse=False))
+        with torch.no_grad():
+            one = {n: (torch.ones_like(p) if n == "weight" else torch.zeros_like(p)) for n, p in w.items()}
+            zero = {n: torch.zeros_like(p) for n, p in w.items()}
+            normed = torch.func.functional_call(module, one, (x,)) - torch.func.functional_call(module, zero, (x,))
+        gc = g.to(self.cdt)                       # zero at padded positions (see _linear_backward)
+        self._acc.dense(site.weight, (gc * normed.to(self.cdt)).sum(1))
+        if site.bias:
+            self._acc.dense(site.bias, gc.sum(1))
+
+    # -------------------------------------------------------------- helpers for accumulators
+
+    def input_x(self, entry: _Input) -> torch.Tensor:
+        if entry.xo is None:
+            entry.xo = self.num.operand(entry.x)
+        return entry.xo
+
+    def per_example_grads(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[b, out, in] = g^T x per example, in the compute dtype; off CUDA written into one reused buffer
+        (a fresh allocation of this size costs page faults on every layer)."""
+        if self.num.fast or self.device.type == "cuda":
+            return self.num.bmm(g.transpose(1, 2), x)
+        b, m, n = g.shape[0], g.shape[-1], x.shape[-1]
+        size = b * m * n
+        if self._buffer is None or self._buffer.numel() < size:
+            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.cdt, device=self.device)
+        out = self._buffer[:size].view(b, m, n)
+        return torch.bmm(g.transpose(1, 2).to(self.cdt), x.to(self.cdt), out=out)
+
+    def input_gram(self, entry: _Input) -> torch.Tensor:
+        if entry.gram is None:
+            x = self.input_x(entry)
+            entry.gram = self.num.bmm(x, x.transpose(1, 2))
+        return entry.gram
+
+    def use(self, acc):
+        self._acc = acc
+        return self
+
+
+def get_engine(model, params="all", mode="full", adam: AdamState | None = None, path="auto") -> GradientEngine:
+    """The model's engine for these settings (cached on the model object)."""
+    cache = model.__dict__.get("_safedata_gradient_engines")
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, "_safedata_gradient_engines", cache)
+    key = (params, mode, id(adam), path)
+    if key not in cache:
+        cache[key] = GradientEngine(model, params, mode, adam, path)
+    return cache[key]

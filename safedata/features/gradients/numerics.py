@@ -1,0 +1,111 @@
+"""Products in a fixed accumulation dtype, and the cost model that picks how each layer is computed.
+
+Numerics: matmuls accumulated and returned in fp32 (fp64 for fp64 models); on CUDA low-precision operands
+go to fp32-output matmuls (torch.mm(..., out_dtype=float32)), elsewhere they are upcast.
+linear_costs: per-example multiply-adds of the ways to get a Linear layer's ||G||^2 and <G, T_j>.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TEMP_ELEMENTS = 1 << 26          # cap on one temporary product (numbers)
+
+
+_OUT_DTYPE_OK: dict = {}
+
+
+def _out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm/bmm(a, b, out_dtype=float32) runs here for low-precision a, b (CUDA)."""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE_OK:
+        try:
+            a = torch.ones(2, 2, device=device, dtype=dtype)
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32 and \
+                torch.bmm(a[None], a[None], out_dtype=torch.float32).dtype == torch.float32
+        except Exception:  # noqa: BLE001 - any failure means: upcast instead
+            ok = False
+        _OUT_DTYPE_OK[key] = ok
+    return _OUT_DTYPE_OK[key]
+
+
+class Numerics:
+    """Matmuls accumulated and returned in the compute dtype (fp32, or fp64 for fp64 models)."""
+
+    def __init__(self, device: torch.device, model_dtype: torch.dtype):
+        self.model_dtype = model_dtype
+        self.cdt = torch.float64 if model_dtype == torch.float64 else torch.float32
+        low = model_dtype in (torch.bfloat16, torch.float16)
+        self.fast = low and device.type == "cuda" and _out_dtype_supported(device, model_dtype)
+
+    def operand(self, t: torch.Tensor) -> torch.Tensor:
+        """The dtype a tensor enters products in: the model's low precision where fp32-output matmuls exist."""
+        if self.fast and t.dtype == self.model_dtype:
+            return t
+        return t if t.dtype == self.cdt else t.to(self.cdt)
+
+    def _low(self, a, b):
+        return self.fast and a.dtype == b.dtype and a.dtype != self.cdt
+
+    def _give_up(self, err):
+        log.warning("fp32-output low-precision matmul failed (%s); upcasting operands from now on", err)
+        self.fast = False
+
+    def _fp32_out(self, op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._low(a, b):
+            try:
+                return op(a, b, out_dtype=self.cdt)
+            except torch.OutOfMemoryError:
+                raise       # never retried with fp32 copies (more memory): the stage stops with a clear message
+            except RuntimeError as err:
+                self._give_up(err)
+        return op(a.to(self.cdt), b.to(self.cdt))
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._fp32_out(torch.mm, a, b)
+
+    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._fp32_out(torch.bmm, a, b)
+
+
+# Memory traffic in multiply-add equivalents per number read or written (the device's compute/bandwidth
+# ratio, measured on the development CPU; from the datasheet for H100/H200 class GPUs): the cost model
+# below weighs a materialised per-example gradient's passes over memory against the products it saves.
+MEMORY_COST = {"cpu": 16.0, "cuda": 256.0}
+
+
+def memory_cost(device: torch.device) -> float:
+    return MEMORY_COST.get(device.type, 64.0)
+
+
+def linear_costs(T: int, n: int, m: int, K: int, Jd: int, full: bool, beta: float) -> dict:
+    """Per-example cost (multiply-adds) of each way to get ||G||^2 and <G, T_j> for a Linear [m, n]."""
+    nm = n * m
+    costs = {"ghost": T * T * (n + m) + K * T * (n + m) + Jd * T * nm,
+             "materialise": T * nm + beta * nm * (2 + (Jd > 0))
+             + (min(K * nm + beta * nm, K * T * (n + m)) if K else 0)}
+    if full:
+        costs["full"] = T * nm + 3 * beta * nm
+    return costs
+
+
+def chunks(total: int, per_item: int):
+    step = max(1, TEMP_ELEMENTS // max(1, per_item))
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, n: int, presorted: bool = False) -> torch.Tensor:
+    """out[r] = the sum of values[i] over index[i] == r (r < n), added in input order within each r.
+
+    What index_add_ computes, but in a fixed order on every device: a stable sort of the index, then
+    torch.segment_reduce, whose CUDA kernel sums each segment in one thread (index_add_'s CUDA kernel adds
+    atomically, in whatever order the threads arrive, so its last bits change from run to run).
+    presorted: the index is already non-decreasing (no sort)."""
+    if not presorted:
+        order = torch.argsort(index, stable=True)
+        index, values = index[order], values[order]
+    lengths = torch.bincount(index, minlength=n)
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0)

@@ -1,0 +1,291 @@
+"""The paper recipes (scripts/*.sh) end to end with variables only, on real Alpaca slices, and the
+facts the README states about the original's recipe."""
+import csv
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, python
+from safedata import data as D
+from safedata.models import load_model
+
+LAB = ROOT / "ft_datasets" / "lab"
+ALPACA = "paper/ft_datasets/alpaca_dataset/alpaca_data.json"
+FIRST_EMPTY_OUTPUT = 284  # the first of the 28 Alpaca records with an empty output
+
+
+def script(name, env, cwd=ROOT):
+    done = subprocess.run(["bash", str(ROOT / "scripts" / name)], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def next_command(stdout):
+    """The `next: VAR=... bash scripts/rank.sh` line a step-1 script ends with, as (env, script)."""
+    line = [line for line in stdout.splitlines() if line.startswith("next: ")][-1]
+    words = shlex.split(line[len("next: "):])
+    assert words[-2:][0] == "bash"
+    return dict(w.split("=", 1) for w in words[:-2]), words[-1]
+
+
+def features(directory):
+    from safedata.store import load_tensors
+    return load_tensors(directory / "features.safetensors")[0]["features"].double()
+
+
+def index_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def max_cos(pool, anchors):
+    pool = pool / pool.norm(dim=1, keepdim=True)
+    anchors = anchors / anchors.norm(dim=1, keepdim=True)
+    return (pool @ anchors.T).max(dim=1).values
+
+
+@pytest.fixture(scope="module")
+def slices(shared_data, tmp_path_factory):
+    """Two slices of the real Alpaca file; the second holds an empty output (kept as an EOS-only example)."""
+    records = json.loads((shared_data / ALPACA).read_text())
+    assert records[FIRST_EMPTY_OUTPUT]["output"] == ""
+    folder = tmp_path_factory.mktemp("alpaca")
+    a, b = folder / "alpaca_first.json", folder / "alpaca_with_empty.json"
+    a.write_text(json.dumps(records[:6], indent=4))
+    b.write_text(json.dumps(records[FIRST_EMPTY_OUTPUT - 3:FIRST_EMPTY_OUTPUT + 3], indent=4))
+    return a, b
+
+
+def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    base.update(PYTHON=python(), OMP_NUM_THREADS="1")
+    recipe = dict(base, MODEL=tiny_model_dir, HARMFUL=str(LAB / "anchors_harmful.jsonl"),
+                  SAFE1=str(LAB / "anchors_safe.jsonl"), SAFE2=str(LAB / "anchors_safe2.jsonl"), RUNS=str(runs),
+                  BATCH_SIZE="4", EXTRA="--dtype fp32 --device cpu")
+    model, tok = load_model(tiny_model_dir, "fp32", "cpu")
+    first_outputs = None
+    for pool, types in zip(slices, ("top bottom", "top")):
+        env = dict(recipe, POOL=str(pool))
+        reps = script("get_representation.sh", env)
+        grads = script("get_full_gradient.sh", env)
+        for step1 in (reps, grads):   # rank.sh from the printed hint alone (it carries POOL, MODEL, ...)
+            hint, name = next_command(step1.stdout)
+            assert hint["POOL"] == str(pool) and hint["MODEL"] == tiny_model_dir
+            script(name.removeprefix("scripts/"), dict(base, **hint, K="2", TYPES=types))
+
+        rep_dir = runs / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+        meta = json.loads((rep_dir / "pool" / "meta.json").read_text())
+        assert meta["n"] == 6 and meta["flags"]["max_length"] == 512 and meta["flags"]["max_response_length"] is None
+        n_empty = 1 if "empty" in pool.stem else 0
+        assert meta["n_empty_response"] == n_empty and meta["excluded"] == [] and meta["skipped"] == []
+        assert json.loads((rep_dir / "harmful" / "meta.json").read_text())["flags"]["max_length"] == 480
+
+        # Anchors and pool are read at the same place: the last token of the whole example, exactly what a
+        # plain forward pass of the anchor gives (no --max_response_length moves it).
+        anchors, _ = D.load_examples(LAB / "anchors_harmful.jsonl")
+        plain = []
+        for example in anchors:
+            ids = D.encode(example, tok, "paper").input_ids
+            assert len(ids) <= 480
+            with torch.no_grad():
+                plain.append(model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1])
+        harmful = features(rep_dir / "harmful")
+        torch.testing.assert_close(harmful, torch.stack(plain).double(), rtol=1e-5, atol=1e-5)
+
+        # The ranking is the bi-directional max-cosine brute force over the stored features.
+        pool_features = features(rep_dir / "pool")
+        expected = max_cos(pool_features, harmful) - max_cos(pool_features, features(rep_dir / "safe1")) \
+            - max_cos(pool_features, features(rep_dir / "safe2"))
+        selection = runs / "selections" / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+        rows = index_rows(selection / f"{pool.stem}_top2_index.csv")
+        order = np.argsort(-expected.numpy(), kind="stable")[:2]
+        assert [int(r["index"]) for r in rows] == [int(i) for i in order]
+        assert [float(r["score"]) for r in rows] == pytest.approx(expected[order].tolist(), rel=1e-5, abs=1e-6)
+
+        grad_dir = runs / "gradients" / "model" / f"{pool.stem}_paper_len512-480_mlen10_all"
+        with open(grad_dir / "scores" / "scores.csv", newline="") as handle:
+            scores = list(csv.DictReader(handle))
+        assert [int(r["index"]) for r in scores] == list(range(6))
+        assert all(np.isfinite(float(r[c])) for r in scores for c in ("harmful", "safe1", "safe2"))
+        grad_selection = runs / "selections" / "gradient" / "model" / f"{pool.stem}_paper_len512-480"
+        assert len(json.loads((grad_selection / f"{pool.stem}_top2.json").read_text())) == 2
+        if first_outputs is None:
+            first_outputs = {p: p.read_bytes() for p in runs.rglob("*.csv")}
+    # The second slice wrote beside the first, never over it.
+    assert all(p.read_bytes() == content for p, content in first_outputs.items())
+
+    # The paper's representation recipe: the maximum cosine to the harmful anchors alone.
+    pool = slices[0]
+    done = script("rank.sh", dict(recipe, POOL=str(pool), METHOD="reps", REP_ANCHORS="harmful", K="3", TYPES="top"))
+    assert "reps-harmful" in done.stdout
+    rep_dir = runs / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+    expected = max_cos(features(rep_dir / "pool"), features(rep_dir / "harmful"))
+    rows = index_rows(runs / "selections" / "reps-harmful" / "model" / f"{pool.stem}_paper_len512-480"
+                      / f"{pool.stem}_top3_index.csv")
+    order = np.argsort(-expected.numpy(), kind="stable")[:3]
+    assert [int(r["index"]) for r in rows] == [int(i) for i in order]
+    assert list(rows[0]) == ["rank", "harmful", "score", "index", "id"]
+
+
+def test_rank_refuses_anchor_features_read_elsewhere(tiny_model_dir, tmp_path):
+    """Anchor features made with --max_response_length (an older recipe) are not comparable with the pool's."""
+    from safedata.errors import MetadataMismatch
+    from safedata.features.representations import extract_representations
+    from safedata.ranking import rank
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": f"Question {i}", "input": "", "output": f"Answer {i}."}
+                                for i in range(4)]))
+    extract_representations(tiny_model_dir, pool, tmp_path / "pool_reps", dtype="fp32", device="cpu")
+    extract_representations(tiny_model_dir, LAB / "anchors_harmful.jsonl", tmp_path / "anchors", dtype="fp32",
+                            device="cpu", pooling="mean", max_response_length=10)
+    with pytest.raises(MetadataMismatch, match="flags="):
+        rank(pool, tmp_path / "sel", pool_features=tmp_path / "pool_reps", anchor_features=[tmp_path / "anchors"],
+             weights=[1], k=1)
+    assert not (tmp_path / "sel").exists()
+
+
+def test_original_truncation_shaped_the_released_representation_bottom100(shared_data):
+    """README: 64 of the paper's representation bottom-100 (Alpaca) are among the pool's 100 longest answers."""
+    folder = shared_data / "paper/ft_datasets/alpaca_dataset"
+    full = json.loads((folder / "alpaca_data.json").read_text())
+    safety = {json.dumps(r, sort_keys=True) for r in json.loads((folder / "alpaca_data_safety_only.json").read_text())}
+    pool = [r for r in full if json.dumps(r, sort_keys=True) not in safety]
+    assert len(pool) == 50098
+    position = {json.dumps(r, sort_keys=True): i for i, r in enumerate(pool)}
+    bottom = {position[json.dumps(r, sort_keys=True)] for r in json.loads((folder / "reps/alpaca_bottom100.json").read_text())}
+    top = {position[json.dumps(r, sort_keys=True)] for r in json.loads((folder / "reps/alpaca_top100.json").read_text())}
+
+    def longest(length):
+        return set(sorted(range(len(pool)), key=lambda i: (-length(pool[i]["output"]), i))[:100])
+    assert len(bottom & longest(lambda text: len(text.split()))) == 64   # by words
+    assert len(bottom & longest(len)) == 65                              # by characters
+    assert len(top & longest(len)) == 0
+
+
+# ----------------------------------------------------------------------------- newcomer's path and bad input
+
+
+def run_script(script_name, *args, cwd=ROOT):
+    return subprocess.run([python(), str(ROOT / script_name), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, expected):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if " INFO " not in line]
+    assert lines == [f"error: {expected}"], proc.stderr
+    assert "loading model" not in proc.stderr      # checked before anything is loaded
+
+
+def test_get_representation_bad_paths_and_flags(tiny_model_dir, tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": "Question", "input": "", "output": "Answer."}]))
+    out = tmp_path / "out"
+    common = ("--model_name", tiny_model_dir, "--output_dir", out)
+    assert_one_line_error(run_script("get_representation.py", *common, "--data_path", tmp_path),
+                          f"--data_path {tmp_path}: is a directory, not a file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert_one_line_error(run_script("get_representation.py", "--model_name", tiny_model_dir, "--data_path", pool,
+                                     "--output_dir", a_file), f"--output_dir {a_file}: exists and is not a directory")
+    typo = tmp_path / "no_such_model"
+    assert_one_line_error(run_script("get_representation.py", "--model_name", typo, "--data_path", pool,
+                                     "--output_dir", out),
+                          f"--model_name {typo}: no such directory (and not a Hugging Face id of the form org/name)")
+    proc = run_script("get_representation.py", *common, "--data_path", pool, "--max_response_length", "10")
+    assert proc.returncode == 2 and "--max_response_length does not apply to --pooling last" in proc.stderr
+    assert not out.exists() and a_file.read_text() == "keep"
+
+
+def test_rank_bad_avg_n_before_loading(tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": "Question", "input": "", "output": "Answer."}]))
+    (tmp_path / "feats").mkdir()
+    out = tmp_path / "sel"
+    proc = run_script("rank.py", "--data_path", pool, "--pool_features", tmp_path / "feats", "--anchor_features",
+                      tmp_path / "feats", "--avg_n", "foo", "--write_to", out)
+    assert_one_line_error(proc, "--avg_n 'foo': expected a positive integer (1 = max cosine, the paper) or 'all'")
+    proc = run_script("rank.py", "--data_path", tmp_path, "--scores", tmp_path / "feats", "--write_to", out)
+    assert_one_line_error(proc, f"--data_path {tmp_path}: is a directory, not a file")
+    assert not out.exists()
+
+
+def test_model_names_local_paths_and_hub_ids(tmp_path, monkeypatch):
+    from safedata.errors import UserError
+    from safedata.models import check_model_name, looks_like_local_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_local_path("./model") and looks_like_local_path("runs/ft/model")
+    assert looks_like_local_path("runs/model")            # its first folder exists here
+    assert not looks_like_local_path("meta-llama/Llama-2-7b-chat-hf") and not looks_like_local_path("gpt2")
+    check_model_name("meta-llama/Llama-2-7b-chat-hf")      # left to the Hub
+    with pytest.raises(UserError, match="no such directory"):
+        check_model_name("runs/model")
+
+
+def parser_of(script_path, monkeypatch):
+    """The argparse parser a script's main() builds (caught at parse_args, nothing runs)."""
+    import argparse
+    import importlib.util
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, *args, **kwargs):
+        raise Caught(self)
+    spec = importlib.util.spec_from_file_location(f"script_{script_path.stem}", script_path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Caught) as caught:
+        module.main()
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("script_name", ["rank.py", "get_representation.py", "generate.py", "evaluate.py",
+                                         "analyze.py", "scripts/make_tiny_model.py", "ft_datasets/prepare.py"])
+def test_every_flag_has_help(script_name, monkeypatch):
+    parser = parser_of(ROOT / script_name, monkeypatch)
+    missing = [action.option_strings[0] for action in parser._actions if action.option_strings and not action.help]
+    assert missing == []
+
+
+def test_analyze_default_output_is_per_input(tmp_path):
+    records = [{"instruction": f"Question {i}", "input": "", "output": f"1. Step {i}.\n2. Done."} for i in range(3)]
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(records[: 2 if name == "a.json" else 3]))
+    outputs = []
+    for name in ("a.json", "b.json"):
+        proc = run_script("analyze.py", "--subset", tmp_path / name, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(next((tmp_path / "runs" / "analysis").glob(f"{name[0]}-*/composition.json")).read_text()))
+    assert len(list((tmp_path / "runs" / "analysis").iterdir())) == 2 and outputs[0] != outputs[1]
+
+
+def test_progress_logs_lines_when_not_a_terminal(caplog, monkeypatch):
+    import safedata.progress as P
+    from safedata.progress import LogProgress, progress
+    monkeypatch.setattr(P.sys, "stderr", io.StringIO())   # a job's log file: not a terminal
+    with caplog.at_level("INFO", logger="safedata.progress"):
+        bar = progress(total=10, desc="items", unit="ex")
+        assert isinstance(bar, LogProgress)
+        bar.interval = 0.0
+        with bar:
+            bar.update(4)
+            bar.update(6)
+        assert list(LogProgress(range(3), desc="loop", interval=1e9)) == [0, 1, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("items: 4/10 ex (40%)") and lines[1].startswith("items: 10/10 ex (100%)")
+    assert lines[-1].startswith("loop: 3/3 it (100%)") and len(lines) == 4   # 2 updates, close, loop end
+    assert all("\r" not in line for line in lines)

@@ -1,0 +1,83 @@
+"""A SLURM array of gradient scoring where every task builds the three targets and then scores its shard,
+started together, with target builds made deliberately non-deterministic: each target is built once (the
+others wait on its lock and keep it), every task scores against the same bytes, and one scores.csv is merged
+that equals a single run against those targets."""
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import slurm_util
+from conftest import ROOT, python
+from safedata.features import gradients as G
+
+TARGETS = ("harmful", "safe1", "safe2")
+NOISE = "1e-3"    # relative: far above the last-bit differences of a GPU, so a mix-up cannot go unseen
+
+
+def anchors(path, answer):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Placeholder request {i}"},
+                                                     {"role": "assistant", "content": f"{answer} {i}."}]}) + "\n"
+                            for i in range(3)))
+    return path
+
+
+@pytest.fixture()
+def workdir(request):
+    slurm_util.require_slurm()
+    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
+    base = Path(tempfile.mkdtemp(prefix="safedata-slurm-grad-", dir="/tmp"))
+    base.chmod(0o755)
+    shutil.copytree(tiny_model_dir, base / "model")
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_array_tasks_build_each_target_once_and_merge_one_scores_csv(workdir, monkeypatch):
+    pool = workdir / "pool.json"
+    pool.write_text(json.dumps([{"instruction": f"Describe thing {i}", "input": "",
+                                 "output": "1. A part.\n2. Another part. " * (1 + i % 3)} for i in range(13)]))
+    files = {"harmful": anchors(workdir / "harmful.jsonl", "Sure, placeholder step"),
+             "safe1": anchors(workdir / "safe1.jsonl", "I cannot help with placeholder"),
+             "safe2": anchors(workdir / "safe2.jsonl", "Sorry, not placeholder")}
+    model, out = workdir / "model", workdir / "out"
+    common = f'--model_name "{model}" --dtype fp32 --device cpu --batch_size 2'
+    builds = "".join(f'"{python()}" "{ROOT / "get_gradients.py"}" --anchor {common} --data_path "{files[t]}" '
+                     f'--output_dir "{out / t}" --max_response_length 10\n' for t in TARGETS)
+    script = workdir / "task.sh"
+    # No --shard: each task takes its part of the pool from SLURM_ARRAY_TASK_ID / _COUNT.
+    script.write_text("#!/bin/bash\nset -euo pipefail\nexport OMP_NUM_THREADS=1\n"
+                      'echo "start $(date +%s.%N)"\n' + builds + 'echo "built $(date +%s.%N)"\n'
+                      f'"{python()}" "{ROOT / "get_gradients.py"}" {common} --data_path "{pool}" '
+                      f'--output_dir "{out / "scores"}" --chunk_size 2 --targets '
+                      + " ".join(f'"{out / t}"' for t in TARGETS) + "\n")
+    script.chmod(0o755)
+    job = slurm_util.submit(script, env={G.stages.TEST_NOISE_ENV: NOISE, "PYTHONPATH": str(ROOT)},
+                            sbatch_args=["--array=0-3", f"--output={workdir}/task-%a.out", "--time=15"])
+    states = slurm_util.wait_ok(job, timeout=900)
+    assert sorted(states.values()) == ["COMPLETED"] * 4
+    logs = [(workdir / f"task-{i}.out").read_text() for i in range(4)]
+    # tasks really ran at once: a second one started before the first had built its targets
+    starts = sorted(float(re.search(r"^start (\S+)", log, re.M).group(1)) for log in logs)
+    built = min(float(re.search(r"^built (\S+)", log, re.M).group(1)) for log in logs)
+    assert starts[1] < built
+    text = "\n".join(logs)
+    for t in TARGETS:   # built exactly once; every other task waited for the lock and kept it
+        assert len(re.findall(rf"wrote {re.escape(str(out / t / 'target.safetensors'))}", text)) == 1, t
+        assert len(re.findall(rf"{re.escape(str(out / t))}: target already built", text)) == 3, t
+    assert text.count(f"{G.stages.TEST_NOISE_ENV} is set") == 3          # each build was perturbed
+    # one merged scores.csv, equal to a single run against the same targets
+    single = workdir / "single"
+    assert G.score_pool(str(model), pool, single, [out / t for t in TARGETS], batch_size=2, chunk_size=2,
+                        dtype="fp32", device="cpu")
+    merged = (out / "scores" / "scores.csv").read_bytes()
+    assert merged == (single / "scores.csv").read_bytes() and merged.count(b"\n") == 13 + 1
+    # and the hook really makes builds differ: a second build of the same target has other bytes
+    monkeypatch.setenv(G.stages.TEST_NOISE_ENV, NOISE)
+    assert G.build_target(str(model), files["harmful"], workdir / "again", max_response_length=10, batch_size=2,
+                          dtype="fp32", device="cpu")
+    assert (workdir / "again" / "target.safetensors").read_bytes() != \
+        (out / "harmful" / "target.safetensors").read_bytes()
