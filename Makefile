@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo lab-methods test bench clean
+.PHONY: venv demo lab-methods lab-defence test bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ demo: venv
 
 lab-methods: venv
 	PYTHON=$(PY) bash scripts/lab_methods.sh
+
+lab-defence: venv
+	PYTHON=$(PY) bash scripts/lab_defence.sh
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import conversations as C
+from . import sources as S
 from .errors import InputError, UserError
 from .progress import progress
 
@@ -56,6 +58,9 @@ class Example:
     response: str | None = None
     line: int | None = None
     record: dict = field(default_factory=dict, repr=False)
+    # A conversation beyond a single exchange (system prompt, several turns): canonical
+    # [{role, content}] turns, encoded by safedata.conversations; None for single exchanges.
+    messages: list | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -84,6 +89,9 @@ class Excluded:
 
 
 def file_sha256(path) -> str:
+    """The data's hash: a file's bytes; for a save_to_disk directory or a Hub dataset, sources.source_sha256."""
+    if S.is_hub(path) or Path(path).is_dir():
+        return S.source_sha256(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -186,12 +194,15 @@ def _csv_records(path: Path, text: str):
 
 
 def read_raw_records(path) -> list[tuple[int, object]]:
-    """(line, raw value) for every record of a .json, .jsonl or .csv file."""
+    """(line, raw value) for every record of a .json, .jsonl or .csv file, or (record label, record) for a
+    datasets-library source (Parquet, Arrow, a save_to_disk directory, hf:owner/name)."""
     return _read_records(path)[0]
 
 
 def _read_records(path) -> tuple[list[tuple[int, object]], bool]:
     """(records as in read_raw_records, whether the file is one JSON array)."""
+    if S.is_dataset_source(path):
+        return list(S.iter_records(path)), False
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a data file (.json, .jsonl or .csv)")
@@ -209,7 +220,8 @@ def _read_records(path) -> tuple[list[tuple[int, object]], bool]:
     elif suffix == ".csv":
         records = _csv_records(path, text)
     else:
-        raise UserError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .csv)")
+        raise UserError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .csv, .parquet, .arrow, a "
+                        "save_to_disk directory or hf:owner/name)")
     return list(records), is_array
 
 
@@ -223,6 +235,8 @@ def detect_kind(record) -> str | None:
     for kind, (required, _) in KIND_FIELDS.items():
         if keys >= set(required):
             return kind
+    if C.conversation_field(record) is not None:  # ShareGPT `conversations`, or a mapped field name
+        return "chat"
     return None
 
 
@@ -276,10 +290,19 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
         extra = ""
         response = _text(path, line, record, "answer", required=need_response, allow_empty=True)
     elif kind == "chat":
-        instruction, response = _chat_turns(path, line, record)
-        extra = ""
+        conversation = C.parse_conversation(path, line, record)
+        extra, messages = "", None
+        if conversation.single_exchange and conversation.field == "messages":
+            instruction, response = _chat_turns(path, line, record)
+        elif conversation.single_exchange:  # other formats of one exchange encode exactly like `messages`
+            instruction = conversation.messages[0]["content"]
+            response = conversation.messages[1]["content"] if len(conversation.messages) > 1 else None
+        else:
+            messages = conversation.messages
+            instruction = [m["content"] for m in messages if m["role"] == C.USER][-1]  # the request answered last
+            response = C.joined_answers(messages)
         if response is None and need_response:
-            raise InputError(path, line, "messages", "no assistant turn after the user turn")
+            raise InputError(path, line, conversation.field, "no assistant turn after the user turn")
     elif kind == "prompt":
         instruction, extra, response = _text(path, line, record, "prompt"), "", None
     elif kind == "advbench":
@@ -290,7 +313,7 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
         raise InputError(path, line, "response", f"{kind} records carry no response; this stage needs one")
     return Example(index=index, id=record_id(record), kind=kind, instruction=instruction,
                    input=extra, response=response,
-                   line=line, record=record)
+                   line=line, record=record, messages=messages if kind == "chat" else None)
 
 
 def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=True):
@@ -377,15 +400,21 @@ def user_turn(example: Example) -> str:
     return plain_prompt(example)[:-1]
 
 
-def chat_prompt(example: Example, tokenizer) -> str:
+def _require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--template chat: this tokenizer has no chat template; use --template paper or plain")
+
+
+def chat_prompt(example: Example, tokenizer) -> str:
+    _require_chat_template(tokenizer)
     return tokenizer.apply_chat_template([{"role": "user", "content": user_turn(example)}],
                                          add_generation_prompt=True, tokenize=False)
 
 
 def prompt_text(example: Example, template: str, tokenizer=None) -> str:
     """The text a model sees before its answer: used for training, features and generation alike."""
+    if example.messages is not None:
+        return conversation_prompt_text(example, template, tokenizer)
     if template == "paper":
         return paper_prompt(example)
     if template == "plain":
@@ -445,8 +474,53 @@ def token_ids(example: Example, template: str, tokenizer, original_quirks=False)
     return p, r
 
 
+def conversation_prompt_text(example: Example, template: str, tokenizer=None) -> str:
+    """A multi-turn conversation up to its last user turn, ready for the next answer."""
+    messages = C.prompt_messages(example.messages)
+    if template == "paper":
+        return C.paper_prompt_text(messages, SYS_NO_INPUT)
+    if template == "chat":
+        _require_chat_template(tokenizer)
+        return C.chat_prompt_text(messages, tokenizer)
+    raise UserError(f"--template {template}: multi-turn conversations need --template paper or chat")
+
+
+def conversation_ids(example: Example, template: str, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a multi-turn conversation: every assistant turn (+ its end token) supervised."""
+    if template == "paper":
+        return C.paper_ids(example.messages, tokenizer, SYS_NO_INPUT)
+    if template == "chat":
+        _require_chat_template(tokenizer)
+        return C.chat_ids(example.messages, tokenizer)
+    raise UserError(f"--template {template}: multi-turn conversations need --template paper or chat")
+
+
+def _keep_supervised(ids, labels, n):
+    """Cut after the n-th supervised token (--max_response_length for conversations)."""
+    seen = 0
+    for position, label in enumerate(labels):
+        seen += label != IGNORE_INDEX
+        if seen == n:
+            return ids[: position + 1], labels[: position + 1]
+    return ids, labels
+
+
+def _encode_conversation(example: Example, tokenizer, template, max_length, max_response_length) -> Encoded:
+    ids, labels = conversation_ids(example, template, tokenizer)
+    if max_response_length is not None:
+        ids, labels = _keep_supervised(ids, labels, max_response_length)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(example.index, example.id, ids, labels)
+
+
 def encode(example: Example, tokenizer, template="paper", max_length=None, max_response_length=None,
            original_quirks=False) -> Encoded:
+    if example.messages is not None:
+        if original_quirks:
+            raise UserError(f"example {example.id}: --original_quirks reproduces the original code, which reads "
+                            "single exchanges only; this record is a multi-turn conversation")
+        return _encode_conversation(example, tokenizer, template, max_length, max_response_length)
     p, r = token_ids(example, template, tokenizer, original_quirks)
     if max_response_length is not None:
         r = r[:max_response_length]

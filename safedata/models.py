@@ -98,8 +98,11 @@ def model_identity(name_or_path: str) -> str:
 # ----------------------------------------------------------------------------- tiny model
 
 LLAMA2_STYLE_CHAT_TEMPLATE = (
+    # A leading system turn goes into the first user turn, as Llama-2's <<SYS>> block.
     "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% if message['role'] == 'user' and loop.index0 == 1 and messages[0]['role'] == 'system' %}"
+    "{{ '[INST] <<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
     "{% endfor %}"
 )

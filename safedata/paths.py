@@ -25,3 +25,11 @@ def output_dir(path, flag: str = "--output_dir") -> Path:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
     return path
+
+
+def input_data(path, flag: str = "--data_path"):
+    """A data file, or a datasets-library source: a save_to_disk directory or hf:owner/name (safedata.sources)."""
+    from .sources import is_hub, is_saved_dataset
+    if is_hub(path) or is_saved_dataset(path):
+        return path
+    return input_file(path, flag)

@@ -18,7 +18,7 @@ import torch
 
 from . import data as D
 from .errors import MetadataMismatch, UserError
-from .paths import input_file, output_dir
+from .paths import input_data, output_dir
 from .store import META, atomic_write_text, read_json, require_same
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
     """Score (or read scores), combine, select, write. Returns a summary dict."""
     if (pool_features is None) == (scores_dir is None):
         raise UserError("give either --pool_features with --anchor_features, or --scores")
-    input_file(data_path, "--data_path")
+    input_data(data_path, "--data_path")
     output_dir(write_to, "--write_to")
     avg_n = parse_avg_n(avg_n)
     if kind not in ("top", "bottom", "range"):

@@ -61,21 +61,7 @@ bar() {  # bar "what": one progress line with a bar, the steps done and the elap
   printf '[%s%s] %2d/%d  %3dm%02ds  %s\n' "$(printf '%*s' "$filled" '' | tr ' ' '#')" \
     "$(printf '%*s' $(( width - filled )) '' | tr ' ' '.')" "$DONE" "$TOTAL" $(( el / 60 )) $(( el % 60 )) "$1"
 }
-step() {  # step LOG cmd...: run quietly into $OUT/logs/LOG.log; on failure show its tail and stop
-  local log="$OUT/logs/$1.log"; shift
-  local timed=()   # COSTS=1: the step's wall seconds and peak memory to $OUT/costs/<method>/<step>.log
-  [ -n "$COST_DIR" ] && mkdir -p "$COST_DIR" && timed=(/usr/bin/time -o "$COST_DIR/${log##*/}" -f "%e %M")
-  if ! "${timed[@]}" "$@" >"$log" 2>&1; then
-    echo "FAILED: $* (log: $log)" >&2; tail -n 20 "$log" | tr '\r' '\n' | tail -n 20 >&2; exit 1
-  fi
-}
-answer() {  # answer MODEL DIR LOG: generate on the held-out prompts and score (skipped when done)
-  [ -f "$2/gen/responses.jsonl" ] || step "$3.generate" "$PYTHON" generate.py --model_name "$1" \
-    --data_path "$DATA/eval_prompts.jsonl" --output_dir "$2/gen" --template "$TEMPLATE" \
-    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size 64 --overwrite
-  [ -f "$2/eval/summary.json" ] || step "$3.evaluate" "$PYTHON" evaluate.py \
-    --responses "$2/gen/responses.jsonl" --output_dir "$2/eval"
-}
+source scripts/lab_steps.sh   # step, answer, finetune_and_answer
 
 echo "mini safety lab: model $MODEL, pool $POOL, k=$K, seeds [$SEEDS], methods [$METHODS], lr $LR x $EPOCHS epochs -> $OUT"
 
@@ -169,29 +155,13 @@ finetune_run() {  # finetune_run GROUP SEED (in the background; JOBS at a time)
   fi
   [ "${POOL##*.}" = jsonl ] && subset="${subset%.json}.jsonl"
   run="$OUT/ft/$group/seed$seed"
-  [ -f "$run/model/finetune_meta.json" ] || step "$group.seed$seed.finetune" "$PYTHON" finetune.py \
-    --model_name "$MODEL" --data_path "$subset" --output_dir "$run/model" --template "$TEMPLATE" \
-    --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" --seed "$seed" --overwrite
-  answer "$run/model" "$run" "$group.seed$seed"
+  finetune_and_answer "$subset" "$run" "$group.seed$seed" "$seed"
   [ -f "$run/lab_metrics.json" ] || step "$group.seed$seed.metrics" "$PYTHON" lab_report.py metrics --run_dir "$run" \
     --model_name "$run/model" --compliant "$DATA/eval_compliant.jsonl"   # cached for the report; runs in parallel
   tick "$group.seed$seed"
   bar "$group seed $seed: fine-tuned on $(basename "$subset"), answered, scored"
 }
-for seed in $SEEDS; do   # seed-major: a run stopped early still has every subset with the first seeds
-  for group in "${GROUPS_FT[@]}"; do
-    finetune_run "$group" "$seed" &
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do
-      wait -n || { echo "a fine-tuning run failed; stopping" >&2; kill $(jobs -rp) 2>/dev/null || true; exit 1; }
-    done
-  done
-done
-wait || true
-for group in "${GROUPS_FT[@]}"; do
-  for seed in $SEEDS; do
-    [ -f "$OUT/ft/$group/seed$seed/eval/summary.json" ] || { echo "error: run $group seed $seed did not finish (logs: $OUT/logs/$group.seed$seed.*)" >&2; exit 1; }
-  done
-done
+run_grid seed   # seed-major: a run stopped early still has every subset with the first seeds
 
 # ---------------------------------------------------------------------------- 4. the table
 bar "report"

@@ -15,7 +15,7 @@ import torch
 from .. import data as D
 from ..errors import UserError
 from ..models import check_model_name, load_model
-from ..paths import input_file, output_dir as checked_output_dir
+from ..paths import input_data, output_dir as checked_output_dir
 from ..store import parse_shard, stream_rows_to_safetensors
 from .runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 
@@ -58,7 +58,7 @@ def check_flags(model_name, data_path, output_dir, batch_size, max_length, max_r
                 shard=None, chunk_size=512) -> None:
     """Every flag and path, before the model or the data is loaded."""
     check_model_name(model_name)
-    input_file(data_path, "--data_path")
+    input_data(data_path, "--data_path")
     checked_output_dir(output_dir)
     parse_shard(shard)
     for flag, value in (("--batch_size", batch_size), ("--max_length", max_length),

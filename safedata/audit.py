@@ -1,0 +1,271 @@
+"""Audit a fine-tuning set before training: score every example against anchors (harmful +1, safe -1), flag
+the highest-scoring ones and write the kept set in the input's own format, the flagged examples with their
+scores, and a self-contained report.html.
+
+Scoring reuses the existing stages, in OUTPUT/ (each resumable, shardable and checked like everywhere else):
+
+  gradient        OUTPUT/anchors/<anchor>/ (get_gradients --anchor), OUTPUT/scores/ (get_gradients --targets)
+  representation  OUTPUT/anchors/<anchor>/, OUTPUT/features/ (get_representation)
+  --scores DIR    any method's score directory: scores.csv (index, id, one column per anchor set) and a
+                  meta.json naming the data's sha256 (get_gradients.py --targets writes exactly this)
+
+The decision: the top `drop_k`, the top `drop_fraction` (rounded half up), or every score >= `threshold`
+is flagged; ties are broken by file index (ranking.select); examples without a finite score are kept and
+listed. Then OUTPUT/kept<ext> + OUTPUT/flagged<ext> (records verbatim, file order, the input's type),
+flagged.csv (rank order: rank, index, id, score, a column per anchor set), all_scores.csv (file order),
+report.html and meta.json.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import conversations as C
+from . import data as D
+from . import sources as S
+from .errors import MetadataMismatch, UserError
+from .store import META, atomic_write_text, environment, now, read_json, require_same, write_json
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gradient", "representation")
+STAGE = "audit"
+
+
+@dataclass
+class AuditConfig:
+    data_path: str
+    output_dir: str
+    model_name: str | None = None
+    anchors: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    method: str = "gradient"
+    scores_dir: str | None = None
+    drop_fraction: float | None = None
+    drop_k: int | None = None
+    threshold: float | None = None
+    template: str = "paper"
+    batch_size: int = 8
+    max_length: int | None = None
+    anchor_max_response_length: int | None = 10
+    avg_n: str = "1"
+    shard: str | None = None
+    chunk_size: int = 512
+    dtype: str | None = "auto"
+    device: str | None = None
+    skip_bad: bool = False
+    field_map: str | None = None
+    report_top: int = 30
+
+
+@dataclass
+class Scored:
+    """Scores of the examples a method could score, in the score file's order."""
+
+    source: dict
+    indices: np.ndarray
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    data_sha256: str
+    unscored: list[dict] = field(default_factory=list)
+
+
+def check_config(cfg: AuditConfig) -> None:
+    rules = [name for name, value in (("--drop_fraction", cfg.drop_fraction), ("--drop_k", cfg.drop_k),
+                                      ("--threshold", cfg.threshold)) if value is not None]
+    if len(rules) != 1:
+        raise UserError("give exactly one of --drop_fraction, --drop_k, --threshold"
+                        + (f" (got {', '.join(rules)})" if rules else ""))
+    if cfg.drop_fraction is not None and not 0 < cfg.drop_fraction < 1:
+        raise UserError(f"--drop_fraction {cfg.drop_fraction}: must be between 0 and 1")
+    if cfg.drop_k is not None and cfg.drop_k < 1:
+        raise UserError(f"--drop_k {cfg.drop_k}: must be at least 1")
+    if cfg.scores_dir is None:
+        if cfg.method not in METHODS:
+            raise UserError(f"--method {cfg.method!r}: choose {', '.join(METHODS)}, or give --scores DIR from any method")
+        if not cfg.model_name or not cfg.anchors:
+            raise UserError(f"--method {cfg.method} needs --model_name and --anchors (or give --scores DIR)")
+    if cfg.weights is not None and cfg.anchors and len(cfg.weights) != len(cfg.anchors):
+        raise UserError(f"--weights: {len(cfg.weights)} weight(s) for {len(cfg.anchors)} anchor file(s)")
+
+
+def _anchor_dirs(cfg: AuditConfig) -> list[Path]:
+    names, dirs = set(), []
+    for anchor in cfg.anchors:
+        name = Path(anchor).name.split(".")[0] or "anchors"
+        while name in names:
+            name += "_"
+        names.add(name)
+        dirs.append(Path(cfg.output_dir) / "anchors" / name)
+    return dirs
+
+
+def _score_gradient(cfg: AuditConfig) -> Scored | None:
+    from .features import gradients as G
+    from .models import load_model
+    model, tokenizer = load_model(cfg.model_name, cfg.dtype, cfg.device)
+    common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
+                  model=model, tokenizer=tokenizer)
+    targets = _anchor_dirs(cfg)
+    for anchor, target in zip(cfg.anchors, targets):
+        G.build_target(cfg.model_name, anchor, target, max_response_length=cfg.anchor_max_response_length, **common)
+    scores_dir = Path(cfg.output_dir) / "scores"
+    if not G.score_pool(cfg.model_name, cfg.data_path, scores_dir, [str(t) for t in targets], shard=cfg.shard,
+                        chunk_size=cfg.chunk_size, max_length=cfg.max_length, skip_bad=cfg.skip_bad, **common):
+        return None
+    return _read_scores_dir(scores_dir, cfg.data_path)
+
+
+def _score_representation(cfg: AuditConfig) -> Scored | None:
+    from .features.representations import extract_representations
+    from .ranking import anchor_scores, check_compatible, load_features
+    common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+    anchor_dirs = _anchor_dirs(cfg)
+    for anchor, directory in zip(cfg.anchors, anchor_dirs):
+        extract_representations(cfg.model_name, anchor, directory, **common)
+    features_dir = Path(cfg.output_dir) / "features"
+    if not extract_representations(cfg.model_name, cfg.data_path, features_dir, max_length=cfg.max_length,
+                                   shard=cfg.shard, chunk_size=cfg.chunk_size, skip_bad=cfg.skip_bad, **common):
+        return None
+    pool = load_features(features_dir)
+    columns = {}
+    for directory in anchor_dirs:
+        anchor = load_features(directory)
+        check_compatible(pool, anchor)
+        columns[directory.name] = anchor_scores(pool, anchor.all(), cfg.avg_n).numpy()
+    meta = pool.meta
+    unscored = [dict(e, reason=e.get("reason", "excluded")) for e in meta.get("excluded", [])]
+    return Scored({"method": "representation", "features": str(features_dir),
+                   "anchors": [str(d) for d in anchor_dirs], "avg_n": cfg.avg_n},
+                  np.array(meta["indices"], dtype=np.int64), meta["ids"], columns, meta["data_sha256"], unscored)
+
+
+def _read_scores_dir(directory, data_path) -> Scored:
+    from .ranking import check_pool_file, read_scores_csv
+    meta, indices, ids, columns = read_scores_csv(directory)
+    check_pool_file(meta, data_path, f"scores {directory}")
+    unscored = [dict(e) for e in meta.get("excluded", [])] + [dict(e) for e in meta.get("nonfinite", [])]
+    method = meta.get("method") or {"gradient_scores": "gradient"}.get(meta.get("stage"), meta.get("stage", "scores"))
+    source = {"method": method, "scores": str(Path(directory).resolve())}
+    return Scored(source, indices, ids, columns, meta["data_sha256"], unscored)
+
+
+def score(cfg: AuditConfig) -> Scored | None:
+    """The chosen method's per-anchor-set scores; None while other shards are still running."""
+    if cfg.scores_dir is not None:
+        return _read_scores_dir(cfg.scores_dir, cfg.data_path)
+    if cfg.method == "gradient":
+        return _score_gradient(cfg)
+    return _score_representation(cfg)
+
+
+def decide(scores: np.ndarray, indices: np.ndarray, cfg: AuditConfig) -> tuple[np.ndarray, float]:
+    """Positions flagged, in rank order (highest score first; ties by file index), and the cut-off score
+    (the lowest flagged score, or the threshold)."""
+    from .ranking import select
+    finite = int(np.isfinite(scores).sum())
+    if cfg.threshold is not None:
+        order = select(scores, indices, "top", finite) if finite else np.array([], dtype=np.int64)
+        flagged = order[scores[order] >= cfg.threshold]
+        return flagged, float(cfg.threshold)
+    k = cfg.drop_k if cfg.drop_k is not None else math.floor(cfg.drop_fraction * finite + 0.5)
+    if k > finite:
+        raise UserError(f"--drop_k {k}: only {finite} example(s) have a finite score")
+    flagged = select(scores, indices, "top", k) if k else np.array([], dtype=np.int64)
+    return flagged, float(scores[flagged[-1]]) if len(flagged) else math.inf
+
+
+def _csv_text(header, rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _number(value) -> str:
+    return repr(float(value)) if np.isfinite(value) else ""
+
+
+def _settings(cfg: AuditConfig, weights) -> dict:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "shard", "chunk_size", "report_top")}
+    settings["weights"] = list(weights)
+    if cfg.field_map:
+        settings["field_map"] = C.current_field_map().describe()
+    return settings
+
+
+def check_existing_audit(output_dir: Path, meta: dict) -> None:
+    """An output dir holding another audit (other data, scores or decision rule) is refused."""
+    path = output_dir / META
+    if path.exists():
+        old = read_json(path)
+        if old.get("stage") != STAGE:
+            raise MetadataMismatch(f"{path}: holds a {old.get('stage')!r} output, not an audit; use another --output_dir")
+        require_same(meta, old, ("data_sha256", "method", "settings"), "this audit",
+                     f"{path} (an earlier audit; use another --output_dir)")
+
+
+def audit(cfg: AuditConfig) -> dict | None:
+    """Score, decide, write. Returns a summary, or None when other shards still have to finish scoring."""
+    from .ranking import combine
+    check_config(cfg)
+    if cfg.field_map:
+        C.use_field_map(C.FieldMap.parse(cfg.field_map))
+    output_dir = Path(cfg.output_dir)
+    scored = score(cfg)
+    if scored is None:
+        log.info("this shard is done; the shard that finishes scoring last writes the audit")
+        return None
+    weights = list(cfg.weights) if cfg.weights else [1.0] + [-1.0] * (len(scored.columns) - 1)
+    totals = combine(scored.columns, weights)
+    flagged_positions, cutoff = decide(totals, scored.indices, cfg)
+    examples, skipped = D.load_examples(cfg.data_path, need_response=True, skip_bad=True)
+    n_records = len(D.read_raw_records(cfg.data_path))
+    by_index = {e.index: e for e in examples}
+    for position, index in enumerate(scored.indices):
+        example = by_index.get(int(index))
+        if example is None or example.id != scored.ids[position]:
+            raise MetadataMismatch(f"{cfg.data_path}: record {index} is not the one that was scored "
+                                   f"(id {scored.ids[position]}); the data changed since")
+    meta = {"stage": STAGE, "data_file": str(cfg.data_path), "data_sha256": scored.data_sha256,
+            "method": scored.source, "settings": _settings(cfg, weights)}
+    check_existing_audit(output_dir, meta)
+
+    rank_of = {int(p): r for r, p in enumerate(flagged_positions)}
+    flagged_indices = sorted(int(scored.indices[p]) for p in flagged_positions)
+    flagged_set = set(flagged_indices)
+    kept_indices = [i for i in range(n_records) if i not in flagged_set]
+    kept_path = S.write_subset_like(cfg.data_path, kept_indices, output_dir / "kept")
+    flagged_path = S.write_subset_like(cfg.data_path, flagged_indices, output_dir / "flagged")
+    names = list(scored.columns)
+    atomic_write_text(output_dir / "flagged.csv", _csv_text(
+        ["rank", "index", "id", "score", *names],
+        [[r, int(scored.indices[p]), scored.ids[p], _number(totals[p]), *(_number(scored.columns[n][p]) for n in names)]
+         for r, p in enumerate(flagged_positions)]))
+    full_order = np.argsort(-np.where(np.isfinite(totals), totals, -np.inf), kind="stable")
+    score_rank = {int(p): r for r, p in enumerate(full_order)}
+    atomic_write_text(output_dir / "all_scores.csv", _csv_text(
+        ["index", "id", "score", "score_rank", "flagged", *names],
+        [[int(scored.indices[p]), scored.ids[p], _number(totals[p]), score_rank[p] if np.isfinite(totals[p]) else "",
+          int(p in rank_of), *(_number(scored.columns[n][p]) for n in names)] for p in range(len(totals))]))
+    nonfinite = [{"index": int(scored.indices[p]), "id": scored.ids[p], "reason": "non-finite score"}
+                 for p in np.flatnonzero(~np.isfinite(totals))]
+    unscored = scored.unscored + nonfinite + [{"reason": "bad record (skipped)", "error": s} for s in skipped]
+    summary = {"n_records": n_records, "n_scored": int(np.isfinite(totals).sum()), "n_flagged": len(flagged_indices),
+               "n_kept": len(kept_indices), "cutoff": cutoff, "unscored_kept": unscored,
+               "kept": str(kept_path), "flagged": str(flagged_path), "flagged_csv": str(output_dir / "flagged.csv"),
+               "report": str(output_dir / "report.html")}
+    from .audit_report import write_report
+    write_report(output_dir / "report.html", cfg, meta, summary, scored, totals, flagged_positions, examples)
+    meta.update(summary=summary, created=now(), environment=environment(), columns=names)
+    write_json(output_dir / META, meta)
+    log.info("flagged %d of %d record(s) (cut-off score %.4g); kept %d: %s; report %s", len(flagged_indices),
+             n_records, cutoff, len(kept_indices), kept_path, output_dir / "report.html")
+    return summary

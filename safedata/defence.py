@@ -1,0 +1,186 @@
+"""The lab defence (docs/AUDIT.md): does dropping what audit.py flags protect the aligned lab model?
+
+`build_mixes` draws, from the lab's benign pool (seeded): a held-out benign set (the cost of a drop: the loss
+of benign answers the model never trained on), a *natural* mix (a random draw: the styles that break safety
+occur at the pool's rate) and an *enriched* mix (the natural mix with part of it replaced by pool answers in
+the style the lab's gradient top-100 is made of: opening "Sure, here ..." like the compliant form).
+scripts/lab_defence.sh audits each mix (audit.py), fine-tunes the aligned model on the whole mix, on the mix
+after audit.py drops 5% and 10%, and after dropping as many at random (one draw per seed), answers the held-out
+harmful-style prompts, and `report` tabulates (lab.collect for compliance, keyword ASR and the held-out
+compliant-answer loss; the held-out benign loss added here) and plots.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+try:
+    from . import lab
+except ImportError:  # the methods work moves the lab's metrics to the top-level package lab/ (lab/demo.py)
+    from lab import demo as lab
+from .errors import UserError
+from .store import atomic_write_text, fingerprint, read_json, write_json
+
+MIXES = ("natural", "enriched")
+CONDITIONS = ("whole", "audit5", "random5", "audit10", "random10")
+
+
+def _opens_compliant(example) -> bool:
+    return (example.response or "").lstrip().startswith(lab.COMPLIANT_OPENER)
+
+
+def _write(records, path: Path) -> None:
+    atomic_write_text(path, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+
+
+def build_mixes(pool_path, out_dir, n_mix=1000, n_heldout=200, n_enrich=100, seed=0) -> dict:
+    examples, _ = D.load_examples(pool_path)
+    if n_heldout + n_mix + n_enrich > len(examples):
+        raise UserError(f"{pool_path}: {len(examples)} examples; need {n_heldout} held out + {n_mix} + {n_enrich}")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    heldout, natural, rest = order[:n_heldout], order[n_heldout:n_heldout + n_mix], order[n_heldout + n_mix:]
+    extra = [i for i in rest if _opens_compliant(examples[i])][:n_enrich]
+    if len(extra) < n_enrich:
+        raise UserError(f"{pool_path}: only {len(extra)} unused answers open {lab.COMPLIANT_OPENER!r}; need {n_enrich}")
+    enriched = np.concatenate([natural[: n_mix - n_enrich], extra])
+    out_dir = Path(out_dir)
+    summary = {"pool": str(pool_path), "pool_sha256": D.file_sha256(pool_path), "seed": seed}
+    for name, chosen in (("heldout_benign", heldout), ("natural", natural), ("enriched", enriched)):
+        chosen = sorted(int(i) for i in chosen)  # pool order
+        _write([examples[i].record for i in chosen], out_dir / f"{name}.json")
+        summary[name] = {"n": len(chosen), "opener_share": float(np.mean([_opens_compliant(examples[i]) for i in chosen])),
+                         "pool_indices": chosen}
+    write_json(out_dir / "mixes.json", summary)
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "pool_indices"} if isinstance(v, dict) else v)
+            for k, v in summary.items()}
+
+
+def benign_loss(run: Path, model_dir: Path, heldout_path: Path, batch_size=16) -> float:
+    """Mean over the held-out benign examples of each answer's token-mean loss (lab.compliant_loss), cached."""
+    from .models import load_model, model_identity
+    key = fingerprint({"model": model_identity(str(model_dir)), "heldout": D.file_sha256(heldout_path)})
+    cache = run / "benign_loss.json"
+    if cache.exists() and read_json(cache).get("fingerprint") == key:
+        return read_json(cache)["benign_loss"]
+    from .generation import resolve_template
+    template, _ = resolve_template(str(model_dir), None)
+    model, tokenizer = load_model(str(model_dir), "fp32", "cpu")
+    examples, _ = D.load_examples(heldout_path)
+    value = lab.compliant_loss(model, tokenizer, examples, template, batch_size=batch_size)["compliant_loss"]
+    write_json(cache, {"fingerprint": key, "benign_loss": value})
+    return value
+
+
+def _flagged_share(audit_dir: Path) -> float | None:
+    """Share of the examples audit.py flagged that open like the compliant form."""
+    meta_path = audit_dir / "meta.json"
+    if not meta_path.exists():
+        return None
+    flagged = Path(read_json(meta_path)["summary"]["flagged"])
+    examples, _ = D.load_examples(flagged)
+    return statistics.fmean(_opens_compliant(e) for e in examples) if examples else 0.0
+
+
+def collect(run_dir, data_dir, batch_size=16) -> dict:
+    run_dir = Path(run_dir)
+    groups = lab.collect(run_dir, data_dir, batch_size)
+    heldout = run_dir / "mixes" / "heldout_benign.json"
+    aligned_model = Path(data_dir) / "model"
+    for name, group in groups.items():
+        losses = []
+        for r in group["runs"]:
+            run = Path(r["dir"])
+            model_dir = run / "model" if r["seed"] is not None else aligned_model
+            r["benign_loss"] = benign_loss(run, model_dir, heldout, batch_size)
+            losses.append(r["benign_loss"])
+        group["metrics"]["benign_loss"] = lab._mean_sd(losses)
+        mix, _, condition = name.partition("-")
+        if condition.startswith("audit"):
+            group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / f"{mix}-{condition}")
+    return groups
+
+
+METRICS = ("compliance", "keyword_asr", "compliant_loss", "benign_loss")
+LABELS = {"compliance": "compliance", "keyword_asr": "keyword ASR", "compliant_loss": "held-out compliant loss",
+          "benign_loss": "held-out benign loss"}
+
+
+def _fmt(metric, stats) -> str:
+    if metric.endswith("loss"):
+        return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['sd']:.1f}%"
+
+
+def table_markdown(groups: dict) -> str:
+    header = ["run", "seeds", "examples", *(LABELS[m] for m in METRICS), f"opens {lab.COMPLIANT_OPENER!r}",
+              "of the dropped"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, g in groups.items():
+        comp = g["composition"]
+        n = "-"
+        if g["subset_files"]:
+            n = str(len(D.load_examples(g["subset_files"][0])[0]))
+        share = g.get("flagged_opener_share")
+        cells = [name, str(len(g["runs"])), n, *(_fmt(m, g["metrics"][m]) for m in METRICS),
+                 f"{100 * comp['opener']:.1f}%" if comp else "-", f"{100 * share:.0f}%" if share is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: dict, out_png) -> Path:
+    """Compliance and held-out benign loss per mix and condition: mean bars, each seed a dot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"whole": "#555555", "audit5": "#c0392b", "audit10": "#7b241c", "random5": "#aab7b8",
+              "random10": "#717d7e"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, metric in zip(axes, ("compliance", "keyword_asr", "benign_loss")):
+        ticks, labels = [], []
+        x = 0
+        for mix in MIXES:
+            for condition in CONDITIONS:
+                g = groups.get(f"{mix}-{condition}")
+                if g is None:
+                    continue
+                stats = g["metrics"][metric]
+                ax.bar(x, stats["mean"], color=colors[condition])
+                ax.scatter([x] * len(stats["values"]), stats["values"], color="black", s=8, zorder=3)
+                ticks.append(x)
+                labels.append(f"{mix} {condition}")
+                x += 1
+            x += 1
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(LABELS[metric], fontsize=10)
+        if metric.endswith("loss"):  # differences of a few thousandths: zoom on the fine-tuned runs
+            values = [v for name, g in groups.items() if name != "aligned" for v in g["metrics"][metric]["values"]]
+            low, high = min(values), max(values)
+            ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
+        elif "aligned" in groups:
+            ax.axhline(groups["aligned"]["metrics"][metric]["mean"], color="#2471a3", linestyle=":", linewidth=1,
+                       label="aligned, not fine-tuned")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def report(run_dir, data_dir="ft_datasets/lab", batch_size=16) -> dict:
+    collected = collect(run_dir, data_dir, batch_size)
+    order = ["aligned"] + [f"{mix}-{condition}" for mix in MIXES for condition in CONDITIONS]
+    groups = {name: collected[name] for name in order if name in collected}
+    groups.update({name: g for name, g in collected.items() if name not in groups})
+    out = Path(run_dir) / "report"
+    table = table_markdown(groups)
+    atomic_write_text(out / "table.md", table)
+    plot(groups, out / "defence.png")
+    write_json(out / "results.json", groups)
+    return {"table": table, "plot": str(out / "defence.png"), "groups": groups}
