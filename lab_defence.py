@@ -8,7 +8,7 @@
 import argparse
 import json
 
-from safedata import defence
+from lab import defence
 from safedata.cli import run
 
 

@@ -7,5 +7,6 @@ outside the lab data, so they live here, next to the scripts that run the lab (s
 scripts/lab_methods.sh, lab_report.py), and import `safedata` like any other user of it.
 
 - lab/demo.py: metrics of a lab model, random subsets, collecting a run, the table, checks and plots;
-- lab/methods.py: the every-method benchmark's table (mean, sd, 95% interval, per seed, selection cost) and plot.
+- lab/methods.py: the every-method benchmark's table (mean, sd, 95% interval, per seed, selection cost) and plot;
+- lab/defence.py: the lab defence (docs/AUDIT.md): mixes, and the table and plot of audited vs random drops.
 """

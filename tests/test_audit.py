@@ -289,7 +289,7 @@ def test_bad_parquet_row_names_the_record(tmp_path):
 
 
 def test_lab_mixes_are_disjoint_draws_with_the_stated_enrichment(tmp_path):
-    from safedata import defence
+    from lab import defence
     summary = defence.build_mixes(LAB / "pool.json", tmp_path, n_mix=300, n_heldout=50, n_enrich=30, seed=3)
     mixes = json.loads((tmp_path / "mixes.json").read_text())
     heldout, natural, enriched = (set(mixes[k]["pool_indices"]) for k in ("heldout_benign", "natural", "enriched"))

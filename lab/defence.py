@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
-try:
-    from . import lab
-except ImportError:  # the methods work moves the lab's metrics to the top-level package lab/ (lab/demo.py)
-    from lab import demo as lab
-from .errors import UserError
-from .store import atomic_write_text, fingerprint, read_json, write_json
+from lab import demo as lab
+from safedata import data as D
+from safedata.errors import UserError
+from safedata.store import atomic_write_text, fingerprint, read_json, write_json
 
 MIXES = ("natural", "enriched")
 CONDITIONS = ("whole", "audit5", "random5", "audit10", "random10")
@@ -61,12 +58,12 @@ def build_mixes(pool_path, out_dir, n_mix=1000, n_heldout=200, n_enrich=100, see
 
 def benign_loss(run: Path, model_dir: Path, heldout_path: Path, batch_size=16) -> float:
     """Mean over the held-out benign examples of each answer's token-mean loss (lab.compliant_loss), cached."""
-    from .models import load_model, model_identity
+    from safedata.models import load_model, model_identity
     key = fingerprint({"model": model_identity(str(model_dir)), "heldout": D.file_sha256(heldout_path)})
     cache = run / "benign_loss.json"
     if cache.exists() and read_json(cache).get("fingerprint") == key:
         return read_json(cache)["benign_loss"]
-    from .generation import resolve_template
+    from safedata.generation import resolve_template
     template, _ = resolve_template(str(model_dir), None)
     model, tokenizer = load_model(str(model_dir), "fp32", "cpu")
     examples, _ = D.load_examples(heldout_path)
