@@ -105,12 +105,19 @@ def measured_setup(tmp_path_factory):
     pool = base / "pool.json"
     pool.write_text(json.dumps([{"instruction": "Describe the garden in spring", "input": "",
                                  "output": "The garden is green and the birds sing. " * 12}] * 20))
+    tok = load_tokenizer(str(model))
+    # Four distinct anchors of one token length (which words tokenise to one piece depends on the tokenizer).
+    requests = [f"Placeholder request about the garden, part {part}" for part in "abcdefghijklmnopqrstuvwxyz"]
+    by_length = {}
+    for request in requests:
+        by_length.setdefault(len(tok(request, add_special_tokens=False).input_ids), []).append(request)
+    requests = max(by_length.values(), key=len)[:4]
+    assert len(requests) == 4, by_length
     anchors = base / "anchors.json"
     anchors.write_text(json.dumps([{"messages": [
-        {"role": "user", "content": f"Placeholder request number {i} about the garden"},
+        {"role": "user", "content": request},
         {"role": "assistant", "content": "Sure, here is a placeholder answer with some steps. " * 3}]}
-        for i in range(4)]))
-    tok = load_tokenizer(str(model))
+        for request in requests]))
     length = {len(D.encode(e, tok).input_ids) for e in D.load_examples(pool)[0]}
     anchor_tokens = {len(D.encode(e, tok, max_response_length=10).input_ids) for e in D.load_examples(anchors)[0]}
     assert len(length) == 1 and len(anchor_tokens) == 1
