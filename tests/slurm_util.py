@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,15 @@ def wait_ok(job_id, timeout: float = 120, poll: float = 1.0) -> dict:
     if bad:
         pytest.fail(f"job {job_id}: tasks did not complete: {bad}\n{job_report(job_id)}", pytrace=False)
     return states
+
+
+@contextmanager
+def job_workdir(tiny_model_dir, prefix: str):
+    """A world-readable directory under /tmp (the slurmd user reads it) holding a copy of the tiny model."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    shutil.copytree(tiny_model_dir, base / "model")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

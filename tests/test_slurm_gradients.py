@@ -4,8 +4,6 @@ others wait on its lock and keep it), every task scores against the same bytes, 
 that equals a single run against those targets."""
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,12 +26,8 @@ def anchors(path, answer):
 @pytest.fixture()
 def workdir(request):
     slurm_util.require_slurm()
-    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
-    base = Path(tempfile.mkdtemp(prefix="safedata-slurm-grad-", dir="/tmp"))
-    base.chmod(0o755)
-    shutil.copytree(tiny_model_dir, base / "model")
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with slurm_util.job_workdir(request.getfixturevalue("tiny_model_dir"), "safedata-slurm-grad-") as base:
+        yield base
 
 
 def test_array_tasks_build_each_target_once_and_merge_one_scores_csv(workdir, monkeypatch):

@@ -4,8 +4,6 @@ Tiny model, a 20-record subset and 6 placeholder prompts, all under /tmp so that
 """
 import csv
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,12 +25,8 @@ def write_subset(path, n=20):
 @pytest.fixture()
 def workdir(request):
     slurm_util.require_slurm()  # before building anything
-    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
-    base = Path(tempfile.mkdtemp(prefix="safedata-slurm-test-", dir="/tmp"))
-    base.chmod(0o755)
-    shutil.copytree(tiny_model_dir, base / "model")
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with slurm_util.job_workdir(request.getfixturevalue("tiny_model_dir"), "safedata-slurm-test-") as base:
+        yield base
 
 
 def test_finetune_generate_evaluate_job(workdir):
