@@ -137,3 +137,30 @@ def test_anchor_and_pool_are_read_at_the_same_token(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="--max_response_length does not apply to --pooling last"):
         extract_representations(tiny_model_dir, anchors, tmp_path / "mlen", max_response_length=10, dtype="fp32")
     assert not (tmp_path / "mlen").exists()
+
+
+# bf16 tolerance, derived. With bf16 weights and activations every matmul output, residual add and norm is
+# rounded to bf16 (unit roundoff u = 2^-8); a last-layer hidden state passes through about 10 such roundings per
+# decoder layer. Independent roundings add in quadrature, so its relative (L2) error is about sqrt(10 L) u; twice
+# that is the bound (the final RMSNorm rescales, it does not amplify relative error).
+def test_bf16_on_cpu_within_derived_tolerance(tiny_model_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool.json", n=8)
+    out = tmp_path / "reps"
+    assert extract_representations(tiny_model_dir, pool, out, batch_size=3, chunk_size=4, dtype="bf16", device="cpu")
+    features = load_tensors(out / "features.safetensors")[0]["features"].double()
+    # The reference: the same bf16-rounded weights (their rounding is the model, not an error), run in fp64.
+    model, tok = load_model(tiny_model_dir, "bf16", "cpu")
+    model = model.double()
+    rows = []
+    for e in D.load_examples(pool)[0]:
+        enc = D.encode(e, tok)
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True).hidden_states[-1][0]
+        rows.append(hidden[len(enc.input_ids) - 1])
+    reference = torch.stack(rows)
+    layers = model.config.num_hidden_layers
+    bound = 2 * (10 * layers) ** 0.5 * 2.0 ** -8
+    rel_err = ((features - reference).norm(dim=1) / reference.norm(dim=1)).max().item()
+    print(f"bf16 representations: max relative error {rel_err:.2e}, bound {bound:.2e}")
+    assert rel_err < bound, (rel_err, bound)
+    assert rel_err > 1e-5          # it really ran in bf16 (an fp32 run is ~1e-7 off)
