@@ -82,17 +82,19 @@ def test_lora_plan_counts_what_peft_trains(tiny_model_dir):
 # ----------------------------------------------------------------------------- measured peaks on CPU
 
 MEASURE = r"""
-import json, os, resource, runpy, sys
+import json, os, runpy, sys
 root, script, *args = sys.argv[1:]
 sys.path.insert(0, root)
 import torch, transformers, transformers.trainer, peft, safedata.training, safedata.features.gradients
-def rss():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child of a large pytest process would start
+# with the parent's peak as its own and understate its growth; VmHWM belongs to this process's memory map.
+def high_water():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+base = high_water()
 sys.argv = [script, *args]
 runpy.run_path(os.path.join(root, script), run_name="__main__")
-print(json.dumps({"grown": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+print(json.dumps({"grown": high_water() - base}))
 """
 
 
