@@ -210,7 +210,7 @@ def plan_finetune(shape: ModelShape, per_device_batch: int, length: int, precisi
     else:
         how = "fp32 master weights" if master == 4 else "bf16 weights (pure bf16)"
         plan.add("weights", p * master / shard, f"{p:,} x {master} bytes, {how}" + (f", FSDP / {shard}" if shard > 1 else ""))
-        plan.add("gradients", p * master / shard, f"same dtype as the weights" + (f", / {shard}" if shard > 1 else ""))
+        plan.add("gradients", p * master / shard, "same dtype as the weights" + (f", / {shard}" if shard > 1 else ""))
         plan.add("AdamW state", 2 * p * master / shard, f"two moments x {master} bytes" + (f", / {shard}" if shard > 1 else ""))
         if precision == "bf16" and not fsdp:
             plan.add("autocast weight copies", p * 2, "bf16 casts of the fp32 weights, cached for a step")

@@ -4,7 +4,6 @@ others wait on its lock and keep it), every task scores against the same bytes, 
 that equals a single run against those targets."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
