@@ -5,13 +5,15 @@ of benign answers the model never trained on), a *natural* mix (a random draw: t
 occur at the pool's rate) and an *enriched* mix (the natural mix with part of it replaced by pool answers in
 the style the lab's gradient top-100 is made of: opening "Sure, here ..." like the compliant form).
 scripts/lab_defence.sh audits each mix (audit.py), fine-tunes the aligned model on the whole mix, on the mix
-after audit.py drops 5% and 10%, and after dropping as many at random (one draw per seed), answers the held-out
+after audit.py drops 5% and 10%, after dropping as many at random (one draw per seed) and as many by the best
+cheap methods of the lab methods benchmark (answer length, BM25 against the harmful anchors), answers the held-out
 harmful-style prompts, and `report` tabulates (lab.collect for compliance, keyword ASR and the held-out
 compliant-answer loss; the held-out benign loss added here) and plots.
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -23,7 +25,23 @@ from safedata.errors import UserError
 from safedata.store import atomic_write_text, fingerprint, read_json, write_json
 
 MIXES = ("natural", "enriched")
-CONDITIONS = ("whole", "audit5", "random5", "audit10", "random10")
+# A condition is `whole` or how the mix was cut and by how many percent: audit10 (audit.py, gradient matching),
+# random10, or a cheap method's name (length10, bm25_harmful10: audit.py --scores of score.py's scores).
+CUT_ORDER = ("audit", "random", "length", "bm25_harmful")
+
+
+def split_condition(condition: str) -> tuple[str, int | None]:
+    """'bm25_harmful10' -> ('bm25_harmful', 10); 'whole' -> ('whole', None)."""
+    match = re.fullmatch(r"(.+?)(\d+)", condition)
+    return (match.group(1), int(match.group(2))) if match else (condition, None)
+
+
+def condition_order(condition: str) -> tuple:
+    """whole first, then per drop percentage: audit.py, random, the cheap methods (others last, by name)."""
+    cut, pct = split_condition(condition)
+    if pct is None:
+        return (-1, 0, cut)
+    return (pct, CUT_ORDER.index(cut) if cut in CUT_ORDER else len(CUT_ORDER), cut)
 
 
 def _opens_compliant(example) -> bool:
@@ -96,7 +114,7 @@ def collect(run_dir, data_dir, batch_size=16) -> dict:
             losses.append(r["benign_loss"])
         group["metrics"]["benign_loss"] = lab._mean_sd(losses)
         mix, _, condition = name.partition("-")
-        if condition.startswith("audit"):
+        if (run_dir / "audit" / name).is_dir():  # cut by audit.py: by gradient matching or a cheap method's scores
             group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / f"{mix}-{condition}")
     return groups
 
@@ -133,19 +151,28 @@ def plot(groups: dict, out_png) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {"whole": "#555555", "audit5": "#c0392b", "audit10": "#7b241c", "random5": "#aab7b8",
-              "random10": "#717d7e"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = {"whole": ("#555555",), "audit": ("#e06666", "#c0392b", "#7b241c"),
+              "random": ("#cfd8dc", "#aab7b8", "#717d7e"), "length": ("#85c1e9", "#2e86c1", "#1b4f72"),
+              "bm25_harmful": ("#a9dfbf", "#52be80", "#1e8449")}
+    percents = sorted({p for name in groups for p in [split_condition(name.partition("-")[2])[1]] if p is not None})
+
+    def color(condition):
+        cut, pct = split_condition(condition)
+        shades = colors.get(cut, ("#b7950b", "#9a7d0a", "#7d6608"))
+        return shades[0] if pct is None else shades[min(percents.index(pct), len(shades) - 1)]
+
+    conditions = sorted({name.partition("-")[2] for name in groups if "-" in name}, key=condition_order)
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 0.45 * len(MIXES) * len(conditions) * 3 / 2, 4.2))
     for ax, metric in zip(axes, ("compliance", "keyword_asr", "benign_loss")):
         ticks, labels = [], []
         x = 0
         for mix in MIXES:
-            for condition in CONDITIONS:
+            for condition in conditions:
                 g = groups.get(f"{mix}-{condition}")
                 if g is None:
                     continue
                 stats = g["metrics"][metric]
-                ax.bar(x, stats["mean"], color=colors[condition])
+                ax.bar(x, stats["mean"], color=color(condition))
                 ax.scatter([x] * len(stats["values"]), stats["values"], color="black", s=8, zorder=3)
                 ticks.append(x)
                 labels.append(f"{mix} {condition}")
@@ -172,9 +199,10 @@ def plot(groups: dict, out_png) -> Path:
 
 def report(run_dir, data_dir="ft_datasets/lab", batch_size=16) -> dict:
     collected = collect(run_dir, data_dir, batch_size)
-    order = ["aligned"] + [f"{mix}-{condition}" for mix in MIXES for condition in CONDITIONS]
-    groups = {name: collected[name] for name in order if name in collected}
-    groups.update({name: g for name, g in collected.items() if name not in groups})
+    def row_order(name):
+        mix, _, condition = name.partition("-")
+        return (name != "aligned", MIXES.index(mix) if mix in MIXES else len(MIXES), mix, condition_order(condition))
+    groups = {name: collected[name] for name in sorted(collected, key=row_order)}
     out = Path(run_dir) / "report"
     table = table_markdown(groups)
     atomic_write_text(out / "table.md", table)

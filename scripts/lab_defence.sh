@@ -5,7 +5,10 @@
 # the styles that break safety at the pool's rate) and an enriched mix (the same with $N_ENRICH examples replaced
 # by answers opening like the compliant form, the style the gradient top-100 is made of). For each mix:
 #   audit.py (exact gradient matching, anchors +1 harmful, -1 -1 safe) drops 5%, then 10% (same scores, --scores);
-#   the same numbers are dropped at random (lab_report.py random, one draw per seed).
+#   the same numbers are dropped at random (lab_report.py random, one draw per seed);
+#   and by the best cheap methods of the lab methods benchmark (docs/METHODS.md): score.py writes a score dir,
+#   audit.py --scores drops the same fractions by it ($CHEAP: length = answer length in words, bm25_harmful =
+#   BM25 against the harmful anchors only).
 # The aligned model is fine-tuned on the whole mix, each audited mix and each random drop, per seed (finetune.py),
 # answers the held-out harmful-style prompts (generate.py), is scored (evaluate.py), and lab_defence.py report
 # tabulates compliance, keyword ASR, the held-out compliant-answer loss and the held-out benign loss (the cost).
@@ -28,6 +31,7 @@ N_MIX=${N_MIX:-1000}
 N_HELDOUT=${N_HELDOUT:-200}
 N_ENRICH=${N_ENRICH:-100}
 FRACTIONS=${FRACTIONS:-"5 10"}              # percent dropped
+CHEAP=${CHEAP:-"length bm25_harmful"}       # cheap methods dropping as much as audit.py (score.py; none: CHEAP="")
 SEEDS=${SEEDS:-"1 2 3 4 5"}
 TEMPLATE=${TEMPLATE:-chat}
 LR=${LR:-1e-3}                              # the demo's lab lr
@@ -45,15 +49,30 @@ T0=$(date +%s)
 say() { printf '%4ds  %s\n' $(( $(date +%s) - T0 )) "$1"; }
 source scripts/lab_steps.sh   # step, answer, finetune_and_answer (as the demo)
 
-echo "lab defence: model $MODEL, mixes [$MIXES] of $N_MIX, drops [$FRACTIONS]%, seeds [$SEEDS], lr $LR x $EPOCHS epochs -> $OUT"
+echo "lab defence: model $MODEL, mixes [$MIXES] of $N_MIX, drops [$FRACTIONS]% (audit.py, random, cheap: [$CHEAP]), seeds [$SEEDS], lr $LR x $EPOCHS epochs -> $OUT"
 
 # ---------------------------------------------------------------------------- 1. the mixes
 [ -f "$OUT/mixes/mixes.json" ] || step mixes "$PYTHON" lab_defence.py mix --pool "$POOL" --output_dir "$OUT/mixes" \
   --n_mix "$N_MIX" --n_heldout "$N_HELDOUT" --n_enrich "$N_ENRICH"
 say "mixes: $(tr -d '\n ' <"$OUT/mixes/mixes.json" | grep -o '"natural":{"n":[0-9]*,"opener_share":[0-9.]*' | head -1)"
 
-# ---------------------------------------------------------------------------- 2. audit, random drops
+# ---------------------------------------------------------------------------- 2. audit, random and cheap drops
 ANCHOR_FILES=(); for a in $ANCHORS; do ANCHOR_FILES+=("$DATA/$a.jsonl"); done
+HARMFUL_ONLY=(1); for _ in "${ANCHOR_FILES[@]:1}"; do HARMFUL_ONLY+=(0); done
+cheap_score() {  # cheap_score METHOD MIX: score.py's score dir for the mix, and the weights that rank it
+  local dir="$OUT/scores/$2-$1" weights
+  case "$1" in
+    length) weights=1; set -- "$@" --method format --feature answer_words;;
+    lists) weights=1; set -- "$@" --method format --feature list_share;;
+    bm25|embedding) weights="$WEIGHTS"; set -- "$@" --method "$1" --anchors "${ANCHOR_FILES[@]}";;
+    bm25_harmful|embedding_harmful) weights="${HARMFUL_ONLY[*]}"; set -- "$@" --method "${1%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
+    *) echo "error: CHEAP: unknown method '$1' (length, lists, bm25[_harmful], embedding[_harmful])" >&2; exit 2;;
+  esac
+  local method=$1 mix=$2; shift 2
+  [ -f "$dir/meta.json" ] || step "score.$mix.$method" "$PYTHON" score.py --data_path "$OUT/mixes/$mix.json" \
+    --output_dir "$dir" "$@"
+  CHEAP_DIR=$dir CHEAP_WEIGHTS=$weights
+}
 GROUPS_FT=()
 for mix in $MIXES; do
   GROUPS_FT+=("$mix-whole")
@@ -80,6 +99,14 @@ for mix in $MIXES; do
           --k $(( N_MIX - n_drop )) --seed "$seed" --write_to "$OUT/random/$mix-random$pct/seed$seed"
     done
     GROUPS_FT+=("$mix-audit$pct" "$mix-random$pct")
+    for method in $CHEAP; do   # the same fraction dropped by a cheap method's scores
+      cheap_score "$method" "$mix"
+      dir="$OUT/audit/$mix-$method$pct"
+      [ -f "$dir/meta.json" ] || step "audit.$mix.$method$pct" "$PYTHON" audit.py --data_path "$OUT/mixes/$mix.json" \
+        --scores "$CHEAP_DIR" --weights $CHEAP_WEIGHTS --drop_fraction "$fraction" --output_dir "$dir"
+      say "$mix: $method flagged $(( $(wc -l <"$dir/flagged.csv") - 1 )) ($pct%)"
+      GROUPS_FT+=("$mix-$method$pct")
+    done
   done
 done
 
@@ -90,8 +117,8 @@ subset_of() {  # subset_of GROUP SEED
   local mix=${1%%-*} condition=${1#*-}
   case "$condition" in
     whole) echo "$OUT/mixes/$mix.json" ;;
-    audit*) echo "$OUT/audit/$1/kept.json" ;;
     random*) ls "$OUT/random/$1/seed$2/"*_random*.json ;;
+    *) echo "$OUT/audit/$1/kept.json" ;;   # audit.py's kept set: by gradient matching or a cheap method
   esac
 }
 finetune_run() {  # finetune_run GROUP SEED (in the background; JOBS at a time)

@@ -300,3 +300,29 @@ def test_lab_mixes_are_disjoint_draws_with_the_stated_enrichment(tmp_path):
     assert all(r["output"].lstrip().startswith("Sure, here") for r in added)
     assert json.loads((tmp_path / "natural.json").read_text()) == [pool[i] for i in sorted(natural)]
     assert summary["enriched"]["opener_share"] > summary["natural"]["opener_share"]
+
+
+def test_a_cheap_methods_scores_cut_the_mix_as_the_lab_defence_does(tmp_path):
+    """scripts/lab_defence.sh's cheap condition: score.py's answer length, audit.py --scores --weights 1 drops
+    the longest answers (ties by file index) and keeps the rest verbatim, in order."""
+    from safedata.analysis import words
+    from safedata.methods import format_scores
+    records = json.loads((LAB / "pool.json").read_text())[:60]
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps(records))
+    format_scores.score(str(mix), str(tmp_path / "scores"), feature="answer_words")
+    summary = audit(AuditConfig(data_path=str(mix), output_dir=str(tmp_path / "a"), scores_dir=str(tmp_path / "scores"),
+                                weights=[1.0], drop_fraction=0.1))
+    by_length = sorted(range(len(records)), key=lambda i: (-words(records[i]["output"]), i))
+    assert summary["n_flagged"] == 6
+    assert {int(r["index"]) for r in flagged_rows(tmp_path / "a")} == set(by_length[:6])
+    assert json.loads((tmp_path / "a" / "kept.json").read_text()) == [records[i] for i in sorted(by_length[6:])]
+
+
+def test_lab_defence_conditions_sort_by_drop_then_method():
+    from lab import defence
+    assert defence.split_condition("bm25_harmful10") == ("bm25_harmful", 10)
+    assert defence.split_condition("whole") == ("whole", None)
+    conditions = ["random10", "length5", "audit10", "whole", "bm25_harmful5", "audit5", "random5", "other5"]
+    assert sorted(conditions, key=defence.condition_order) == [
+        "whole", "audit5", "random5", "length5", "bm25_harmful5", "other5", "audit10", "random10"]
