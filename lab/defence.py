@@ -27,11 +27,17 @@ from safedata.store import atomic_write_text, fingerprint, read_json, write_json
 MIXES = ("natural", "enriched")
 # A condition is `whole` or how the mix was cut and by how many percent: audit10 (audit.py, gradient matching),
 # random10, or a cheap method's name (length10, bm25_harmful10: audit.py --scores of score.py's scores).
-CUT_ORDER = ("audit", "random", "length", "bm25_harmful")
+# The cheap methods are scripts/lab_defence.sh's CHEAP choices (score_spec in scripts/lab_steps.sh).
+CUT_ORDER = ("audit", "random", "length", "bm25_harmful", "bm25", "lists", "embedding_harmful", "embedding",
+             "compliance")
 
 
 def split_condition(condition: str) -> tuple[str, int | None]:
-    """'bm25_harmful10' -> ('bm25_harmful', 10); 'whole' -> ('whole', None)."""
+    """'bm25_harmful10' -> ('bm25_harmful', 10); 'bm2510' -> ('bm25', 10); 'whole' -> ('whole', None).
+    Known cut names first: a name ending in digits (bm25) would otherwise lend them to the percentage."""
+    for cut in sorted(CUT_ORDER, key=len, reverse=True):
+        if condition.startswith(cut) and condition[len(cut):].isdigit():
+            return cut, int(condition[len(cut):])
     match = re.fullmatch(r"(.+?)(\d+)", condition)
     return (match.group(1), int(match.group(2))) if match else (condition, None)
 
@@ -113,9 +119,8 @@ def collect(run_dir, data_dir, batch_size=16) -> dict:
             r["benign_loss"] = benign_loss(run, model_dir, heldout, batch_size)
             losses.append(r["benign_loss"])
         group["metrics"]["benign_loss"] = lab._mean_sd(losses)
-        mix, _, condition = name.partition("-")
         if (run_dir / "audit" / name).is_dir():  # cut by audit.py: by gradient matching or a cheap method's scores
-            group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / f"{mix}-{condition}")
+            group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / name)
     return groups
 
 
@@ -154,15 +159,16 @@ def plot(groups: dict, out_png) -> Path:
     colors = {"whole": ("#555555",), "audit": ("#e06666", "#c0392b", "#7b241c"),
               "random": ("#cfd8dc", "#aab7b8", "#717d7e"), "length": ("#85c1e9", "#2e86c1", "#1b4f72"),
               "bm25_harmful": ("#a9dfbf", "#52be80", "#1e8449")}
-    percents = sorted({p for name in groups for p in [split_condition(name.partition("-")[2])[1]] if p is not None})
+    conditions = sorted({name.partition("-")[2] for name in groups if "-" in name}, key=condition_order)
+    percents = sorted({split_condition(c)[1] for c in conditions} - {None})
 
     def color(condition):
         cut, pct = split_condition(condition)
         shades = colors.get(cut, ("#b7950b", "#9a7d0a", "#7d6608"))
         return shades[0] if pct is None else shades[min(percents.index(pct), len(shades) - 1)]
 
-    conditions = sorted({name.partition("-")[2] for name in groups if "-" in name}, key=condition_order)
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 0.45 * len(MIXES) * len(conditions) * 3 / 2, 4.2))
+    bars = len(MIXES) * len(conditions)
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 3 * 0.225 * bars, 4.2))  # three panels, 0.225 in per bar each
     for ax, metric in zip(axes, ("compliance", "keyword_asr", "benign_loss")):
         ticks, labels = [], []
         x = 0
@@ -199,6 +205,7 @@ def plot(groups: dict, out_png) -> Path:
 
 def report(run_dir, data_dir="ft_datasets/lab", batch_size=16) -> dict:
     collected = collect(run_dir, data_dir, batch_size)
+
     def row_order(name):
         mix, _, condition = name.partition("-")
         return (name != "aligned", MIXES.index(mix) if mix in MIXES else len(MIXES), mix, condition_order(condition))

@@ -111,22 +111,15 @@ for method in $METHODS; do
     done
   else
     bar "$method: score the pool (score.py), rank top-$K"
-    SCORE=("$PYTHON" score.py --data_path "$POOL")
     case "$method" in
-      bm25|embedding) score_method "$method" "$OUT/scores/$method" "$WEIGHTS" "${SCORE[@]}" --method "$method" \
-        --anchors "${ANCHOR_FILES[@]}";;
-      bm25_harmful|embedding_harmful) score_method "$method" "$OUT/scores/${method%_harmful}" "${HARMFUL_ONLY[*]}" \
-        "${SCORE[@]}" --method "${method%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
-      lists) score_method lists "$OUT/scores/lists" 1 "${SCORE[@]}" --method format --feature list_share;;
-      length) score_method length "$OUT/scores/length" 1 "${SCORE[@]}" --method format --feature answer_words;;
-      compliance) score_method compliance "$OUT/scores/compliance" 1 "${SCORE[@]}" --method compliance \
-        --model_name "$MODEL" --template "$TEMPLATE" --anchors "${ANCHOR_FILES[@]}" --batch_size 32;;
       selfinf|selfinfn)  # anchor-free: one score dir, columns self_inf and self_inf_n
         score_method "$method" "$OUT/scores/selfinf" "$([ "$method" = selfinf ] && echo 1 0 || echo 0 1)" \
           "$PYTHON" get_gradients.py --self_influence --model_name "$MODEL" --data_path "$POOL" --template "$TEMPLATE" \
           --batch_size 16;;
-      *) echo "error: METHODS: unknown method '$method' (grad, reps, bm25[_harmful], embedding[_harmful], lists, length, compliance, selfinf[n])" >&2
-         exit 2;;
+      *) score_spec "$method" || { echo "error: METHODS: unknown method '$method' (grad, reps, bm25[_harmful], embedding[_harmful], lists, length, compliance, selfinf[n])" >&2
+           exit 2; }
+         score_method "$method" "$OUT/scores/$SCORE_KEY" "$SCORE_WEIGHTS" "$PYTHON" score.py --data_path "$POOL" \
+           "${SCORE_ARGS[@]}";;
     esac
   fi
   COST_DIR=""

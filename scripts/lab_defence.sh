@@ -59,20 +59,6 @@ say "mixes: $(tr -d '\n ' <"$OUT/mixes/mixes.json" | grep -o '"natural":{"n":[0-
 # ---------------------------------------------------------------------------- 2. audit, random and cheap drops
 ANCHOR_FILES=(); for a in $ANCHORS; do ANCHOR_FILES+=("$DATA/$a.jsonl"); done
 HARMFUL_ONLY=(1); for _ in "${ANCHOR_FILES[@]:1}"; do HARMFUL_ONLY+=(0); done
-cheap_score() {  # cheap_score METHOD MIX: score.py's score dir for the mix, and the weights that rank it
-  local dir="$OUT/scores/$2-$1" weights
-  case "$1" in
-    length) weights=1; set -- "$@" --method format --feature answer_words;;
-    lists) weights=1; set -- "$@" --method format --feature list_share;;
-    bm25|embedding) weights="$WEIGHTS"; set -- "$@" --method "$1" --anchors "${ANCHOR_FILES[@]}";;
-    bm25_harmful|embedding_harmful) weights="${HARMFUL_ONLY[*]}"; set -- "$@" --method "${1%_harmful}" --anchors "${ANCHOR_FILES[@]}";;
-    *) echo "error: CHEAP: unknown method '$1' (length, lists, bm25[_harmful], embedding[_harmful])" >&2; exit 2;;
-  esac
-  local method=$1 mix=$2; shift 2
-  [ -f "$dir/meta.json" ] || step "score.$mix.$method" "$PYTHON" score.py --data_path "$OUT/mixes/$mix.json" \
-    --output_dir "$dir" "$@"
-  CHEAP_DIR=$dir CHEAP_WEIGHTS=$weights
-}
 GROUPS_FT=()
 for mix in $MIXES; do
   GROUPS_FT+=("$mix-whole")
@@ -100,10 +86,13 @@ for mix in $MIXES; do
     done
     GROUPS_FT+=("$mix-audit$pct" "$mix-random$pct")
     for method in $CHEAP; do   # the same fraction dropped by a cheap method's scores
-      cheap_score "$method" "$mix"
+      score_spec "$method" || { echo "error: CHEAP: '$method' is not a score.py method (length, lists, bm25[_harmful], embedding[_harmful], compliance)" >&2; exit 2; }
+      scores="$OUT/scores/$mix-$SCORE_KEY"
+      [ -f "$scores/meta.json" ] || step "score.$mix.$SCORE_KEY" "$PYTHON" score.py --data_path "$OUT/mixes/$mix.json" \
+        --output_dir "$scores" "${SCORE_ARGS[@]}"
       dir="$OUT/audit/$mix-$method$pct"
       [ -f "$dir/meta.json" ] || step "audit.$mix.$method$pct" "$PYTHON" audit.py --data_path "$OUT/mixes/$mix.json" \
-        --scores "$CHEAP_DIR" --weights $CHEAP_WEIGHTS --drop_fraction "$fraction" --output_dir "$dir"
+        --scores "$scores" --weights $SCORE_WEIGHTS --drop_fraction "$fraction" --output_dir "$dir"
       say "$mix: $method flagged $(( $(wc -l <"$dir/flagged.csv") - 1 )) ($pct%)"
       GROUPS_FT+=("$mix-$method$pct")
     done

@@ -1,5 +1,6 @@
 # The lab's pipeline steps, shared by scripts/demo.sh and scripts/lab_defence.sh (sourced, not run).
-# They read the caller's variables: PYTHON, OUT, DATA, MODEL, TEMPLATE, MAX_NEW_TOKENS, LR, EPOCHS, BATCH.
+# They read the caller's variables: PYTHON, OUT, DATA, MODEL, TEMPLATE, MAX_NEW_TOKENS, LR, EPOCHS, BATCH
+# (score_spec: ANCHOR_FILES, HARMFUL_ONLY, WEIGHTS).
 
 declare -p TIMED >/dev/null 2>&1 || TIMED=()   # a command prefix for every step (e.g. /usr/bin/time ...), or none
 step() {  # step LOG cmd...: run quietly into $OUT/logs/LOG.log; on failure show its tail and stop
@@ -42,4 +43,18 @@ run_grid() {  # run_grid group|seed: the caller's `finetune_run GROUP SEED` for 
     set -- $pair
     [ -f "$OUT/ft/$1/seed$2/eval/summary.json" ] || { echo "error: run $1 seed $2 did not finish (logs: $OUT/logs/$1.seed$2.*)" >&2; exit 1; }
   done
+}
+score_spec() {  # score_spec METHOD: a score.py method's arguments (SCORE_ARGS), the weights that rank its score
+  # dir (SCORE_WEIGHTS) and the dir's name (SCORE_KEY: harmful-only methods share the bi-directional scores);
+  # returns 1 for a method score.py does not make
+  case "$1" in
+    bm25|embedding) SCORE_KEY=$1 SCORE_WEIGHTS="$WEIGHTS" SCORE_ARGS=(--method "$1" --anchors "${ANCHOR_FILES[@]}");;
+    bm25_harmful|embedding_harmful) SCORE_KEY=${1%_harmful} SCORE_WEIGHTS="${HARMFUL_ONLY[*]}"
+      SCORE_ARGS=(--method "${1%_harmful}" --anchors "${ANCHOR_FILES[@]}");;
+    lists) SCORE_KEY=lists SCORE_WEIGHTS=1 SCORE_ARGS=(--method format --feature list_share);;
+    length) SCORE_KEY=length SCORE_WEIGHTS=1 SCORE_ARGS=(--method format --feature answer_words);;
+    compliance) SCORE_KEY=compliance SCORE_WEIGHTS=1 SCORE_ARGS=(--method compliance --model_name "$MODEL"
+      --template "$TEMPLATE" --anchors "${ANCHOR_FILES[@]}" --batch_size 32);;
+    *) return 1;;
+  esac
 }

@@ -323,6 +323,7 @@ def test_lab_defence_conditions_sort_by_drop_then_method():
     from lab import defence
     assert defence.split_condition("bm25_harmful10") == ("bm25_harmful", 10)
     assert defence.split_condition("whole") == ("whole", None)
+    assert defence.split_condition("bm2510") == ("bm25", 10)  # CHEAP=bm25: the method's own digits stay its own
     conditions = ["random10", "length5", "audit10", "whole", "bm25_harmful5", "audit5", "random5", "other5"]
     assert sorted(conditions, key=defence.condition_order) == [
         "whole", "audit5", "random5", "length5", "bm25_harmful5", "other5", "audit10", "random10"]
