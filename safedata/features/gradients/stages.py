@@ -8,7 +8,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -96,7 +95,6 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
                 result = anchor_gradients(model, prepared.encoded, D.pad_token_id(tokenizer), params_key, mode,
                                           batch_size, adam, renormalize, layout, progress=True,
                                           cumulative=original_quirks)
-            _perturb_for_tests(result.target)
             _write_target(output_dir, meta, result.target)
     if world > 1:
         torch.distributed.barrier()
@@ -122,21 +120,6 @@ def _write_target(output_dir: Path, meta: dict, target) -> None:
     write_json(output_dir / META, meta)     # last: a target dir with meta.json is complete
     log.info("wrote %s (%d anchors, %.1f MB, ||T|| = %.4g)", output_dir / TARGET_FILE, n,
              meta["target"]["bytes"] / 2**20, target.norm)
-
-
-# Tests only: a builder-dependent relative perturbation of the target (as on a GPU whose kernels are not
-# deterministic), to show that concurrent builders of one target still leave every scorer the same bytes.
-TEST_NOISE_ENV = "SAFEDATA_TEST_TARGET_NOISE"
-
-
-def _perturb_for_tests(target) -> None:
-    scale = os.environ.get(TEST_NOISE_ENV)
-    if not scale:
-        return
-    gen = torch.Generator().manual_seed(os.getpid() * 1000 + int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
-    for p in target.params.values():
-        p.scale_(1.0 + float(scale) * float(torch.randn((), generator=gen)))
-    log.warning("%s is set: the target is perturbed (tests only)", TEST_NOISE_ENV)
 
 
 @contextlib.contextmanager
