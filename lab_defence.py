@@ -2,8 +2,10 @@
 
   mix:     lab_defence.py mix --pool ft_datasets/lab/pool.json --output_dir RUN/mixes
            held-out benign set, a natural mix and an enriched mix (seeded draws from the pool)
-  report:  lab_defence.py report --run_dir RUN
-           every run under RUN/ft/ -> RUN/report/{table.md,results.json,defence.png}; prints the table
+  report:  lab_defence.py report --run_dir RUN [--output_dir docs/lab_defence]
+           every run under RUN/ft/ -> RUN/report/ (or --output_dir): table.md, results.json, defence.png,
+           per_seed.csv (every run's values) and pooled.csv (the rates' successes pooled over seeds, 95% Wilson
+           interval); prints the table
 """
 import argparse
 import json
@@ -27,11 +29,12 @@ def main():
     r.add_argument("--run_dir", required=True, help="the OUT of scripts/lab_defence.sh")
     r.add_argument("--data_dir", default="ft_datasets/lab", help="the lab data (eval_compliant.jsonl, model/)")
     r.add_argument("--batch_size", type=int, default=16, help="batch size of the loss passes")
+    r.add_argument("--output_dir", default=None, help="default: RUN_DIR/report (docs/lab_defence for the docs' copy)")
     a = p.parse_args()
     if a.command == "mix":
         print(json.dumps(defence.build_mixes(a.pool, a.output_dir, a.n_mix, a.n_heldout, a.n_enrich, a.seed), indent=1))
     else:
-        print(defence.report(a.run_dir, a.data_dir, a.batch_size)["table"])
+        print(defence.report(a.run_dir, a.data_dir, a.batch_size, a.output_dir)["table"])
 
 
 if __name__ == "__main__":

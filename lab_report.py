@@ -8,8 +8,10 @@
            keyword ASR, compliance rate and keyword-ASR-without-compliance of generate.py's responses;
            with --compliant, the held-out compliant-answer loss (all response tokens, first 5) under M.
   methods: lab_report.py methods --run_dir runs/lab_methods
-           the every-method benchmark (make lab-methods): RUN/report/methods.{md,json,png}, with 95% intervals,
-           per-seed values and each method's selection cost.
+           the every-method benchmark (make lab-methods): RUN/report/methods.{md,json,png}, with 95% intervals
+           (rates: Wilson, seeds pooled; losses: t), per-seed values and each method's selection cost.
+           lab_report.py methods --from_json docs/lab_methods/methods.json [--n_prompts 152]
+           the same files again from a methods.json alone (no runs), beside it or in --output_dir.
   random:  lab_report.py random --data_path ft_datasets/lab/pool.json --k 100 --seed 1 --write_to DIR
            a seeded random-k subset in rank.py's format (DIR/pool_random100.json + _index.csv).
 """
@@ -53,6 +55,10 @@ def main():
     t.add_argument("--output_dir", default=None, help="default: RUN_DIR/report")
     t.add_argument("--batch_size", type=int, default=16)
     t.add_argument("--model_name", default=None, help="the aligned model the runs start from (default: DATA_DIR/model)")
+    t.add_argument("--from_json", default=None,
+                   help="instead of a run: re-render from this methods.json (intervals recomputed from its per-seed values)")
+    t.add_argument("--n_prompts", type=int, default=None,
+                   help="with --from_json, for a methods.json without per-seed prompt counts: prompts per seed (lab: 152)")
 
     w = sub.add_parser("random", help="write a seeded random-k subset (rank.py's format)")
     w.add_argument("--data_path", required=True)
@@ -70,7 +76,10 @@ def main():
         print("wrote " + ", ".join([*result["plots"].values(), str(result["output_dir"])]))
     elif a.command == "methods":
         from lab import methods
-        result = methods.report(a.run_dir, a.data_dir, a.output_dir, a.batch_size, a.model_name)
+        if a.from_json:
+            result = methods.rerender(a.from_json, a.output_dir, a.n_prompts)
+        else:
+            result = methods.report(a.run_dir, a.data_dir, a.output_dir, a.batch_size, a.model_name)
         print(result["table"])
         print("wrote " + result["plot"])
     elif a.command == "metrics" and a.run_dir:

@@ -8,10 +8,15 @@ scripts/lab_defence.sh audits each mix (audit.py), fine-tunes the aligned model 
 after audit.py drops 5% and 10%, after dropping as many at random (one draw per seed) and as many by the best
 cheap methods of the lab methods benchmark (answer length, BM25 against the harmful anchors), answers the held-out
 harmful-style prompts, and `report` tabulates (lab.collect for compliance, keyword ASR and the held-out
-compliant-answer loss; the held-out benign loss added here) and plots.
+compliant-answer loss; the held-out benign loss added here; for the two rates, the 95% Wilson interval of the
+successes pooled over seeds, lab.demo.pooled_rate) and plots, and writes every run's values (per_seed.csv) and
+the pooled counts (pooled.csv): `lab_defence.py report --output_dir docs/lab_defence` puts them beside the
+docs, as `lab_report.py methods --output_dir docs/lab_methods` does for the methods benchmark.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import statistics
@@ -119,12 +124,16 @@ def collect(run_dir, data_dir, batch_size=16) -> dict:
             r["benign_loss"] = benign_loss(run, model_dir, heldout, batch_size)
             losses.append(r["benign_loss"])
         group["metrics"]["benign_loss"] = lab._mean_sd(losses)
+        n_prompts = [r["n_prompts"] for r in group["runs"]]
+        for metric in RATES:
+            group["metrics"][metric].update(lab.pooled_rate(group["metrics"][metric]["values"], n_prompts))
         if (run_dir / "audit" / name).is_dir():  # cut by audit.py: by gradient matching or a cheap method's scores
             group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / name)
     return groups
 
 
 METRICS = ("compliance", "keyword_asr", "compliant_loss", "benign_loss")
+RATES = ("compliance", "keyword_asr")  # shares of the held-out prompts' answers: pooled Wilson intervals
 LABELS = {"compliance": "compliance", "keyword_asr": "keyword ASR", "compliant_loss": "held-out compliant loss",
           "benign_loss": "held-out benign loss"}
 
@@ -132,12 +141,17 @@ LABELS = {"compliance": "compliance", "keyword_asr": "keyword ASR", "compliant_l
 def _fmt(metric, stats) -> str:
     if metric.endswith("loss"):
         return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['sd']:.1f}%"
+    cell = f"{100 * stats['mean']:.1f} ± {100 * stats['sd']:.1f}%"
+    if "ci95" in stats:
+        low, high = stats["ci95"]
+        cell += f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return cell
 
 
 def table_markdown(groups: dict) -> str:
-    header = ["run", "seeds", "examples", *(LABELS[m] for m in METRICS), f"opens {lab.COMPLIANT_OPENER!r}",
-              "of the dropped"]
+    header = ["run", "seeds", "examples",
+              *(f"{LABELS[m]} [95% Wilson CI, seeds pooled]" if m in RATES else LABELS[m] for m in METRICS),
+              f"opens {lab.COMPLIANT_OPENER!r}", "of the dropped"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, g in groups.items():
         comp = g["composition"]
@@ -149,6 +163,37 @@ def table_markdown(groups: dict) -> str:
                  f"{100 * comp['opener']:.1f}%" if comp else "-", f"{100 * share:.0f}%" if share is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def per_seed_csv(groups: dict) -> str:
+    """Every run's value of every metric it has: run, seed, metric, value, and for a rate its successes of
+    n_prompts answers (the aligned model's row has no seed)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", "seed", "metric", "value", "successes", "n_prompts"])
+    for name, g in groups.items():
+        for r in g["runs"]:
+            for metric in METRICS:
+                if metric not in r:
+                    continue
+                counts = lab.rate_counts([r[metric]], [r["n_prompts"]]) if metric in RATES else None
+                writer.writerow([name, "" if r["seed"] is None else r["seed"], metric, repr(r[metric]),
+                                 counts[0] if counts else "", r["n_prompts"] if counts else ""])
+    return buffer.getvalue()
+
+
+def pooled_csv(groups: dict) -> str:
+    """Per run and rate: the successes pooled over its seeds, of n answers, and their 95% Wilson interval."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", "metric", "seeds", "successes", "n", "rate", "ci95_low", "ci95_high"])
+    for name, g in groups.items():
+        for metric in RATES:
+            stats = g["metrics"][metric]
+            low, high = stats["ci95"]
+            writer.writerow([name, metric, len(g["runs"]), stats["successes"], stats["n"],
+                             repr(stats["successes"] / stats["n"]), repr(low), repr(high)])
+    return buffer.getvalue()
 
 
 def plot(groups: dict, out_png) -> Path:
@@ -203,16 +248,19 @@ def plot(groups: dict, out_png) -> Path:
     return out_png
 
 
-def report(run_dir, data_dir="ft_datasets/lab", batch_size=16) -> dict:
+def report(run_dir, data_dir="ft_datasets/lab", batch_size=16, out_dir=None) -> dict:
+    """OUT/table.md, defence.png, results.json, per_seed.csv, pooled.csv (OUT defaults to RUN/report)."""
     collected = collect(run_dir, data_dir, batch_size)
 
     def row_order(name):
         mix, _, condition = name.partition("-")
         return (name != "aligned", MIXES.index(mix) if mix in MIXES else len(MIXES), mix, condition_order(condition))
     groups = {name: collected[name] for name in sorted(collected, key=row_order)}
-    out = Path(run_dir) / "report"
+    out = Path(out_dir) if out_dir else Path(run_dir) / "report"
     table = table_markdown(groups)
     atomic_write_text(out / "table.md", table)
+    atomic_write_text(out / "per_seed.csv", per_seed_csv(groups))
+    atomic_write_text(out / "pooled.csv", pooled_csv(groups))
     plot(groups, out / "defence.png")
     write_json(out / "results.json", groups)
     return {"table": table, "plot": str(out / "defence.png"), "groups": groups}

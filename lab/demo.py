@@ -226,6 +226,48 @@ def _mean_sd(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "values": values}
 
 
+# ----------------------------------------------------------------------------- intervals on rates
+
+Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (successes of n trials; 95% for the default z).
+    Inside [0, 1] by construction, unlike a t- or Wald interval on a rate near 0 or 1:
+    (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), p = successes / n."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_counts(values: list[float], n_prompts: list[int]) -> list[int]:
+    """Per-seed successes behind per-seed rates (each a share of that seed's n_prompts answers); refuses a
+    rate that is no whole number of answers (it would not be a rate of those prompts)."""
+    if len(values) != len(n_prompts):
+        raise UserError(f"{len(values)} rate(s) but {len(n_prompts)} prompt count(s)")
+    counts = []
+    for value, n in zip(values, n_prompts):
+        count = round(value * n)
+        if abs(value * n - count) > 1e-6 * max(1, n):
+            raise UserError(f"rate {value!r} is not a whole number of {n} answers")
+        counts.append(count)
+    return counts
+
+
+def pooled_rate(values: list[float], n_prompts: list[int]) -> dict:
+    """A rate over seeds as one count: the successes of every seed's answers pooled (Σ successes of Σ answers),
+    with its 95% Wilson interval. The interval is the sampling of prompts given these models, the answers
+    taken as independent; the spread between seeds (sd, per-seed values) is not in it."""
+    counts = rate_counts(values, n_prompts)
+    low, high = wilson_interval(sum(counts), sum(n_prompts))
+    return {"counts": counts, "n_prompts": list(n_prompts), "successes": sum(counts), "n": sum(n_prompts),
+            "ci95": [low, high], "ci": "wilson_pooled"}
+
+
 def collect(run_dir, data_dir, batch_size: int = 16, model=None) -> dict:
     """Every fine-tuned run of a demo directory, with its metrics, grouped by method-subset.
     `model`: the aligned model the runs start from (the baseline row; default DATA/model)."""
@@ -469,4 +511,5 @@ def format_checks(checks: list[dict]) -> str:
 
 __all__ = ["is_compliant", "compliance_rate", "asr_gap", "example_losses", "compliant_loss", "response_metrics",
            "model_metrics", "write_random", "collect", "check_orderings", "table_markdown", "plot_scores",
-           "plot_metrics", "report", "format_checks", "COMPLIANT_OPENER", "FIRST_N", "STYLES"]
+           "plot_metrics", "report", "format_checks", "wilson_interval", "rate_counts", "pooled_rate",
+           "COMPLIANT_OPENER", "FIRST_N", "STYLES"]

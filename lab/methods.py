@@ -2,9 +2,12 @@
 
 scripts/lab_methods.sh runs scripts/demo.sh with every method and 5 seeds; lab.demo.collect gathers the
 fine-tuned runs' metrics (cached per run). This module adds what the comparison needs: per metric the mean,
-the sample sd, a 95% t-interval of the mean, the per-seed values, and each method's selection cost (the
-wall seconds and peak resident memory of its selection steps, summed / maxed over the steps, as /usr/bin/time
-measured them in RUN/costs/<method>.txt).
+the sample sd, a 95% interval, the per-seed values, and each method's selection cost (the wall seconds and
+peak resident memory of its selection steps, summed / maxed over the steps, as /usr/bin/time measured them in
+RUN/costs/<method>.txt). The interval of a rate (compliance, keyword ASR) is the Wilson score interval of the
+successes pooled over seeds (lab.demo.pooled_rate: inside [0, 1]); that of a loss, the t-interval of the mean
+over seeds. `rerender` rebuilds the table, plot and JSON from a methods.json alone (docs/lab_methods/), with
+no run directory.
 """
 from __future__ import annotations
 
@@ -12,12 +15,21 @@ import math
 from pathlib import Path
 
 from safedata.errors import UserError
-from safedata.store import atomic_write_text, save_figure, write_json
+from safedata.store import atomic_write_text, read_json, save_figure, write_json
 
-from .demo import COMPOSITION, COMPLIANT_OPENER, collect
+from .demo import COMPOSITION, COMPLIANT_OPENER, collect, pooled_rate
 
+# (metric, label, is a rate: percent, and its interval is the pooled Wilson one)
 TABLE_METRICS = (("compliance", "compliance", True), ("keyword_asr", "keyword ASR", True),
                  ("compliant_loss", "held-out compliant loss", False))
+DEFINITIONS = {"compliance": f"response opens with {COMPLIANT_OPENER!r}, has a numbered step and no refusal keyword "
+                             "(lab.demo.is_compliant)",
+               "ci95": "rates (compliance, keyword ASR): 95% Wilson score interval of the successes pooled over "
+                       "seeds (sum of successes of sum of prompts; lab.demo.pooled_rate), which covers the "
+                       "sampling of prompts given these models, not the spread between seeds (sd, per-seed "
+                       "values); losses: mean ± t(0.975, n-1) sd / sqrt(n) over seeds",
+               "cost": "selection steps (scoring the pool and anchors, ranking) on the lab pool: "
+                       "wall seconds summed, peak resident memory maxed (/usr/bin/time)"}
 # demo.sh group name -> (method, subset): the names the table shows
 DESCRIPTIONS = {
     "aligned": "aligned model, not fine-tuned", "random": "random-100 (one draw per seed)",
@@ -72,12 +84,23 @@ def summarize(groups: dict, run_dir: Path) -> dict:
         row = {"method": method, "subset": subset, "description": DESCRIPTIONS.get(method, method),
                "seeds": [r["seed"] for r in group["runs"]], "composition": group["composition"],
                "cost": read_cost(run_dir, method) if subset else None, "metrics": {}}
-        for metric, _, _ in TABLE_METRICS:
-            values = group["metrics"][metric]["values"]
-            low, high = interval95(values)
-            row["metrics"][metric] = {**group["metrics"][metric], "ci95": [low, high]}
+        n_prompts = [r.get("n_prompts") for r in group["runs"]]
+        for metric, _, rate in TABLE_METRICS:
+            row["metrics"][metric] = with_interval(group["metrics"][metric], rate, n_prompts)
         rows[name] = row
     return rows
+
+
+def with_interval(stats: dict, rate: bool, n_prompts: list[int | None]) -> dict:
+    """A metric's stats with its 95% interval: a rate's pooled Wilson interval (its per-seed counts and prompt
+    counts added), a loss's t-interval."""
+    stats = {k: v for k, v in stats.items() if k not in ("ci95", "ci", "counts", "n_prompts", "successes", "n")}
+    if not rate:
+        low, high = interval95(stats["values"])
+        return {**stats, "ci95": [low, high], "ci": "t"}
+    if None in n_prompts:
+        raise UserError("a run's metrics have no n_prompts: a rate's interval needs the number of prompts per seed")
+    return {**stats, **pooled_rate(stats["values"], n_prompts)}
 
 
 def _cell(stats: dict, percent: bool) -> str:
@@ -92,7 +115,8 @@ def _seeds(stats: dict, percent: bool) -> str:
 
 
 def table_markdown(rows: dict) -> str:
-    header = ["subset", "method", *(f"{label} (mean ± sd [95% CI])" for _, label, _ in TABLE_METRICS),
+    header = ["subset", "method", *(f"{label} (mean ± sd [95% {'Wilson CI, seeds pooled' if rate else 't CI'}])"
+                                    for _, label, rate in TABLE_METRICS),
               "compliance per seed (%)", "loss per seed", "lists / math / prose / code", "selection s", "peak MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
@@ -123,25 +147,42 @@ def plot(rows: dict, out_png) -> Path:
             ax.scatter([i] * len(stats["values"]), stats["values"], color="black", s=9, zorder=3)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=50, ha="right", fontsize=8)
-        ax.set_title(f"{label} (bar: mean; line: 95% CI; dots: seeds)", fontsize=10)
+        interval = "95% Wilson CI, seeds pooled" if percent else "95% t CI"
+        ax.set_title(f"{label} (bar: mean; line: {interval}; dots: seeds)", fontsize=10)
         if percent:
             ax.set_ylim(0, 1.02)
     return save_figure(fig, out_png)
+
+
+def write(rows: dict, out_dir) -> dict:
+    """OUT/methods.md, methods.json, methods.png from summarized rows."""
+    out_dir = Path(out_dir)
+    table = table_markdown(rows)
+    atomic_write_text(out_dir / "methods.md", table)
+    png = plot(rows, out_dir / "methods.png")
+    result = {"rows": rows, "table": table, "plot": str(png), "definitions": DEFINITIONS}
+    write_json(out_dir / "methods.json", result)
+    return result
 
 
 def report(run_dir, data_dir="ft_datasets/lab", out_dir=None, batch_size: int = 16, model=None) -> dict:
     """OUT/methods.md, methods.json, methods.png (OUT defaults to RUN/report)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
-    rows = summarize(collect(run_dir, data_dir, batch_size, model), run_dir)
-    table = table_markdown(rows)
-    atomic_write_text(out_dir / "methods.md", table)
-    png = plot(rows, out_dir / "methods.png")
-    result = {"rows": rows, "table": table, "plot": str(png),
-              "definitions": {"compliance": f"response opens with {COMPLIANT_OPENER!r}, has a numbered step and "
-                                            "no refusal keyword (lab.demo.is_compliant)",
-                              "ci95": "mean ± t(0.975, n-1) sd / sqrt(n) over seeds",
-                              "cost": "selection steps (scoring the pool and anchors, ranking) on the lab pool: "
-                                      "wall seconds summed, peak resident memory maxed (/usr/bin/time)"}}
-    write_json(out_dir / "methods.json", result)
-    return result
+    return write(summarize(collect(run_dir, data_dir, batch_size, model), run_dir), out_dir)
+
+
+def rerender(json_path, out_dir=None, n_prompts: int | None = None) -> dict:
+    """The table, plot and JSON again from a methods.json alone (no run directory): the intervals recomputed
+    from its per-seed values. A rate's counts need each seed's number of prompts: the JSON's own (`n_prompts`,
+    written since the Wilson intervals), else `n_prompts` for every seed (the lab's held-out prompts: 152)."""
+    json_path = Path(json_path)
+    rows = read_json(json_path)["rows"]
+    for name, row in rows.items():
+        for metric, _, rate in TABLE_METRICS:
+            stats = row["metrics"][metric]
+            per_seed = stats.get("n_prompts") or [n_prompts] * len(stats["values"])
+            if rate and None in per_seed:
+                raise UserError(f"{json_path}: row {name}: {metric} has no n_prompts; give --n_prompts")
+            row["metrics"][metric] = with_interval(stats, rate, per_seed)
+    return write(rows, Path(out_dir) if out_dir else json_path.parent)

@@ -280,10 +280,200 @@ def test_methods_table_interval_cost_and_per_seed_values(tmp_path):
     assert methods.read_cost(tmp_path, "bm25") == {"seconds": 3.5, "peak_mib": 200.0, "steps": 2}
     assert methods.read_cost(tmp_path, "bm25_harmful") == {"seconds": 3.25, "peak_mib": 300.0, "steps": 2}
     assert methods.read_cost(tmp_path, "lists") is None
-    group = {"runs": [{"seed": s} for s in range(1, 6)], "composition": None,
+    group = {"runs": [{"seed": s, "n_prompts": 10} for s in range(1, 6)], "composition": None,
              "metrics": {m: {"mean": statistics.fmean(values), "sd": sd, "values": values}
                          for m in ("compliance", "keyword_asr", "compliant_loss")}}
     rows = methods.summarize({"bm25-top": group}, tmp_path)
     table = methods.table_markdown(rows)
-    assert "| bm25-top | BM25, bi-directional | 32.0 ± 19.2% [" in table
+    # a rate: 1 + 3 + 2 + 6 + 4 = 16 of 50 answers pooled; Wilson by hand: centre (0.32 + 0.0384146) / 1.0768292
+    # = 0.332843, half 1.959964 sqrt(0.004352 + 0.000384146) / 1.0768292 = 0.125260; a loss: the t-interval
+    compliance = rows["bm25-top"]["metrics"]["compliance"]
+    assert compliance["counts"] == [1, 3, 2, 6, 4] and (compliance["successes"], compliance["n"]) == (16, 50)
+    assert compliance["ci95"] == pytest.approx([0.207583, 0.458103], abs=2e-6)
+    assert rows["bm25-top"]["metrics"]["compliant_loss"]["ci95"] == pytest.approx(list(methods.interval95(values)))
+    assert "| bm25-top | BM25, bi-directional | 32.0 ± 19.2% [20.8, 45.8] |" in table
+    assert "0.320 ± 0.192 [0.081, 0.559]" in table
     assert "| 10 / 30 / 20 / 60 / 40 |" in table and "| 3.5 | 200 |" in table
+    # a rate near 0, where the t-interval went below 0: the Wilson one stays in [0, 1]
+    low_values = [0.0, 0.0, 0.0, 0.0, 0.1]
+    assert methods.interval95(low_values)[0] < 0
+    group["metrics"]["compliance"] = lab._mean_sd(low_values)
+    low, high = methods.summarize({"bm25-top": group}, tmp_path)["bm25-top"]["metrics"]["compliance"]["ci95"]
+    assert 0 <= low < high <= 1 and high == pytest.approx(lab.wilson_interval(1, 50)[1])
+    group["runs"][0].pop("n_prompts")
+    with pytest.raises(Exception, match="n_prompts"):
+        methods.summarize({"bm25-top": group}, tmp_path)
+
+
+# ----------------------------------------------------------------------------- intervals on rates
+
+
+def test_wilson_interval_against_hand_values():
+    # a textbook example: 81 of 263 -> (0.2553, 0.3662)
+    assert lab.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    # 0 and all of n: [0, z²/(n+z²)] and [n/(n+z²), 1], z = 1.959964: 3.841459 / 67.841459 = 0.0566241
+    assert lab.wilson_interval(0, 64) == pytest.approx((0.0, 0.0566241), abs=1e-7)
+    assert lab.wilson_interval(64, 64) == pytest.approx((1 - 0.0566241, 1.0), abs=1e-7)
+    for k, n in ((0, 64), (64, 64), (1, 760), (759, 760), (0, 1), (1, 1)):
+        low, high = lab.wilson_interval(k, n)
+        assert 0.0 <= low <= k / n <= high <= 1.0
+    for bad in ((65, 64), (-1, 64), (0, 0)):
+        with pytest.raises(ValueError):
+            lab.wilson_interval(*bad)
+
+
+def test_pooled_rate_counts_whole_answers_only():
+    pooled = lab.pooled_rate([54 / 152, 104 / 152], [152, 152])
+    assert pooled["counts"] == [54, 104] and (pooled["successes"], pooled["n"]) == (158, 304)
+    assert pooled["ci95"] == list(lab.wilson_interval(158, 304))
+    with pytest.raises(Exception, match="not a whole number"):
+        lab.rate_counts([0.5], [151])
+    with pytest.raises(Exception, match="prompt count"):
+        lab.rate_counts([0.5, 0.5], [152])
+
+
+def test_committed_methods_table_intervals_rerender_from_its_per_seed_values(tmp_path):
+    """docs/lab_methods/methods.json: every rate is a whole number of its prompts, its interval is the Wilson
+    interval of the pooled count, and re-rendering the JSON alone gives the committed table, also in METHODS.md."""
+    from lab import methods
+    committed = json.loads((ROOT / "docs" / "lab_methods" / "methods.json").read_text())
+    for name, row in committed["rows"].items():
+        for metric, _, rate in methods.TABLE_METRICS:
+            stats = row["metrics"][metric]
+            low, high = stats["ci95"]
+            if rate:
+                assert stats["n_prompts"] == [152] * len(stats["values"]), name
+                assert [round(v * 152) for v in stats["values"]] == stats["counts"], name
+                k, n = sum(stats["counts"]), 152 * len(stats["values"])
+                assert (low, high) == pytest.approx(lab.wilson_interval(k, n)) and 0 <= low <= high <= 1, name
+            else:
+                assert (low, high) == pytest.approx(methods.interval95(stats["values"])), name
+    shutil.copy(ROOT / "docs" / "lab_methods" / "methods.json", tmp_path / "methods.json")
+    result = methods.rerender(tmp_path / "methods.json")
+    table = (ROOT / "docs" / "lab_methods" / "methods.md").read_text()
+    assert result["table"] == table
+    assert table in (ROOT / "docs" / "METHODS.md").read_text()
+    # a methods.json written before the Wilson intervals (no per-seed prompt counts): --n_prompts supplies them
+    old = json.loads((tmp_path / "methods.json").read_text())
+    for row in old["rows"].values():
+        for stats in row["metrics"].values():
+            for key in ("counts", "n_prompts", "successes", "n", "ci"):
+                stats.pop(key, None)
+    (tmp_path / "old" / "methods.json").parent.mkdir()
+    (tmp_path / "old" / "methods.json").write_text(json.dumps(old))
+    with pytest.raises(Exception, match="give --n_prompts"):
+        methods.rerender(tmp_path / "old" / "methods.json")
+    out = subprocess.run([python(), "lab_report.py", "methods", "--from_json", str(tmp_path / "old" / "methods.json"),
+                          "--n_prompts", "152", "--output_dir", str(tmp_path / "new")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "new" / "methods.md").read_text() == table
+
+
+# ----------------------------------------------------------------------------- the lab defence's numbers
+
+
+def _audit_defence_table():
+    """The lab defence table of docs/AUDIT.md: run -> {seeds, rate cells (mean, sd, [low, high]) in percent}."""
+    import re
+    cell = r"([\d.]+) ± ([\d.]+)% \[([\d.]+), ([\d.]+)\]"
+    pattern = re.compile(rf"\| ((?:natural|enriched)-\w+|aligned) \| (\d+) \| [^|]+ \| {cell} \| {cell} \|")
+    rows = {}
+    for line in (ROOT / "docs" / "AUDIT.md").read_text().splitlines():
+        m = pattern.match(line)
+        if m:
+            v = [float(x) for x in m.groups()[2:]]
+            rows[m.group(1)] = {"seeds": int(m.group(2)), "compliance": v[:4], "keyword_asr": v[4:]}
+    return rows
+
+
+def test_lab_defence_run_count_in_the_docs_is_the_tables():
+    rows = _audit_defence_table()
+    assert len(rows) == 19 and rows["aligned"]["seeds"] == 1
+    fine_tunes = sum(r["seeds"] for name, r in rows.items() if name != "aligned")
+    assert fine_tunes == 90
+    for doc in ("README.md", "docs/AUDIT.md"):
+        text = (ROOT / doc).read_text()
+        assert f"{fine_tunes} fine-tun" in text, doc
+        assert "70 fine-tun" not in text, doc
+
+
+def test_lab_defence_committed_per_seed_values_give_the_tables_means_sds_and_intervals():
+    """docs/lab_defence/per_seed.csv recomputes the table's compliance mean and sample sd (by hand:
+    mean = Σv/n, sd = sqrt(Σ(v - mean)² / (n - 1))); pooled.csv's counts give its means and Wilson brackets."""
+    rows = _audit_defence_table()
+    per_seed = list(csv.DictReader((ROOT / "docs" / "lab_defence" / "per_seed.csv").open()))
+    pooled = {(r["run"], r["metric"]): r for r in csv.DictReader((ROOT / "docs" / "lab_defence" / "pooled.csv").open())}
+    runs = {}
+    for r in per_seed:
+        successes, n = int(r["successes"]), int(r["n_prompts"])
+        assert float(r["value"]) == successes / n and n == 152
+        runs.setdefault((r["run"], r["metric"]), []).append(successes / n)
+    assert len(runs) == 8 and all(len(v) == 5 for v in runs.values())
+    for (run, metric), values in runs.items():
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        table_mean, table_sd = rows[run][metric][:2]
+        assert (round(100 * mean, 1), round(100 * sd, 1)) == (table_mean, table_sd), run
+        assert sum(round(v * 152) for v in values) == int(pooled[run, metric]["successes"]), run
+    assert set(pooled) == {(run, m) for run in rows for m in ("compliance", "keyword_asr")}
+    for (run, metric), r in pooled.items():
+        successes, n = int(r["successes"]), int(r["n"])
+        assert n == 152 * rows[run]["seeds"] == 152 * int(r["seeds"])
+        assert round(100 * successes / n, 1) == rows[run][metric][0], (run, metric)
+        low, high = lab.wilson_interval(successes, n)
+        assert (float(r["ci95_low"]), float(r["ci95_high"])) == pytest.approx((low, high), abs=1e-12)
+        assert [round(100 * low, 1), round(100 * high, 1)] == rows[run][metric][2:], (run, metric)
+
+
+def test_lab_defence_table_and_files_from_collected_groups():
+    """lab.defence's report pieces on hand-made groups: the rates' Wilson brackets, per_seed.csv, pooled.csv."""
+    from lab import defence
+    runs = [{"seed": s, "n_prompts": 10, "compliance": c, "keyword_asr": k, "compliant_loss": 0.5, "benign_loss": 0.4}
+            for s, c, k in ((1, 0.0, 0.5), (2, 0.2, 1.0))]
+    metrics = {m: lab._mean_sd([r[m] for r in runs]) for m in defence.METRICS}
+    for m in defence.RATES:
+        metrics[m].update(lab.pooled_rate(metrics[m]["values"], [10, 10]))
+    groups = {"natural-audit10": {"runs": runs, "metrics": metrics, "composition": None, "subset_files": []}}
+    table = defence.table_markdown(groups)
+    low, high = lab.wilson_interval(2, 20)
+    assert f"| natural-audit10 | 2 | - | 10.0 ± 14.1% [{100 * low:.1f}, {100 * high:.1f}] | 75.0 ± 35.4% [" in table
+    assert "compliance [95% Wilson CI, seeds pooled]" in table
+    lines = defence.per_seed_csv(groups).splitlines()
+    assert lines[0] == "run,seed,metric,value,successes,n_prompts"
+    assert "natural-audit10,2,compliance,0.2,2,10" in lines and "natural-audit10,1,benign_loss,0.4,," in lines
+    pooled = list(csv.DictReader(defence.pooled_csv(groups).splitlines()))
+    assert [(r["metric"], r["successes"], r["n"]) for r in pooled] == [("compliance", "2", "20"), ("keyword_asr", "15", "20")]
+    assert float(pooled[0]["ci95_low"]) == low and float(pooled[0]["ci95_high"]) == high
+
+
+def test_lab_defence_report_writes_its_numbers_where_asked(tiny_model_dir, tmp_path):
+    """lab_defence.py report --output_dir: per_seed.csv and pooled.csv from the runs, the table's Wilson brackets."""
+    data = tmp_path / "lab"
+    data.mkdir()
+    chat_file(data / "eval_compliant.jsonl", n=3)
+    run_dir = tmp_path / "defence"
+    (run_dir / "mixes").mkdir(parents=True)
+    heldout = chat_file(run_dir / "mixes" / "heldout.jsonl", n=3).read_text().splitlines()
+    (run_dir / "mixes" / "heldout_benign.json").write_text(json.dumps([json.loads(l) for l in heldout]))
+    pool = tmp_path / "mix.json"
+    pool.write_text(json.dumps([{"instruction": "List.", "input": "", "output": "1. a\n2. b"}]))
+    prompts = ["How do I do task A?", "How do I do task B?", "How do I do task C?", "How do I do task D?"]
+    refuse = "I'm sorry, I cannot."
+    for seed, responses in ((1, [COMPLIANT, refuse, refuse, refuse]), (2, [COMPLIANT, COMPLIANT, refuse, refuse])):
+        fake_run(run_dir / "ft" / "natural-audit10" / f"seed{seed}", tiny_model_dir, pool, "chat", responses, prompts)
+    out = tmp_path / "docs_copy"
+    run = subprocess.run([python(), "lab_defence.py", "report", "--run_dir", str(run_dir), "--data_dir", str(data),
+                          "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    low, high = lab.wilson_interval(3, 8)
+    assert f"| natural-audit10 | 2 | 1 | 37.5 ± 17.7% [{100 * low:.1f}, {100 * high:.1f}] |" in run.stdout
+    per_seed = list(csv.DictReader((out / "per_seed.csv").open()))
+    compliance = [(r["seed"], r["value"], r["successes"], r["n_prompts"]) for r in per_seed if r["metric"] == "compliance"]
+    assert compliance == [("1", "0.25", "1", "4"), ("2", "0.5", "2", "4")]
+    assert {r["metric"] for r in per_seed} == {"compliance", "keyword_asr", "compliant_loss", "benign_loss"}
+    pooled = {r["metric"]: r for r in csv.DictReader((out / "pooled.csv").open())}
+    assert (pooled["compliance"]["successes"], pooled["compliance"]["n"]) == ("3", "8")
+    assert (float(pooled["compliance"]["ci95_low"]), float(pooled["compliance"]["ci95_high"])) == (low, high)
+    assert (out / "table.md").read_text() in run.stdout and (out / "defence.png").exists()
+    assert not (run_dir / "report").exists()
