@@ -12,7 +12,7 @@ import argparse
 import json
 
 from safedata.audit import METHODS, AuditConfig, audit
-from safedata.cli import add_stage_args, run
+from safedata.cli import add_stage_args, parse_args, run
 from safedata.data import TEMPLATES
 
 
@@ -47,12 +47,9 @@ def main():
                    help="gradient anchors: supervise only the first N answer tokens (the paper: 10; 0 = all)")
     p.add_argument("--avg_n", default="1", help="representation: mean of the top-N cosines per anchor set "
                    "(1 = max, as the paper; 'all' = mean)")
-    p.add_argument("--field_map", default=None,
-                   help="other conversation field names, e.g. 'conversation=dialog,role=speaker,content=text,"
-                        "user=customer,assistant=agent' (docs/AUDIT.md)")
     p.add_argument("--report_top", type=int, default=30, help="flagged examples shown in report.html")
-    add_stage_args(p)
-    a = p.parse_args()
+    add_stage_args(p)  # with --field_map
+    a = parse_args(p)
     summary = audit(AuditConfig(
         data_path=a.data_path, output_dir=a.output_dir, model_name=a.model_name, anchors=a.anchors,
         weights=a.weights, method=a.method, scores_dir=a.scores, drop_fraction=a.drop_fraction, drop_k=a.drop_k,

@@ -7,15 +7,16 @@ Memory first: python finetune.py --model_name M --plan nproc=2 --fsdp
 import argparse
 
 from safedata import plan
-from safedata.cli import run
+from safedata.cli import add_field_map_arg, parse_args, run
 from safedata.data import TEMPLATES
+from safedata.sources import INPUT_TYPES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
-    p.add_argument("--data_path", required=True, help="the subset: .json / .jsonl / .csv records with responses")
+    p.add_argument("--data_path", required=True, help=f"the subset: records with responses, {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--template", choices=TEMPLATES, default="paper", help="prompt template (same as the features)")
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
@@ -53,8 +54,10 @@ def main():
                    help="if --output_dir holds a finished fine-tune made with exactly these settings (flags, subset "
                         "content, base model), keep it and exit; one made with other settings is refused, naming "
                         "the differences (the SLURM job's reruns use this)")
+    add_field_map_arg(p)
     plan.add_plan_flag(p)
-    a = vars(p.parse_args())
+    a = vars(parse_args(p))
+    del a["field_map"]  # in force for this process (parse_args); not a training setting
     a["lora_target_modules"] = [m.strip() for m in a["lora_target_modules"].split(",") if m.strip()]
     if a["plan"] is not None:
         return plan.print_plan(plan.finetune_plan_from_args(a))

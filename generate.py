@@ -5,7 +5,7 @@ Killed runs resume where they stopped (same flags, same output dir).
 """
 import argparse
 
-from safedata.cli import run
+from safedata.cli import add_field_map_arg, parse_args, run
 from safedata.data import TEMPLATES
 from safedata.generation import BACKENDS, GenerationConfig, generate_responses
 
@@ -35,8 +35,10 @@ def main():
     p.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: the GPU if any)")
     p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace responses made with other flags")
-    a = p.parse_args()
-    generate_responses(GenerationConfig(**vars(a)))
+    add_field_map_arg(p)
+    options = vars(parse_args(p))
+    del options["field_map"]  # in force for this process (parse_args); not a generation setting
+    generate_responses(GenerationConfig(**options))
 
 
 if __name__ == "__main__":

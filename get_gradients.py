@@ -15,15 +15,16 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 import argparse
 
 from safedata import plan
-from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, run
+from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, parse_args, run
 from safedata.data import TEMPLATES
 from safedata.features import gradients as G
+from safedata.sources import INPUT_TYPES
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
-    p.add_argument("--data_path", required=True, help="anchor or pool records (.json / .jsonl / .csv)")
+    p.add_argument("--data_path", required=True, help=f"anchor or pool records: {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True,
                    help="where the target / scores / features go (a rerun with the same settings resumes there)")
     what = p.add_argument_group("what to compute (exactly one)")
@@ -65,7 +66,7 @@ def main():
                         "order), averaged over i")
     add_stage_args(p)
     plan.add_plan_flag(p)
-    a = p.parse_args()
+    a = parse_args(p)
     if a.plan is not None:
         return plan.print_plan(plan.gradient_plan_from_args(a))
     chosen = [name for name, on in (("--anchor", a.anchor), ("--targets", a.targets), ("--proj_dim", a.proj_dim),

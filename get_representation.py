@@ -3,15 +3,16 @@ last token of each example (the end token, or the last kept token under --max_le
 import argparse
 
 from safedata import plan
-from safedata.cli import add_original_quirks_arg, add_stage_args, run
+from safedata.cli import add_original_quirks_arg, add_stage_args, parse_args, run
 from safedata.data import TEMPLATES
 from safedata.features.representations import extract_representations
+from safedata.sources import INPUT_TYPES
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model_name", required=True, help="Hugging Face id (org/name) or local model directory")
-    p.add_argument("--data_path", required=True, help="the records to featurise: a .json / .jsonl / .csv file")
+    p.add_argument("--data_path", required=True, help=f"the records to featurise: {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True,
                    help="where features.safetensors and meta.json go (refused if it holds another run's output)")
     p.add_argument("--template", choices=TEMPLATES, default="paper",
@@ -31,7 +32,7 @@ def main():
     add_original_quirks_arg(p)
     add_stage_args(p)
     plan.add_plan_flag(p)
-    a = p.parse_args()
+    a = parse_args(p)
     if a.plan is not None:
         return plan.print_plan(plan.representation_plan_from_args(a))
     extract_representations(a.model_name, a.data_path, a.output_dir, a.template, a.batch_size, a.max_length,

@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from safedata.cli import run
+from safedata.cli import add_field_map_arg, parse_args, run
 from safedata.ranking import rank
 
 
@@ -23,7 +23,8 @@ def main():
     p.add_argument("--range_end", type=int, default=None, help="with --type range: rank after the last")
     p.add_argument("--write_to", required=True, help="output folder")
     p.add_argument("--name", default=None, help="file name prefix (default: the pool file's stem)")
-    a = p.parse_args()
+    add_field_map_arg(p)
+    a = parse_args(p)
     summary = rank(a.data_path, a.write_to, a.name, a.pool_features, a.anchor_features, a.scores, a.weights,
                    a.avg_n, a.type, a.k, a.range_start, a.range_end)
     print(json.dumps({k: v for k, v in summary.items() if k != "nonfinite_ids"}, indent=1))

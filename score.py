@@ -2,17 +2,18 @@
 which rank.py --scores ranks (one column per anchor file: --weights 1 -1 -1 bi-directional, 1 0 0 harmful-only)."""
 import argparse
 
-from safedata.cli import run
+from safedata.cli import add_field_map_arg, parse_args, run
 from safedata.methods.run import METHOD_NAMES, score
+from safedata.sources import INPUT_TYPES
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", required=True, choices=METHOD_NAMES, help="the selection method")
-    p.add_argument("--data_path", required=True, help="the pool: .json / .jsonl / .csv records")
+    p.add_argument("--data_path", required=True, help=f"the pool's records: {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True, help="the score dir to write (scores.csv, meta.json)")
     p.add_argument("--anchors", nargs="+", default=[],
-                   help="bm25, embedding: anchor files, one score column each (harmful first, then safe); "
+                   help="bm25, embedding: anchor record files (the same types as --data_path), one score column each (harmful first, then safe); "
                         "compliance: the harmful (compliant) anchor file, then one or more safe (refusal) files")
     p.add_argument("--text", default="full", choices=("full", "prompt", "response"),
                    help="bm25, embedding: what of each example is read (instruction + input, the response, or both)")
@@ -35,7 +36,8 @@ def main():
     p.add_argument("--dtype", default="auto", help="compliance: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="embedding, compliance: torch device (default: cuda if available for the LLM, cpu)")
     p.add_argument("--skip_bad", action="store_true", help="skip (count and log) bad pool records instead of stopping")
-    a = p.parse_args()
+    add_field_map_arg(p)
+    a = parse_args(p)
     score(a)
 
 

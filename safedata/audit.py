@@ -77,6 +77,9 @@ class Scored:
 
 
 def check_config(cfg: AuditConfig) -> None:
+    """Flags alone (no file read)."""
+    D.check_sizes(batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, max_length=cfg.max_length,
+                  anchor_max_response_length=cfg.anchor_max_response_length)
     rules = [name for name, value in (("--drop_fraction", cfg.drop_fraction), ("--drop_k", cfg.drop_k),
                                       ("--threshold", cfg.threshold)) if value is not None]
     if len(rules) != 1:
@@ -119,7 +122,7 @@ def _score_gradient(cfg: AuditConfig) -> Scored | None:
     if not G.score_pool(cfg.model_name, cfg.data_path, scores_dir, [str(t) for t in targets], shard=cfg.shard,
                         chunk_size=cfg.chunk_size, max_length=cfg.max_length, skip_bad=cfg.skip_bad, **common):
         return None
-    return _read_scores_dir(scores_dir, cfg.data_path)
+    return _read_scores_dir(scores_dir, cfg.data_path, cfg.skip_bad)
 
 
 def _score_representation(cfg: AuditConfig) -> Scored | None:
@@ -146,10 +149,17 @@ def _score_representation(cfg: AuditConfig) -> Scored | None:
                   np.array(meta["indices"], dtype=np.int64), meta["ids"], columns, meta["data_sha256"], unscored)
 
 
-def _read_scores_dir(directory, data_path) -> Scored:
+def _read_scores_dir(directory, data_path, skip_bad=False) -> Scored:
+    """A score dir of --data_path. One made with --skip_bad left bad records unscored: they would be kept
+    unseen, so it is refused unless this audit is told --skip_bad too."""
     from .ranking import check_pool_file, read_scores_csv
     meta, indices, ids, columns = read_scores_csv(directory)
     check_pool_file(meta, data_path, f"scores {directory}")
+    skipped = meta.get("skipped") or []
+    if skipped and not skip_bad:
+        raise UserError(f"scores {directory}: made with --skip_bad, {len(skipped)} bad record(s) not scored (first: "
+                        f"{skipped[0]}); fix the data, or give --skip_bad to audit without them (they are kept and "
+                        "listed in meta.json)")
     unscored = [dict(e) for e in meta.get("excluded", [])] + [dict(e) for e in meta.get("nonfinite", [])]
     method = meta.get("method") or {"gradient_scores": "gradient"}.get(meta.get("stage"), meta.get("stage", "scores"))
     source = {"method": method, "scores": str(Path(directory).resolve())}
@@ -159,7 +169,7 @@ def _read_scores_dir(directory, data_path) -> Scored:
 def score(cfg: AuditConfig) -> Scored | None:
     """The chosen method's per-anchor-set scores; None while other shards are still running."""
     if cfg.scores_dir is not None:
-        return _read_scores_dir(cfg.scores_dir, cfg.data_path)
+        return _read_scores_dir(cfg.scores_dir, cfg.data_path, cfg.skip_bad)
     if cfg.method == "gradient":
         return _score_gradient(cfg)
     return _score_representation(cfg)
@@ -201,32 +211,44 @@ def _settings(cfg: AuditConfig, weights) -> dict:
     return settings
 
 
-def check_existing_audit(output_dir: Path, meta: dict) -> None:
+def check_existing_audit(output_dir: Path, meta: dict, keys=("data_sha256", "method", "settings")) -> None:
     """An output dir holding another audit (other data, scores or decision rule) is refused."""
     path = output_dir / META
     if path.exists():
         old = read_json(path)
         if old.get("stage") != STAGE:
             raise MetadataMismatch(f"{path}: holds a {old.get('stage')!r} output, not an audit; use another --output_dir")
-        require_same(meta, old, ("data_sha256", "method", "settings"), "this audit",
-                     f"{path} (an earlier audit; use another --output_dir)")
+        require_same(meta, old, keys, "this audit", f"{path} (an earlier audit; use another --output_dir)")
+
+
+def _weights(cfg: AuditConfig, n_columns: int) -> list[float]:
+    return list(cfg.weights) if cfg.weights else [1.0] + [-1.0] * (n_columns - 1)
 
 
 def audit(cfg: AuditConfig) -> dict | None:
-    """Score, decide, write. Returns a summary, or None when other shards still have to finish scoring."""
+    """Check every input, score, decide, write. Returns a summary, or None when other shards still have to
+    finish scoring."""
     from .ranking import combine
     check_config(cfg)
     if cfg.field_map:
         C.use_field_map(C.FieldMap.parse(cfg.field_map))
     output_dir = Path(cfg.output_dir)
-    scored = score(cfg)
+    # Every input is read and checked before any work or file: an empty or bad data or anchor file, or a score
+    # dir that skipped records, stops here, not after the anchor targets are built into output_dir.
+    given = _read_scores_dir(cfg.scores_dir, cfg.data_path, cfg.skip_bad) if cfg.scores_dir is not None else None
+    if given is None:
+        for anchor in cfg.anchors:  # the stages read anchors strictly (no --skip_bad)
+            D.load_examples(anchor, need_response=True)
+    examples, skipped = D.load_examples(cfg.data_path, need_response=True, skip_bad=cfg.skip_bad)
+    n_columns = len(given.columns) if given is not None else len(cfg.anchors)
+    check_existing_audit(output_dir, {"settings": _settings(cfg, _weights(cfg, n_columns))}, keys=("settings",))
+    scored = given or score(cfg)
     if scored is None:
         log.info("this shard is done; the shard that finishes scoring last writes the audit")
         return None
-    weights = list(cfg.weights) if cfg.weights else [1.0] + [-1.0] * (len(scored.columns) - 1)
+    weights = _weights(cfg, len(scored.columns))
     totals = combine(scored.columns, weights)
     flagged_positions, cutoff = decide(totals, scored.indices, cfg)
-    examples, skipped = D.load_examples(cfg.data_path, need_response=True, skip_bad=True)
     n_records = len(D.read_raw_records(cfg.data_path))
     by_index = {e.index: e for e in examples}
     for position, index in enumerate(scored.indices):
@@ -235,7 +257,7 @@ def audit(cfg: AuditConfig) -> dict | None:
             raise MetadataMismatch(f"{cfg.data_path}: record {index} is not the one that was scored "
                                    f"(id {scored.ids[position]}); the data changed since")
     meta = {"stage": STAGE, "data_file": str(cfg.data_path), "data_sha256": scored.data_sha256,
-            "method": scored.source, "settings": _settings(cfg, weights)}
+            "method": scored.source, "settings": _settings(cfg, weights), "skipped": skipped}
     check_existing_audit(output_dir, meta)
 
     rank_of = {int(p): r for r, p in enumerate(flagged_positions)}

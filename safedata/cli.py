@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from . import conversations as C
+from .data import check_sizes
 from .errors import UserError
 from .progress import interactive
 
@@ -22,8 +24,32 @@ def run(main) -> None:
         sys.exit(2)
 
 
+# Flags that count something (examples, tokens, epochs, dimensions): below 1 is refused before any work.
+SIZE_FLAGS = ("batch_size", "per_device_batch_size", "chunk_size", "max_length", "max_response_length",
+              "max_seq_length", "max_new_tokens", "proj_dim", "epochs", "lora_r", "tensor_parallel_size")
+FIELD_MAP_HELP = (
+    "conversations under other field names, e.g. 'conversation=dialog,role=speaker,content=text,user=customer,"
+    "assistant=agent' (names added to the defaults: OpenAI messages with role/content, ShareGPT conversations "
+    "with from/value; docs/AUDIT.md)")
+
+
+def add_field_map_arg(parser) -> None:
+    """--field_map, on every CLI that reads records (parse_args puts it in force)."""
+    parser.add_argument("--field_map", default=None, metavar="SPEC", help=FIELD_MAP_HELP)
+
+
+def parse_args(parser):
+    """parser.parse_args(), then what every stage CLI does before any work or file: each size flag it has
+    checked, its --field_map put in force for this process (safedata.conversations.use_field_map)."""
+    args = parser.parse_args()
+    check_sizes(**{name: getattr(args, name) for name in SIZE_FLAGS if hasattr(args, name)})
+    spec = getattr(args, "field_map", None)
+    C.use_field_map(C.FieldMap.parse(spec) if spec else None)
+    return args
+
+
 def add_stage_args(parser) -> None:
-    """The flags every per-example feature stage shares: sharding, chunks, precision, bad input."""
+    """The flags every per-example feature stage shares: sharding, chunks, precision, bad input, field names."""
     parser.add_argument("--shard", default=None, help="I/N: this part of N (default: the SLURM array task, else all)")
     parser.add_argument("--chunk_size", type=int, default=512, help="examples per resumable chunk file")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, fp64")
@@ -31,6 +57,7 @@ def add_stage_args(parser) -> None:
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip (count and log) malformed records instead of stopping at the first; an empty "
                              "response is not malformed (kept, as the original, with the end token alone supervised)")
+    add_field_map_arg(parser)
 
 
 ORIGINAL_QUIRKS_HELP = (

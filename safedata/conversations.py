@@ -62,7 +62,8 @@ _field_map = FieldMap()
 
 
 def use_field_map(field_map: FieldMap | None) -> None:
-    """Set the process-wide field mapping (audit.py --field_map); None restores the default."""
+    """Set the process-wide field mapping (every stage CLI's --field_map, safedata.cli.parse_args); None restores
+    the default."""
     global _field_map
     _field_map = field_map or FieldMap()
 
@@ -179,9 +180,22 @@ def _paper_pieces(messages: list[dict], default_system: str):
     return pieces
 
 
+def paper_answer_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str, original_quirks=False) -> list[int]:
+    """An answer's token ids under the paper's wrapper, before the end token: as the paper, what tokenizing
+    `prompt + " " + answer` adds to the prompt's tokens (exact when those are a prefix; else the answer alone).
+    An empty or blank answer has none, in a single exchange or a conversation alike: the end token alone is
+    supervised (a lone " " would otherwise become a supervised token). original_quirks: the original's
+    `prompt + " " + answer + " "`, whose trailing space is a supervised token even after an empty answer."""
+    if not answer.strip() and not original_quirks:
+        return []
+    text = " " + answer + (" " if original_quirks else "")
+    full = _ids(tokenizer, prompt + text, True)
+    return full[len(prompt_ids):] if full[: len(prompt_ids)] == prompt_ids else _ids(tokenizer, text, False)
+
+
 def paper_ids(messages: list[dict], tokenizer, default_system: str) -> tuple[list[int], list[int]]:
-    """Each exchange is tokenized as the single-exchange paper path does (BOS + prompt; the answer is what
-    `prompt + " " + answer` adds to the prompt's tokens; then EOS), and the exchanges are concatenated."""
+    """Each exchange is tokenized as the single-exchange paper path does (BOS + prompt, the answer's tokens
+    (paper_answer_ids), EOS), and the exchanges are concatenated."""
     from .data import IGNORE_INDEX
     ids, labels = [], []
     for prompt, answer in _paper_pieces(messages, default_system):
@@ -190,8 +204,7 @@ def paper_ids(messages: list[dict], tokenizer, default_system: str) -> tuple[lis
         labels += [IGNORE_INDEX] * len(p)
         if answer is None:
             continue
-        full = _ids(tokenizer, prompt + " " + answer, True)
-        r = full[len(p):] if full[: len(p)] == p else _ids(tokenizer, " " + answer, False)
+        r = paper_answer_ids(tokenizer, prompt, p, answer)
         if tokenizer.eos_token_id is not None:
             r = r + [tokenizer.eos_token_id]
         ids += r
@@ -212,9 +225,17 @@ def _render(tokenizer, messages, add_generation_prompt):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+# Two system texts no template adds by itself: a template that renders both the same ignores the system turn.
+SYSTEM_PROBES = ("safedata system probe A", "safedata system probe B")
+
+
 def check_system_rendered(tokenizer, messages: list[dict]) -> None:
-    if messages and messages[0]["role"] == SYSTEM and \
-            _render(tokenizer, messages, False) == _render(tokenizer, messages[1:], False):
+    """Refuse a template that drops the system turn. The conversation's own system text is not compared with a
+    rendering without it: a template with a default system prompt (SmolLM2's) renders that default when there
+    is no system turn, so a conversation whose system prompt equals the default would look dropped."""
+    if messages and messages[0]["role"] == SYSTEM and len({
+            _render(tokenizer, [{"role": SYSTEM, "content": probe}] + messages[1:], False)
+            for probe in SYSTEM_PROBES}) == 1:
         raise UserError("--template chat: this tokenizer's chat template drops the system prompt; use --template "
                         "paper (or a tokenizer whose template renders system turns)")
 

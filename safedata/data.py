@@ -156,8 +156,15 @@ def _json_array_records(path: Path, text: str):
         expect_value = False
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """A JSONL text's lines: split at "\n" alone (a "\r" before it dropped), so line numbers count "\n" as
+    everywhere else. Not str.splitlines: it also splits at U+2028, U+2029 and U+0085, which a JSON string may
+    hold raw (json.dumps(..., ensure_ascii=False) writes them so)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _jsonl_records(path: Path, text: str):
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -220,8 +227,7 @@ def _read_records(path) -> tuple[list[tuple[int, object]], bool]:
     elif suffix == ".csv":
         records = _csv_records(path, text)
     else:
-        raise UserError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .csv, .parquet, .arrow, a "
-                        "save_to_disk directory or hf:owner/name)")
+        raise UserError(f"{path}: unsupported file type {suffix!r} (use {S.INPUT_TYPES})")
     return list(records), is_array
 
 
@@ -255,24 +261,16 @@ def _text(path, line, record, name, required=True, allow_empty=False) -> str:
     return value
 
 
-def _chat_turns(path, line, record):
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise InputError(path, line, "messages", "expected a non-empty list of {role, content}")
-    user, assistant = None, None
-    for turn_number, turn in enumerate(messages):
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise InputError(path, line, f"messages[{turn_number}]", "expected {role, content} with string content")
-        role = turn.get("role")
-        if role == "user" and user is None:
-            user = turn["content"]
-        elif role == "assistant" and user is not None and assistant is None:
-            assistant = turn["content"]
-    if user is None or not user.strip():
-        raise InputError(path, line, "messages", "no non-empty user turn")
-    if assistant is not None and not assistant.strip():
-        raise InputError(path, line, "messages", "empty assistant turn")
-    return user, assistant
+def known_kinds() -> str:
+    """The record shapes a file may hold, for error messages: every kind's required fields, a conversation
+    under each field name the current mapping knows (OpenAI `messages`, ShareGPT `conversations`, --field_map)."""
+    shapes = []
+    for kind, (required, _) in KIND_FIELDS.items():
+        if kind == "chat":
+            shapes += ["{" + name + "}" for name in C.current_field_map().conversation]
+        else:
+            shapes.append("{" + ", ".join(required) + "}")
+    return "; ".join(shapes) + " (a conversation under other field names: --field_map)"
 
 
 def to_example(path, index, line, record, kind, need_response=True) -> Example:
@@ -292,9 +290,8 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
     elif kind == "chat":
         conversation = C.parse_conversation(path, line, record)
         extra, messages = "", None
-        if conversation.single_exchange and conversation.field == "messages":
-            instruction, response = _chat_turns(path, line, record)
-        elif conversation.single_exchange:  # other formats of one exchange encode exactly like `messages`
+        if conversation.single_exchange:  # every format of one exchange: one Example, as an Alpaca record
+            # An empty answer is data, in every format: the end token alone is supervised.
             instruction = conversation.messages[0]["content"]
             response = conversation.messages[1]["content"] if len(conversation.messages) > 1 else None
         else:
@@ -337,7 +334,7 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
                 if not isinstance(record, dict):
                     raise InputError(path, line, None, f"expected an object, found {type(record).__name__}")
                 raise InputError(path, line, None, f"unknown record kind with fields {sorted(record)}; expected one of "
-                                 + "; ".join("{" + ", ".join(req) + "}" for req, _ in KIND_FIELDS.values()))
+                                 + known_kinds())
             if file_kind is None:
                 file_kind = kind
             elif kind != file_kind:
@@ -448,15 +445,8 @@ def token_ids(example: Example, template: str, tokenizer, original_quirks=False)
         p = _ids(tokenizer, prompt, True)
         r = _ids(tokenizer, example.response, False)
     elif template == "paper":
-        # As the paper: tokenize the prompt and prompt + " " + response; the response is
-        # what follows the prompt's tokens (exact when the prompt tokens are a prefix).
         p = _ids(tokenizer, prompt, True)
-        answer = " " + example.response + (" " if original_quirks else "")
-        if example.response.strip() or original_quirks:
-            full = _ids(tokenizer, prompt + answer, True)
-            r = full[len(p):] if full[: len(p)] == p else _ids(tokenizer, answer, False)
-        else:
-            r = []  # an empty response: the end token alone is supervised
+        r = C.paper_answer_ids(tokenizer, prompt, p, example.response, original_quirks)
     else:
         conversation = [{"role": "user", "content": user_turn(example)},
                         {"role": "assistant", "content": example.response}]
@@ -550,13 +540,21 @@ def encode_examples(examples, tokenizer, template="paper", max_length=None, max_
 # ----------------------------------------------------------------------------- batches
 
 
+def check_sizes(**sizes) -> None:
+    """Refuse a size flag (a count of examples, tokens, epochs...) below 1; None is unset. Stages and CLIs call it
+    before any work or file: --batch_size 0 would otherwise stop only at the first batch, after the model is
+    loaded and a lock or chunk dir written."""
+    for name, value in sizes.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: must be at least 1")
+
+
 def length_bucketed_batches(lengths, batch_size: int) -> list[list[int]]:
     """Positions grouped into batches of similar length, longest first (OOM shows at once).
 
     Deterministic: ties broken by position.
     """
-    if batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    check_sizes(batch_size=batch_size)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 

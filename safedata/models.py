@@ -123,7 +123,7 @@ def _corpus_lines(files):
         if path.suffix in (".json", ".jsonl"):
             # Strings only, so JSON punctuation does not eat the vocabulary.
             try:
-                values = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+                values = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.split("\n") if l.strip()]
             except json.JSONDecodeError:
                 values = [text]
             stack = list(values) if isinstance(values, list) else [values]

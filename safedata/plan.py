@@ -139,22 +139,64 @@ def logits_bytes(shape: ModelShape, dtype_bytes: int) -> int:
     return shape.vocab * (3 * 4 + (dtype_bytes if dtype_bytes != 4 else 0))
 
 
-def target_bytes(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int) -> int:
-    """One anchor target as `--target_layout auto` stores it."""
-    total = 0
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One 2-D weight of an anchor target as `--target_layout auto` stores it."""
+    name: str
+    fan_in: int
+    fan_out: int
+    tokens: int          # factor pairs per target if factored
+    factored: bool
+    nbytes: int
+
+
+def _stored(name: str, fan_in: int, fan_out: int, tokens: int, dtype_bytes: int) -> PlannedLayer:
+    factored_bytes = tokens * ((fan_in + fan_out) * dtype_bytes + 4)
+    dense_bytes = fan_in * fan_out * 4
+    return PlannedLayer(name, fan_in, fan_out, tokens, factored_bytes < dense_bytes, min(factored_bytes, dense_bytes))
+
+
+def target_layers(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int) -> list:
+    """The decoder Linears and the LM head of one target, each factored or dense, whichever is smaller."""
+    layers = []
     per_layer = len(shape.decoder_linears) // shape.n_layers
     last_layer = len(shape.decoder_linears) - per_layer
     for i, ((fan_in, fan_out), name) in enumerate(zip(shape.decoder_linears, shape.decoder_linear_names)):
         # In the last layer only keys and values reach other positions: the other Linears get a gradient at
         # the supervised tokens alone (zero-gradient tokens are not stored).
         tokens = anchor_tokens if i < last_layer or name in KEY_VALUE_NAMES else response_tokens
-        total += min(tokens * ((fan_in + fan_out) * dtype_bytes + 4), fan_in * fan_out * 4)
+        layers.append(_stored(f"{i}.{name}", fan_in, fan_out, tokens, dtype_bytes))
     fan_in, fan_out = shape.head
-    if not shape.tied:
-        total += min(response_tokens * ((fan_in + fan_out) * dtype_bytes + 4), fan_in * fan_out * 4)
+    head = _stored("lm_head", fan_in, fan_out, response_tokens, dtype_bytes)
+    # a tied head's factors are stored beside the embedding rows (counted below), never dense
+    layers.append(head if not shape.tied else PlannedLayer("lm_head", fan_in, fan_out, response_tokens, True,
+                                                           response_tokens * ((fan_in + fan_out) * dtype_bytes + 4)))
+    return layers
+
+
+def target_bytes(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int) -> int:
+    """One anchor target as `--target_layout auto` stores it."""
+    layers = target_layers(shape, anchor_tokens, response_tokens, dtype_bytes)
+    total = sum(layer.nbytes for layer in layers if layer.name != "lm_head" or not shape.tied)
+    if shape.tied:
+        total += layers[-1].nbytes
     total += min(anchor_tokens, shape.vocab) * shape.hidden * 4    # embedding rows by token id
     total += shape.norm_numel * 4
     return total
+
+
+def dense_copy_bytes(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int,
+                     n_targets: int, device: str) -> int:
+    """The dense copies the target bank adds to factored layers where materialising is cheaper (the bank's
+    own choice, numerics.choose_dense_copies, on the planned layout)."""
+    from .features.gradients.numerics import (FactoredLayer, MEMORY_COST, choose_dense_copies,
+                                              dense_copy_budget)
+    layers = [FactoredLayer(layer.name, layer.fan_out, layer.fan_in, n_targets * layer.tokens, 0, n_targets)
+              for layer in target_layers(shape, anchor_tokens, response_tokens, dtype_bytes) if layer.factored]
+    compute_bytes = 8 if dtype_bytes == 8 else 4
+    chosen = choose_dense_copies(layers, MEMORY_COST.get(device, 64.0),
+                                 dense_copy_budget(shape.n_params * dtype_bytes), compute_bytes)
+    return sum(nbytes for _, nbytes in chosen)
 
 
 @dataclass
@@ -232,12 +274,12 @@ def plan_finetune(shape: ModelShape, per_device_batch: int, length: int, precisi
 
 def plan_gradients(shape: ModelShape, batch: int, length: int, dtype_bytes: int = 2, n_targets: int = 3,
                    anchors: int = 10, anchor_tokens: int = 100, response_tokens: int = 10, nproc: int = 1,
-                   building_target: bool = False) -> Plan:
+                   building_target: bool = False, device: str = "cuda") -> Plan:
     """Per-device memory of exact gradient scoring (or of building one anchor target)."""
     tokens = _tokens(batch, length)
     what = "building an anchor target" if building_target else f"scoring against {n_targets} target(s)"
     plan = Plan(f"memory plan: gradients of {shape.name} ({shape.n_params / 1e9:.3f} B parameters), {what}",
-                {"dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length,
+                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length,
                  "anchors": anchors, "tokens per anchor": anchor_tokens, "supervised per anchor": response_tokens})
     plan.add("weights", shape.n_params * dtype_bytes, f"{shape.n_params:,} x {dtype_bytes} bytes, frozen: no "
              "gradient or optimizer state (every process holds a copy)")
@@ -245,6 +287,11 @@ def plan_gradients(shape: ModelShape, batch: int, length: int, dtype_bytes: int 
     count = 1 if building_target else n_targets
     plan.add("targets", count * one, f"{count} x {one / GB:.3f} GB (factored: {anchors} anchors x {anchor_tokens} "
              "tokens, or dense per layer, whichever is smaller)")
+    if not building_target:
+        copies = dense_copy_bytes(shape, anchors * anchor_tokens, anchors * response_tokens, dtype_bytes, count,
+                                  device)
+        plan.add("dense target copies", copies, f"factored layers also held dense where that is faster on {device} "
+                 "(within 1 GiB + the weights' size)")
     layer = layer_activation_bytes(shape, dtype_bytes)
     plan.add("activations", tokens * shape.n_layers * layer,
              f"{layer:,} bytes/token/layer x {shape.n_layers} layers x {tokens:,} tokens (weights frozen; the "
@@ -256,10 +303,11 @@ def plan_gradients(shape: ModelShape, batch: int, length: int, dtype_bytes: int 
     return plan
 
 
-def plan_representations(shape: ModelShape, batch: int, length: int, dtype_bytes: int = 2, nproc: int = 1) -> Plan:
+def plan_representations(shape: ModelShape, batch: int, length: int, dtype_bytes: int = 2, nproc: int = 1,
+                         device: str = "cuda") -> Plan:
     tokens = _tokens(batch, length)
     plan = Plan(f"memory plan: representations of {shape.name} ({shape.n_params / 1e9:.3f} B parameters)",
-                {"dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length})
+                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length})
     plan.add("weights", shape.n_params * dtype_bytes, f"{shape.n_params:,} x {dtype_bytes} bytes (every process)")
     plan.add("activations", tokens * dtype_bytes * (4 * shape.hidden + 4 * shape.intermediate),
              "forward only, no LM head: the residual stream, one layer's norm output, attention and MLP "
@@ -303,9 +351,17 @@ def _nproc(settings: dict) -> int:
     return settings.get("nproc") or int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _dtype_bytes(name: str | None) -> int:
+def _device_type(device: str | None) -> str:
+    """The device the run would use: --device, else a GPU where one is visible (as models.default_device)."""
+    if device:
+        return device.split(":")[0]
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_bytes(name: str | None, device: str) -> int:
     if name in (None, "auto"):
-        return 2   # the plan is for a GPU, where auto means bf16
+        return 2 if device == "cuda" else 4    # as models.resolve_dtype: bf16 on a GPU, fp32 on CPU
     if name not in DTYPE_BYTES:
         raise UserError(f"--dtype {name!r}: choose from auto, {', '.join(sorted(DTYPE_BYTES))}")
     return DTYPE_BYTES[name]
@@ -316,16 +372,19 @@ def gradient_plan_from_args(a) -> Plan:
     length = settings.get("length") or a.max_length or 512
     anchor_tokens = settings.get("anchor_tokens") or min(length, 100)
     response = settings.get("response_tokens") or a.max_response_length or min(anchor_tokens, 10)
-    return plan_gradients(model_shape(a.model_name), a.batch_size, length, _dtype_bytes(a.dtype),
+    device = _device_type(a.device)
+    return plan_gradients(model_shape(a.model_name), a.batch_size, length, _dtype_bytes(a.dtype, device),
                           n_targets=settings.get("targets") or len(a.targets or []) or 3,
                           anchors=settings.get("anchors") or 10, anchor_tokens=anchor_tokens,
-                          response_tokens=response, nproc=_nproc(settings), building_target=bool(a.anchor))
+                          response_tokens=response, nproc=_nproc(settings), building_target=bool(a.anchor),
+                          device=device)
 
 
 def representation_plan_from_args(a) -> Plan:
     settings = parse_settings(a.plan)
+    device = _device_type(a.device)
     return plan_representations(model_shape(a.model_name), a.batch_size, settings.get("length") or a.max_length or 512,
-                                _dtype_bytes(a.dtype), _nproc(settings))
+                                _dtype_bytes(a.dtype, device), _nproc(settings), device)
 
 
 def finetune_plan_from_args(a: dict) -> Plan:

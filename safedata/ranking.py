@@ -19,7 +19,7 @@ import torch
 from . import data as D
 from .errors import MetadataMismatch, UserError
 from .paths import input_data, output_dir
-from .store import META, atomic_write_text, read_json, require_same
+from .store import META, SafetensorsReader, atomic_write_text, read_json, require_same
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,15 @@ class FeatureSet:
 
     def blocks(self, rows=8192):
         """Row blocks read with plain reads (not mmap, whose pages would stay resident)."""
-        import struct
-        dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
-        with open(self.path, "rb") as handle:
-            header_len = struct.unpack("<Q", handle.read(8))[0]
-            entry = json.loads(handle.read(header_len))["features"]
-            if entry["dtype"] not in dtypes:
-                raise UserError(f"{self.path}: features dtype {entry['dtype']} not supported (F32, F64, F16)")
-            dtype = np.dtype(dtypes[entry["dtype"]]).newbyteorder("<")
-            row_bytes = self.dim * dtype.itemsize
-            base = 8 + header_len + entry["data_offsets"][0]
-            for start in range(0, self.n, rows):
-                count = min(self.n, start + rows) - start
-                handle.seek(base + start * row_bytes)
-                block = np.empty((count, self.dim), dtype=dtype)
-                if handle.readinto(memoryview(block).cast("B")) != count * row_bytes:
-                    raise UserError(f"{self.path}: truncated (expected {self.n} rows)")
-                yield start, torch.from_numpy(block.astype(np.float32, copy=False))
+        reader = SafetensorsReader(self.path)
+        if reader.entries["features"]["dtype"] not in ("F32", "F64", "F16"):
+            raise UserError(f"{self.path}: features dtype {reader.entries['features']['dtype']} not supported "
+                            "(F32, F64, F16)")
+        for start in range(0, self.n, rows):
+            block = reader.read("features", start, start + rows)
+            if block.shape[0] != min(self.n, start + rows) - start:
+                raise UserError(f"{self.path}: truncated (expected {self.n} rows)")
+            yield start, block.float()
 
     def all(self) -> torch.Tensor:
         return torch.cat([block for _, block in self.blocks()]) if self.n else torch.empty(0, self.dim)
@@ -77,7 +69,6 @@ class FeatureSet:
 
 
 def load_features(directory) -> FeatureSet:
-    from safetensors import safe_open
     directory = Path(directory)
     meta = read_json(directory / META)
     if meta.get("stage") not in FEATURE_STAGES:
@@ -85,8 +76,7 @@ def load_features(directory) -> FeatureSet:
     path = directory / "features.safetensors"
     if not path.exists():
         raise UserError(f"{path}: missing (did every shard finish?)")
-    with safe_open(str(path), framework="pt") as handle:
-        shape = handle.get_slice("features").get_shape()
+    shape = SafetensorsReader(path).shape("features")
     if shape[0] != meta["n"] or len(meta["ids"]) != meta["n"]:
         raise MetadataMismatch(f"{directory}: features have {shape[0]} rows but meta.json lists {meta['n']}")
     return FeatureSet(directory, meta, int(shape[0]), int(shape[1]))

@@ -21,6 +21,8 @@ from .errors import InputError, UserError
 
 HUB_PREFIX = "hf:"
 FILE_SUFFIXES = (".parquet", ".arrow")
+# Every input a stage reads records from (data.py's text files, then this module's), for help texts and errors.
+INPUT_TYPES = ".json, .jsonl, .csv, .parquet, .arrow, a save_to_disk directory or hf:owner/name?config=NAME&split=SPLIT"
 
 
 def is_hub(path) -> bool:
@@ -189,7 +191,16 @@ def write_subset(path, rows, target) -> Path:
     return target
 
 
-def _text_subset(path: Path, wanted: list[int]) -> str:
+def _jsonl_subset(data: bytes, line_numbers) -> bytes:
+    """Lines of a JSONL file's bytes (1-based, as data.jsonl_lines counts them), each with its own line ending:
+    a CRLF file's subset is CRLF, and U+2028 inside a string stays inside its line. A last line without an
+    ending gets the first line's."""
+    lines = data.split(b"\n")
+    newline = b"\r\n" if lines[0].endswith(b"\r") else b"\n"
+    return b"".join(lines[n - 1] + (b"\n" if n < len(lines) else newline) for n in line_numbers)
+
+
+def _text_subset(path: Path, wanted: list[int]) -> bytes:
     """JSONL: the records' own lines, byte for byte. JSON arrays: the records re-serialised (indent 4, as
     rank.py writes). CSV: the header and the rows, re-quoted by the csv module."""
     import csv
@@ -199,13 +210,13 @@ def _text_subset(path: Path, wanted: list[int]) -> str:
     from .ranking import _records_text
     raw = read_raw_records(path)
     chosen = [raw[i] for i in wanted]
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    text = data.decode("utf-8-sig")  # decoded as data.py reads it (read_records accepted it): no newline translation
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
-        lines = text.splitlines()
-        return "".join(lines[line - 1] + "\n" for line, _ in chosen)
+        return _jsonl_subset(data, [line for line, _ in chosen])
     if suffix == ".json":
-        return _records_text([record for _, record in chosen], ".json")
+        return _records_text([record for _, record in chosen], ".json").encode("utf-8")
     buffer = io.StringIO()
     header = list(raw[0][1]) if raw else []
     one_column_prompts = header == ["prompt"] and not text.lstrip().startswith("prompt")
@@ -214,7 +225,7 @@ def _text_subset(path: Path, wanted: list[int]) -> str:
         writer.writerow(header)
     for _, record in chosen:
         writer.writerow([record[h] for h in header])
-    return buffer.getvalue()
+    return buffer.getvalue().encode("utf-8")
 
 
 def subset_suffix(path) -> str:
@@ -225,10 +236,10 @@ def subset_suffix(path) -> str:
 def write_subset_like(path, rows, target_stem) -> Path:
     """Rows `rows` (0-based record indices) of any input, in ascending order, in the input's own type:
     returns `target_stem` + the input's suffix (a directory for save_to_disk input)."""
-    from .store import atomic_write_text
+    from .store import atomic_write_bytes
     target = Path(str(target_stem) + subset_suffix(path))
     wanted = sorted(set(int(r) for r in rows))
     if is_dataset_source(path):
         return write_subset(path, wanted, target)
-    atomic_write_text(target, _text_subset(Path(path), wanted))
+    atomic_write_bytes(target, _text_subset(Path(path), wanted))
     return target

@@ -162,10 +162,57 @@ def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: 
             raise ValueError(f"{path}: wrote {written} rows, expected {n_rows}")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """A safetensors file read with plain reads into memory of its own: safetensors' safe_open maps the file,
+    and every page a copy touches stays resident (counted in the process's RSS) until the last tensor from
+    it is freed, so loading then copying would hold the data twice. Rows can be read in blocks."""
+
+    def __init__(self, path):
+        import struct
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(header_len))
+        self.metadata = dict(header.pop("__metadata__", None) or {})
+        self.entries = header
+        self.data_start = 8 + header_len
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of its first dimension."""
+        entry = self.entries[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise UserError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, not one this project writes")
+        shape = list(entry["shape"])
+        if shape:
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            shape[0] = max(0, stop - start)
+        out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        flat = out.reshape(-1).view(torch.uint8)           # the tensor's own bytes, filled in place
+        offset = entry["data_offsets"][0] + (start * flat.numel() // max(1, shape[0]) if shape else 0)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_start + offset)
+            if flat.numel() and handle.readinto(memoryview(flat.numpy())) != flat.numel():
+                raise UserError(f"{self.path}: truncated (tensor {name})")
+        return out
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return {name: self.read(name) for name in self.entries}
+
+
 def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
+    reader = SafetensorsReader(path)
+    return reader.read_all(), reader.metadata
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -36,11 +36,11 @@ def test_llama2_7b_plan_prints_the_readme_figures(llama7b_config):
     # README, "What a 7B model needs": 13.5 GB of bf16 weights; ~5 GB per factored target for the paper's
     # 10 anchors (~100 tokens each, 10 supervised), ~15 GB for three targets.
     rows, text = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--targets", "h", "s1", "s2",
-                          "--batch_size", "2", "--plan")
+                          "--batch_size", "2", "--device", "cuda", "--plan")
     assert "6.738 B parameters" in text
     assert rows["weights"] == pytest.approx(13.5e9, rel=0.05)
     assert rows["targets"] == pytest.approx(15e9, rel=0.05)
-    one, _ = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--anchor", "--plan")
+    one, _ = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--anchor", "--device", "cuda", "--plan")
     assert one["targets"] == pytest.approx(5e9, rel=0.05)
     # Full fine-tuning with fp32 master weights (+ fp32 gradients and AdamW's two moments): 16 bytes a parameter,
     # ~108 GB before activations (README, fine-tuning). The paper's pure bf16 halves it, FSDP over 2 GPUs halves again.
@@ -151,11 +151,12 @@ def test_tiny_model_plans_are_within_25_percent_of_measured_cpu_peaks(measured_s
     grown = measure("get_gradients.py", "--model_name", str(model), "--data_path", str(pool), "--output_dir",
                     str(base / "scores"), "--targets", str(target), str(target), str(target), "--batch_size", "20")
     checks["gradients"] = (grown, P.plan_gradients(shape, 20, length, 4, n_targets=3, anchors=4,
-                                                    anchor_tokens=anchor_tokens, response_tokens=10).total)
+                                                    anchor_tokens=anchor_tokens, response_tokens=10,
+                                                    device="cpu").total)
 
     grown = measure("get_representation.py", "--model_name", str(model), "--data_path", str(pool), "--output_dir",
                     str(base / "reps"), "--batch_size", "20")
-    checks["representations"] = (grown, P.plan_representations(shape, 20, length, 4).total)
+    checks["representations"] = (grown, P.plan_representations(shape, 20, length, 4, device="cpu").total)
     for stage, (measured, planned) in checks.items():
         assert planned == pytest.approx(measured, rel=0.25), (stage, measured / 1e6, planned / 1e6)
     assert checks["finetune"][0] > 4 * checks["representations"][0]   # the measurement sees what the plans see

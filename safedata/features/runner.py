@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .. import conversations as C
 from .. import data as D
 from ..models import model_identity
 from ..progress import progress
@@ -64,6 +65,7 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
 
 def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str, flags: dict) -> dict:
     """What made an output: the next stage checks these before trusting it."""
+    field_map = C.current_field_map()
     return {
         "stage": stage,
         "model": model_identity(model_name),
@@ -79,6 +81,8 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
         # Kept, as the original did: examples whose only supervised token is the end token.
         "n_empty_response": len(prepared.empty_responses),
         "empty_response_indices": prepared.empty_responses,
+        # --field_map, when one was given: how the records' conversations were read
+        **({"field_map": field_map.describe()} if field_map != C.FieldMap() else {}),
     }
 
 

@@ -7,6 +7,7 @@ linear_costs: per-example multiply-adds of the ways to get a Linear layer's ||G|
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -90,6 +91,47 @@ def linear_costs(T: int, n: int, m: int, K: int, Jd: int, full: bool, beta: floa
     if full:
         costs["full"] = T * nm + 3 * beta * nm
     return costs
+
+
+DENSE_COPY_T = 128               # the batch length a layer's form is chosen for
+DENSE_COPY_BYTES = 1 << 30       # extra memory for dense copies of factored targets, besides the model's size
+
+
+@dataclass(frozen=True)
+class FactoredLayer:
+    """A Linear weight [m, n] as the target bank holds it: K factor pairs over all targets, Jd dense targets,
+    and how many targets are factored there (each needs an m x n dense copy)."""
+    name: str
+    m: int
+    n: int
+    K: int
+    Jd: int
+    n_factored: int
+
+
+def choose_dense_copies(layers: list[FactoredLayer], beta: float, budget: int, element_size: int) -> list[tuple]:
+    """(name, bytes) of the layers that get a dense copy of their factored targets: those where (at a typical
+    batch length) materialising each example's gradient and one GEMM against every target beats factor
+    products, greedily by the saving per byte, within `budget` bytes. The target bank makes these copies and
+    the memory plan counts them: both call this."""
+    candidates = []
+    for layer in layers:
+        now = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.Jd, False, beta)
+        after = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.Jd, True, beta)["full"]
+        saving = min(now.values()) - after
+        nbytes = layer.n_factored * layer.n * layer.m * element_size
+        if saving > 0:
+            candidates.append((saving / nbytes, layer.name, nbytes))
+    chosen = []
+    for _, name, nbytes in sorted(candidates, reverse=True):
+        if nbytes <= budget:
+            budget -= nbytes
+            chosen.append((name, nbytes))
+    return chosen
+
+
+def dense_copy_budget(model_bytes: int) -> int:
+    return DENSE_COPY_BYTES + model_bytes
 
 
 def chunks(total: int, per_item: int):

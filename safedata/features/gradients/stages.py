@@ -70,6 +70,8 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
     """Anchor mode: write target.safetensors + meta.json (stage gradient_target). Rank 0 only.
     original_quirks: what the original code computed: the supervised trailing space (data.token_ids) and
     anchor gradients never zeroed between anchors (anchors.py, cumulative)."""
+    # Flags first: the lock below creates the output dir, which a refused run must not leave behind.
+    D.check_sizes(batch_size=batch_size, max_length=max_length, max_response_length=max_response_length)
     rank, world = distributed_rank()
     if rank != 0:
         torch.distributed.barrier()
@@ -172,6 +174,8 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
     """Scoring mode: scores.csv + examples.csv + products.safetensors + meta.json (stage gradient_scores);
     True once complete. Against targets (one column each), or with self_influence and no targets the
     anchor-free columns self_inf and self_inf_n (see self_influence_n)."""
+    D.check_sizes(batch_size=batch_size, chunk_size=chunk_size, max_length=max_length,
+                  max_response_length=max_response_length)  # before the model is loaded
     if self_influence and target_dirs:
         raise UserError("--self_influence needs no --targets (it is anchor-free): give one or the other")
     if not self_influence and not target_dirs:
@@ -205,7 +209,7 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
                      "renormalised target")
     check_existing_output(output_dir, meta)
     engine = get_engine(model, params_key, mode, adam, path)
-    bank = TargetBank([t for t, _ in loaded], engine) if loaded else None
+    bank = TargetBank([t for t, _ in loaded], engine, release=True) if loaded else None
     del loaded
     pad_id = D.pad_token_id(tokenizer)
     n_supervised = torch.tensor([e.n_supervised for e in prepared.encoded], dtype=torch.float64)
@@ -267,6 +271,8 @@ def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_
                               lora_seed=0, optimizer_state=None, shard=None, chunk_size=512, dtype=None,
                               device=None, skip_bad=False, model=None, tokenizer=None, original_quirks=False) -> bool:
     """--proj_dim: features.safetensors [N, proj_dim] (stage gradient_features), rank.py reads it."""
+    D.check_sizes(proj_dim=proj_dim, batch_size=batch_size, chunk_size=chunk_size, max_length=max_length,
+                  max_response_length=max_response_length)  # before the model is loaded
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
                                          model, tokenizer)

@@ -13,7 +13,7 @@ import torch
 
 from ...errors import MetadataMismatch, UserError
 from ...store import META, load_tensors, read_json
-from .numerics import linear_costs, memory_cost
+from .numerics import FactoredLayer, choose_dense_copies, dense_copy_budget, memory_cost
 
 if TYPE_CHECKING:
     from .engine import GradientEngine
@@ -117,12 +117,11 @@ class _ParamBank:
     rows: embedding rows by token id.
     """
 
-    __slots__ = ("G", "X", "W", "dense_mat", "dense_cols", "full_mat", "full_cols", "rows", "_dense")
+    __slots__ = ("G", "X", "W", "dense_mat", "dense_cols", "full_mat", "full_cols", "rows")
 
     def __init__(self):
         self.G = self.X = self.W = None
         self.dense_mat = self.dense_cols = self.full_mat = self.full_cols = None
-        self._dense: list[tuple[int, torch.Tensor]] = []
         self.rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (j, lookup[V], ids, val)
 
     @property
@@ -141,19 +140,17 @@ class _ParamBank:
         return list(zip(self.dense_cols.tolist(), self.dense_mat.unbind(0)))
 
 
-DENSIFY_T = 128                  # the batch length a layer's form is chosen for
-DENSIFY_BYTES = 1 << 30          # extra memory for densified targets, besides the model's own size
-
-
 class TargetBank:
-    """Targets on the device, arranged per parameter for the hooks (all targets of a layer together)."""
+    """Targets on the device, arranged per parameter for the hooks (all targets of a layer together).
 
-    def __init__(self, targets: list[Target], engine: GradientEngine, densify: bool = True):
+    release: empty each Target's parameters as soon as the bank holds them, so that the targets are never
+    held twice (the scoring stage passes targets it loaded for the bank alone)."""
+
+    def __init__(self, targets: list[Target], engine: GradientEngine, densify: bool = True, release: bool = False):
         self.n = len(targets)
         self.engine = engine
         self.params: dict[str, _ParamBank] = {}
         dev, cdt, num = engine.device, engine.cdt, engine.num
-        facts: dict[str, list] = {}
         for j, target in enumerate(targets):
             if target.mode != engine.mode or target.param_set != engine.params:
                 raise MetadataMismatch(f"target {j} was made with --mode {target.mode} --params {target.param_set}; "
@@ -165,62 +162,53 @@ class TargetBank:
                 if tuple(p.shape) != tuple(engine.shapes[name]):
                     raise MetadataMismatch(f"target {j}: parameter {name} has shape {p.shape}, "
                                            f"the model's is {engine.shapes[name]}")
-                bank = self.params.setdefault(name, _ParamBank())
+        factored: dict[str, list[int]] = {}
+        for name in (targets[0].params if targets else ()):
+            bank = self.params[name] = _ParamBank()
+            dense, facts = [], []
+            for j, target in enumerate(targets):
+                p = target.params[name]
+                if release:
+                    target.params[name] = ParamTarget(p.shape)
                 if p.dense is not None:
-                    bank._dense.append((j, p.dense.to(device=dev, dtype=cdt).reshape(-1)))
+                    dense.append((j, p.dense.to(device=dev, dtype=cdt).reshape(-1)))
                 if p.rows_ids is not None:
                     lookup = torch.full((p.shape[0],), -1, dtype=torch.long, device=dev)
                     ids = p.rows_ids.to(dev, torch.long)
                     lookup[ids] = torch.arange(ids.numel(), device=dev)
                     bank.rows.append((j, lookup, ids, p.rows_val.to(device=dev, dtype=cdt)))
                 if p.fact_g is not None:
-                    facts.setdefault(name, []).append((j, p))
-        for name, ps in facts.items():
-            bank = self.params[name]
-            bank.G = torch.cat([num.operand(p.fact_g.to(dev)) for _, p in ps])
-            bank.X = torch.cat([num.operand(p.fact_x.to(dev)) for _, p in ps])
-            W = []
-            for j, p in ps:
-                w = torch.zeros(p.fact_g.shape[0], self.n, dtype=cdt, device=dev)
-                w[:, j] = p.fact_scale.to(device=dev, dtype=cdt)
-                W.append(w)
-            bank.W = torch.cat(W)
-        for name, bank in self.params.items():
-            if bank._dense:
-                bank.dense_cols = torch.tensor([j for j, _ in bank._dense], dtype=torch.long, device=dev)
-                bank.dense_mat = torch.stack([d for _, d in bank._dense])
-            bank._dense = []
+                    facts.append((j, p))
+            if facts:
+                factored[name] = [j for j, _ in facts]
+                bank.G = torch.cat([num.operand(p.fact_g.to(dev)) for _, p in facts])
+                bank.X = torch.cat([num.operand(p.fact_x.to(dev)) for _, p in facts])
+                bank.W = torch.zeros(bank.G.shape[0], self.n, dtype=cdt, device=dev)
+                row = 0
+                for j, p in facts:
+                    bank.W[row:row + p.fact_g.shape[0], j] = p.fact_scale.to(device=dev, dtype=cdt)
+                    row += p.fact_g.shape[0]
+            if dense:
+                bank.dense_cols = torch.tensor([j for j, _ in dense], dtype=torch.long, device=dev)
+                bank.dense_mat = torch.stack([d for _, d in dense])
+            del dense, facts, p
         self.densified: list[str] = []
         if densify:
-            self.densify(facts)
+            self.densify(factored)
 
-    def densify(self, facts: dict) -> None:
-        """Add a dense copy of the factored targets of the Linear layers where (at a typical batch length)
-        materialising the per-example gradient and one GEMM against every target beats factor products,
-        greedily by the saving per byte, within DENSIFY_BYTES plus the model's own size."""
+    def densify(self, factored: dict[str, list[int]]) -> None:
+        """Add a dense copy of the factored targets of the Linear layers where materialising the per-example
+        gradient and one GEMM against every target beats factor products (numerics.choose_dense_copies),
+        within dense_copy_budget(the model's size)."""
         e = self.engine
         linear = {s.weight for s in e.sites if s.kind == "linear" and not s.lora}
-        beta = memory_cost(e.device)
-        budget = DENSIFY_BYTES + sum(p.numel() * p.element_size() for p in e.model.parameters())
+        layers = [FactoredLayer(name, *e.shapes[name], self.params[name].K, self.params[name].Jd, len(cols))
+                  for name, cols in factored.items() if name in linear and len(e.shapes[name]) == 2]
         size = torch.tensor([], dtype=e.cdt).element_size()
-        candidates = []
-        for name, ps in facts.items():
+        budget = dense_copy_budget(sum(p.numel() * p.element_size() for p in e.model.parameters()))
+        for name, _ in choose_dense_copies(layers, memory_cost(e.device), budget, size):
             bank = self.params[name]
-            if name not in linear or len(e.shapes[name]) != 2:
-                continue
-            m, n = e.shapes[name]
-            now = linear_costs(DENSIFY_T, n, m, bank.K, bank.Jd, False, beta)
-            after = linear_costs(DENSIFY_T, n, m, bank.K, bank.Jd, True, beta)["full"]
-            saving = min(now.values()) - after
-            nbytes = len({j for j, _ in ps}) * n * m * size
-            if saving > 0:
-                candidates.append((saving / nbytes, name, nbytes))
-        for _, name, nbytes in sorted(candidates, reverse=True):
-            if nbytes > budget:
-                continue
-            budget -= nbytes
-            bank = self.params[name]
-            cols = sorted({j for j, _ in facts[name]})
+            cols = factored[name]
             G, X, W = bank.G.to(e.cdt), bank.X.to(e.cdt), bank.W
             extra = torch.stack([((G * W[:, j:j + 1]).T @ X).reshape(-1) for j in cols])
             if bank.dense_mat is not None:
