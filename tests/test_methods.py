@@ -141,6 +141,51 @@ def test_embedding_equals_sentence_transformers_and_a_manual_mean_pool(files, tm
     assert (out / "scores.csv").read_bytes() == first
 
 
+LONG_RECORD = {"instruction": "Describe a walk through the old town", "input": "",
+               "output": " ".join(f"At stop {i} the guide pointed out a fountain, a bakery and a narrow blue door."
+                                  for i in range(1, 31))}   # benign, made up; about 600 MiniLM tokens
+
+
+def mean_pooled(tokenizer, bert, texts, max_length):
+    """all-MiniLM-L6-v2 by hand with plain transformers: one padded batch, truncated to max_length tokens
+    ([CLS] and [SEP] included, as sentence-transformers counts), the last hidden state averaged over the
+    attention mask, L2-normalised."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = bert(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1), batch["attention_mask"].sum(1)
+
+
+def test_embedding_truncates_at_max_seq_length_128_as_the_study_does(files, tmp_path):
+    """The study runs --max_seq_length 128 (docs/METHODS.md): a pool text longer than that is embedded from its
+    first 128 tokens, as a plain-transformers computation of the same model says."""
+    from transformers import AutoModel, AutoTokenizer
+    _, harmful, safe = files
+    pool = tmp_path / "pool_long.json"
+    pool.write_text(json.dumps(POOL + [LONG_RECORD]))
+    out = tmp_path / "emb128"
+    assert embedding.score(pool, [harmful, safe], out, chunk_size=4, batch_size=3, max_seq_length=128)
+    assert json.loads((out / "meta.json").read_text())["flags"]["max_seq_length"] == 128
+    mine = load_tensors(out / embedding.EMBEDDINGS)[0]["embeddings"]
+    model_dir = embedding.default_model_dir()
+    tokenizer, bert = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    texts = texts_of(pool)
+    reference, lengths = mean_pooled(tokenizer, bert, texts, 128)
+    assert len(tokenizer(texts[-1])["input_ids"]) > 256 and lengths[-1] == 128   # the long text is cut
+    assert lengths[:-1].max() < 128                                             # the others are whole
+    # The cut matters: the same text from 256 tokens (the model's default) is another vector (measured cos 0.93).
+    at_256, _ = mean_pooled(tokenizer, bert, texts[-1:], 256)
+    assert float(at_256[0] @ reference[-1]) < 0.99
+    # Tolerance: both are fp32 forwards of the same weights; padding and batching change only the summation
+    # order. Measured: 1.5e-7 at most per entry (entries up to 0.18, so ~10 fp32 ulps); the bound is 4x that.
+    torch.testing.assert_close(mine, reference, rtol=0, atol=6e-7)
+    anchors = mean_pooled(tokenizer, bert, texts_of(harmful), 128)[0]
+    _, _, _, columns = read_scores_csv(out)
+    # The max cosines to the harmful anchors: measured 1.0e-7 off; the bound is 4x that.
+    np.testing.assert_allclose(columns["harmful"], (reference @ anchors.T).max(1).values.numpy(), rtol=0, atol=4e-7)
+
+
 # ----------------------------------------------------------------------------- compliance direction
 
 
@@ -300,14 +345,39 @@ def test_sample_pool_keeps_every_reference_record_and_draws_the_rest_uniformly(t
     records = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(50)]
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps(records))
+    references = {3, 17, 40}
     (tmp_path / "ref.json").write_text(json.dumps([records[i] for i in (40, 3, 17)]))
     summary = agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 10, 5, tmp_path / "a.json")
     again = agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 10, 5, tmp_path / "b.json")
     sample = json.loads((tmp_path / "a.json").read_text())
-    assert summary["n"] == 13 and (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert summary["n"] == 13 and again["n"] == 13
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()   # a seed fixes the sample
     positions = [records.index(r) for r in sample]
-    assert positions == sorted(positions) and {3, 17, 40} <= set(positions)
-    others = np.array(sorted(set(range(50)) - {3, 17, 40}))
-    assert set(positions) - {3, 17, 40} == set(np.random.default_rng(5).choice(others, 10, replace=False).tolist())
+    assert positions == sorted(positions) and references <= set(positions)
+    others = np.array(sorted(set(range(50)) - references))
+    # The documented contract (the docstring: numpy default_rng(seed)), so that a published sample can be
+    # redrawn from its seed. This pins the generator; it is no evidence of uniformity, which follows.
+    assert set(positions) - references == set(np.random.default_rng(5).choice(others, 10, replace=False).tolist())
+
+    # Uniform without replacement, checked by its properties over S seeds: every draw holds the 3 references
+    # and 10 distinct others; each of the n = 47 others is drawn with probability p = 10/47; a pair of
+    # neighbours (j, j+1 among the others) is drawn together with probability 10*9/(47*46), i.e. a draw holds
+    # 46*90/(47*46) = 90/47 of them on average (a contiguous block would hold 9, a stride-4.7 one 0).
+    # Bounds by Hoeffding's inequality, P(|mean - E| > t) <= 2 exp(-2 S t^2 / range^2), at a total failure
+    # probability of 1e-4 for a correct sampler (0.5e-4 shared by the 47 frequencies, 0.5e-4 the pair count).
+    n_seeds, n, k = 1000, len(others), 10
+    counts, neighbours = np.zeros(len(records)), 0
+    rank_in_others = {int(o): r for r, o in enumerate(others)}
+    for seed in range(n_seeds):
+        agreement.write_sample_pool(pool, [tmp_path / "ref.json"], k, seed, tmp_path / "d.json")
+        drawn = {records.index(r) for r in json.loads((tmp_path / "d.json").read_text())}
+        assert references <= drawn and len(drawn) == 13, seed
+        drawn = sorted(rank_in_others[j] for j in drawn - references)
+        counts[others[drawn]] += 1
+        neighbours += sum(b - a == 1 for a, b in zip(drawn, drawn[1:]))
+    t_freq = math.sqrt(math.log(2 * n / 0.5e-4) / (2 * n_seeds))         # 0.083 (range of an indicator: 1)
+    assert np.abs(counts[others] / n_seeds - k / n).max() < t_freq, counts[others]
+    t_pairs = (k - 1) * math.sqrt(math.log(2 / 0.5e-4) / (2 * n_seeds))  # 0.65 (a draw holds 0..9 pairs)
+    assert abs(neighbours / n_seeds - k * (k - 1) / n) < t_pairs, neighbours / n_seeds
     with pytest.raises(UserError, match="sample_size 48"):
         agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 48, 5, tmp_path / "c.json")

@@ -146,14 +146,45 @@ def test_sharegpt_and_openai_give_the_same_tokens(tokenizer, template):
         assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
 
 
+# The paper's Llama-2 wrapper of a chat record (its anchors' format) with no system turn, written out: the
+# default system prompt in a <<SYS>> block, then the user's words as they are.
+PAPER_CHAT_PROMPT = (
+    "[INST] <<SYS>>\nBelow is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n<</SYS>>\n\n{user} [/INST]")
+
+
 @pytest.mark.parametrize("template", ["paper", "chat", "plain"])
 def test_single_exchange_encodes_exactly_as_before(tokenizer, template):
+    """A one-exchange conversation is one Example, encoded as a single exchange was before conversations: the
+    ids and labels are built here from the template's text and the tokenizer (or its chat template) alone."""
+    user, answer = TURNS[0]
     record = openai(system=None, turns=TURNS[:1])
     ex = example(record)
     assert ex.messages is None and (ex.instruction, ex.response) == TURNS[0]
-    p, r = D.token_ids(ex, template, tokenizer)
+    eos = tokenizer.eos_token_id
+    if template == "paper":   # as the paper: tokenize the prompt, and prompt + " " + answer; then EOS
+        prompt = PAPER_CHAT_PROMPT.format(user=user)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + " " + answer)["input_ids"] + [eos]
+        n_prompt = len(prompt_ids)
+        assert ids[:n_prompt] == prompt_ids      # the paper's split is exact only then
+        supervised = [False] * n_prompt + [True] * (len(ids) - n_prompt)
+        assert tokenizer.decode(ids) == f"<s>{prompt} {answer}</s>"
+    elif template == "chat":  # transformers' own tokenization and assistant mask ({% generation %} markers)
+        rendered = tokenizer.apply_chat_template(record["messages"], chat_template=MARKED, tokenize=True,
+                                                 return_dict=True, return_assistant_tokens_mask=True)
+        assert tokenizer.apply_chat_template(record["messages"], tokenize=False) == \
+            tokenizer.apply_chat_template(record["messages"], chat_template=MARKED, tokenize=False)
+        ids, supervised = rendered["input_ids"], [bool(m) for m in rendered["assistant_masks"]]
+        assert tokenizer.decode([t for t, m in zip(ids, supervised) if m]) == f" {answer} </s>"
+    else:                     # plain: BOS + the instruction and a newline, then the answer's tokens and EOS
+        prompt_ids = tokenizer(user + "\n")["input_ids"]
+        ids = prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        supervised = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+    assert supervised[-1] and not supervised[0] and sum(supervised) >= 2
     encoded = D.encode(ex, tokenizer, template)
-    assert encoded.input_ids == p + r and encoded.labels == [D.IGNORE_INDEX] * len(p) + r
+    assert encoded.input_ids == ids
+    assert encoded.labels == [t if m else D.IGNORE_INDEX for t, m in zip(ids, supervised)]
 
 
 def test_every_turn_is_used_not_only_the_first(tokenizer):

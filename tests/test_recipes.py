@@ -3,6 +3,7 @@ facts the README states about the original's recipe."""
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from bruteforce import Reference as BruteForce
 from conftest import ROOT, python
 from safedata import data as D
 from safedata.models import load_model
@@ -19,6 +21,14 @@ from safedata.models import load_model
 LAB = ROOT / "ft_datasets" / "lab"
 ALPACA = "paper/ft_datasets/alpaca_dataset/alpaca_data.json"
 FIRST_EMPTY_OUTPUT = 284  # the first of the 28 Alpaca records with an empty output
+HARMFUL, SAFE1, SAFE2 = (LAB / f"anchors_{name}.jsonl" for name in ("harmful", "safe", "safe2"))
+# The recipe runs in fp32 (EXTRA=--dtype fp32); its gradient scores are checked against the fp64 brute force.
+# Tolerance, derived as tests/test_gradients.py derives its bf16 one, with fp32's unit roundoff u = 2^-24: a
+# per-example gradient passes R ~ 60 roundings in sequence (2 layers x ~14 forward + ~14 backward, embedding,
+# final norm, head), taken as independent eps = sqrt(R) u = 4.6e-7 relative; a score s = <G, T>/||G|| with
+# ||T|| <= 1 moves by <= 2 eps = 9.2e-7 in absolute terms. Measured (tiny model, both slices, batch 4):
+# 6.4e-8 at most, with scores of 2.6e-3 to 6.9e-2 in magnitude.
+FP32_SCORE_TOL = 2 * math.sqrt(60) * 2.0 ** -24
 
 
 def script(name, env, cwd=ROOT):
@@ -39,6 +49,17 @@ def next_command(stdout):
 def features(directory):
     from safedata.store import load_tensors
     return load_tensors(directory / "features.safetensors")[0]["features"].double()
+
+
+def last_token_states(model, tok, path, cut):
+    """Last-layer hidden state at the last token of each example cut at `cut` tokens: a plain forward pass of
+    one unpadded example at a time."""
+    rows = []
+    for example in D.load_examples(path)[0]:
+        ids = D.encode(example, tok, "paper", max_length=cut).input_ids
+        with torch.no_grad():
+            rows.append(model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1])
+    return torch.stack(rows).double()
 
 
 def index_rows(path):
@@ -68,8 +89,7 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
     runs = tmp_path / "runs"
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     base.update(PYTHON=python(), OMP_NUM_THREADS="1")
-    recipe = dict(base, MODEL=tiny_model_dir, HARMFUL=str(LAB / "anchors_harmful.jsonl"),
-                  SAFE1=str(LAB / "anchors_safe.jsonl"), SAFE2=str(LAB / "anchors_safe2.jsonl"), RUNS=str(runs),
+    recipe = dict(base, MODEL=tiny_model_dir, HARMFUL=str(HARMFUL), SAFE1=str(SAFE1), SAFE2=str(SAFE2), RUNS=str(runs),
                   BATCH_SIZE="4", EXTRA="--dtype fp32 --device cpu")
     model, tok = load_model(tiny_model_dir, "fp32", "cpu")
     first_outputs = None
@@ -89,17 +109,16 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
         assert meta["n_empty_response"] == n_empty and meta["excluded"] == [] and meta["skipped"] == []
         assert json.loads((rep_dir / "harmful" / "meta.json").read_text())["flags"]["max_length"] == 480
 
-        # Anchors and pool are read at the same place: the last token of the whole example, exactly what a
-        # plain forward pass of the anchor gives (no --max_response_length moves it).
-        anchors, _ = D.load_examples(LAB / "anchors_harmful.jsonl")
-        plain = []
-        for example in anchors:
-            ids = D.encode(example, tok, "paper").input_ids
-            assert len(ids) <= 480
-            with torch.no_grad():
-                plain.append(model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1])
+        # Anchors and pool are read at the same place: the last token of the whole example (cut at 480 / 512),
+        # exactly what a plain forward pass of that one example gives (no --max_response_length moves it).
+        # Tolerance: both are fp32 forwards of the same weights; only batching and padding change the summation
+        # order. Measured (both slices, batch 4): 4.8e-7 at most, on entries up to 2.5 in size (2 fp32 ulps
+        # there); the bound is 4x that.
+        for name, path, cut in (("pool", pool, 512), ("harmful", HARMFUL, 480), ("safe1", SAFE1, 480),
+                                ("safe2", SAFE2, 480)):
+            torch.testing.assert_close(features(rep_dir / name), last_token_states(model, tok, path, cut),
+                                       rtol=0, atol=2e-6)
         harmful = features(rep_dir / "harmful")
-        torch.testing.assert_close(harmful, torch.stack(plain).double(), rtol=1e-5, atol=1e-5)
 
         # The ranking is the bi-directional max-cosine brute force over the stored features.
         pool_features = features(rep_dir / "pool")
@@ -111,13 +130,31 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
         assert [int(r["index"]) for r in rows] == [int(i) for i in order]
         assert [float(r["score"]) for r in rows] == pytest.approx(expected[order].tolist(), rel=1e-5, abs=1e-6)
 
+        # Gradient scores: the fp64 batch-size-1 autograd brute force (tests/bruteforce.py) of the same
+        # weights, pool cut at 512, anchors at 480 and their first 10 response tokens, as the recipe's flags say.
         grad_dir = runs / "gradients" / "model" / f"{pool.stem}_paper_len512-480_mlen10_all"
         with open(grad_dir / "scores" / "scores.csv", newline="") as handle:
             scores = list(csv.DictReader(handle))
         assert [int(r["index"]) for r in scores] == list(range(6))
-        assert all(np.isfinite(float(r[c])) for r in scores for c in ("harmful", "safe1", "safe2"))
+        ref = BruteForce(tiny_model_dir, pool, [HARMFUL, SAFE1, SAFE2], max_response_length=10, max_length=512,
+                         anchor_max_length=480)
+        got = torch.tensor([[float(r[c]) for c in ("harmful", "safe1", "safe2")] for r in scores], dtype=torch.float64)
+        assert float(ref.scores.abs().min()) > 20 * FP32_SCORE_TOL                 # the check is not vacuous
+        assert float((got - ref.scores).abs().max()) < FP32_SCORE_TOL
+        # The selection: weights 1 -1 -1 of the brute-force scores, ties by file index. Every gap among the
+        # first three is wider than the combined score's error (3 x FP32_SCORE_TOL), so the expected order is
+        # not a coin toss (the closest here: 9.4e-6, the second slice's 2nd and 3rd).
+        combined = (ref.scores @ torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)).numpy()
         grad_selection = runs / "selections" / "gradient" / "model" / f"{pool.stem}_paper_len512-480"
-        assert len(json.loads((grad_selection / f"{pool.stem}_top2.json").read_text())) == 2
+        for kind in types.split():
+            order = np.lexsort((np.arange(6), -combined if kind == "top" else combined))
+            assert np.abs(np.diff(combined[order[:3]])).min() > 3 * FP32_SCORE_TOL, (kind, combined)
+            rows = index_rows(grad_selection / f"{pool.stem}_{kind}2_index.csv")
+            assert [int(r["index"]) for r in rows] == order[:2].tolist(), kind
+            assert [float(r["score"]) for r in rows] == pytest.approx(combined[order[:2]].tolist(),
+                                                                      abs=3 * FP32_SCORE_TOL)
+            records = json.loads((grad_selection / f"{pool.stem}_{kind}2.json").read_text())
+            assert records == [json.loads(pool.read_text())[i] for i in order[:2]]
         if first_outputs is None:
             first_outputs = {p: p.read_bytes() for p in runs.rglob("*.csv")}
     # The second slice wrote beside the first, never over it.
