@@ -18,15 +18,15 @@ import os
 import pytest
 import torch
 
+from bruteforce import flat_grad
 from conftest import ROOT
 from safedata import data as D
+from safedata import plan as P
 from safedata.features import gradients as G
 from safedata.features.representations import extract_representations
 from safedata.features.runner import prepare_data
-from test_gradients import flat_grad, read_columns, rel_err
+from test_gradients import read_columns, rel_err
 from test_plan import measure
-
-from safedata import plan as P
 
 REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 # fp64 against the fp64 brute force, both at batch size 1: what fp64 summation order leaves.
