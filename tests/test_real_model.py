@@ -21,12 +21,11 @@ import torch
 from bruteforce import flat_grad
 from conftest import ROOT
 from safedata import data as D
-from safedata import plan as P
 from safedata.features import gradients as G
 from safedata.features.representations import extract_representations
 from safedata.features.runner import prepare_data
 from test_gradients import read_columns, rel_err
-from test_plan import measure
+from test_plan import measure, run_plan
 
 REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 # fp64 against the fp64 brute force, both at batch size 1: what fp64 summation order leaves.
@@ -256,18 +255,23 @@ def plan_setup(alpaca, real_model_dir, tmp_path_factory):
 
 
 def test_plan_is_within_25_percent_of_measured_growth(plan_setup, real_model_dir):
+    """The plan as a user gets it (the CLI's --plan, default dtype: fp32 on CPU) against the growth the same
+    command line measures."""
     base, pool, anchors, anchor_tokens = plan_setup
     target = base / "target"
-    common = ["--model_name", real_model_dir, "--template", "chat", "--dtype", "fp32", "--device", "cpu"]
+    common = ["--model_name", real_model_dir, "--template", "chat", "--device", "cpu", "--batch_size", "4",
+              "--max_length", "256"]
     assert G.build_target(real_model_dir, anchors, target, template="chat", max_response_length=ANCHOR_ANSWER_TOKENS,
                           dtype="fp32", device="cpu")
-    shape = P.model_shape(real_model_dir)
-    grown = measure("get_gradients.py", *common, "--data_path", str(pool), "--output_dir", str(base / "scores"),
-                    "--targets", str(target), str(target), str(target), "--batch_size", "4", "--max_length", "256")
-    planned = P.plan_gradients(shape, 4, 256, 4, n_targets=3, anchors=10, anchor_tokens=anchor_tokens,
-                               response_tokens=ANCHOR_ANSWER_TOKENS, device="cpu").total
-    assert planned == pytest.approx(grown, rel=0.25), ("gradients", planned / 1e9, grown / 1e9)
-    grown = measure("get_representation.py", *common, "--data_path", str(pool), "--output_dir", str(base / "reps"),
-                    "--batch_size", "4", "--max_length", "256")
-    planned = P.plan_representations(shape, 4, 256, 4, device="cpu").total
-    assert planned == pytest.approx(grown, rel=0.25), ("representations", planned / 1e9, grown / 1e9)
+    scoring = [*common, "--data_path", str(pool), "--output_dir", str(base / "scores"),
+               "--targets", str(target), str(target), str(target)]
+    planned, _ = run_plan("get_gradients.py", *scoring, "--plan",
+                          f"anchors=10,anchor_tokens={anchor_tokens},response_tokens={ANCHOR_ANSWER_TOKENS}")
+    grown = measure("get_gradients.py", *scoring)
+    assert planned["per-device total"] == pytest.approx(grown, rel=0.25), \
+        ("gradients", planned["per-device total"] / 1e9, grown / 1e9)
+    extraction = [*common, "--data_path", str(pool), "--output_dir", str(base / "reps")]
+    planned, _ = run_plan("get_representation.py", *extraction, "--plan")
+    grown = measure("get_representation.py", *extraction)
+    assert planned["per-device total"] == pytest.approx(grown, rel=0.25), \
+        ("representations", planned["per-device total"] / 1e9, grown / 1e9)

@@ -99,7 +99,9 @@ log "auth plugin: auth/$AUTH, cred/$AUTH (plugins in $PLUGIN_DIR)"
 # ---- 3. config --------------------------------------------------------------------------------------
 HOST="$(hostname -s 2>/dev/null || hostname)"
 [ -n "$HOST" ] || die "cannot determine the short hostname"
-CPUS="$(nproc)"
+# GNU nproc honours OMP_NUM_THREADS (a test run under OMP_NUM_THREADS=1 would make a 1-CPU node, where array
+# tasks can never run at once); the node gets the CPUs this process may run on.
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 MEM="$(free -m | awk '/^Mem:/ {print $2}')"
 [ -n "$MEM" ] && [ "$MEM" -gt 0 ] || MEM=1000
 mkdir -p "$BASE/state" "$BASE/spool" "$BASE/log" "$BASE/run"
