@@ -150,10 +150,11 @@ class PlannedLayer:
     nbytes: int
 
 
-def _stored(name: str, fan_in: int, fan_out: int, tokens: int, dtype_bytes: int) -> PlannedLayer:
+def _stored(name: str, fan_in: int, fan_out: int, tokens: int, dtype_bytes: int, dense_allowed=True) -> PlannedLayer:
     factored_bytes = tokens * ((fan_in + fan_out) * dtype_bytes + 4)
-    dense_bytes = fan_in * fan_out * 4
-    return PlannedLayer(name, fan_in, fan_out, tokens, factored_bytes < dense_bytes, min(factored_bytes, dense_bytes))
+    factored = not dense_allowed or factored_bytes < fan_in * fan_out * 4
+    return PlannedLayer(name, fan_in, fan_out, tokens, factored,
+                        factored_bytes if factored else fan_in * fan_out * 4)
 
 
 def target_layers(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int) -> list:
@@ -166,20 +167,14 @@ def target_layers(shape: ModelShape, anchor_tokens: int, response_tokens: int, d
         # the supervised tokens alone (zero-gradient tokens are not stored).
         tokens = anchor_tokens if i < last_layer or name in KEY_VALUE_NAMES else response_tokens
         layers.append(_stored(f"{i}.{name}", fan_in, fan_out, tokens, dtype_bytes))
-    fan_in, fan_out = shape.head
-    head = _stored("lm_head", fan_in, fan_out, response_tokens, dtype_bytes)
-    # a tied head's factors are stored beside the embedding rows (counted below), never dense
-    layers.append(head if not shape.tied else PlannedLayer("lm_head", fan_in, fan_out, response_tokens, True,
-                                                           response_tokens * ((fan_in + fan_out) * dtype_bytes + 4)))
+    # a tied head's factors are stored beside the embedding's rows, never as a dense matrix
+    layers.append(_stored("lm_head", *shape.head, response_tokens, dtype_bytes, dense_allowed=not shape.tied))
     return layers
 
 
 def target_bytes(shape: ModelShape, anchor_tokens: int, response_tokens: int, dtype_bytes: int) -> int:
     """One anchor target as `--target_layout auto` stores it."""
-    layers = target_layers(shape, anchor_tokens, response_tokens, dtype_bytes)
-    total = sum(layer.nbytes for layer in layers if layer.name != "lm_head" or not shape.tied)
-    if shape.tied:
-        total += layers[-1].nbytes
+    total = sum(layer.nbytes for layer in target_layers(shape, anchor_tokens, response_tokens, dtype_bytes))
     total += min(anchor_tokens, shape.vocab) * shape.hidden * 4    # embedding rows by token id
     total += shape.norm_numel * 4
     return total
@@ -279,8 +274,8 @@ def plan_gradients(shape: ModelShape, batch: int, length: int, dtype_bytes: int 
     tokens = _tokens(batch, length)
     what = "building an anchor target" if building_target else f"scoring against {n_targets} target(s)"
     plan = Plan(f"memory plan: gradients of {shape.name} ({shape.n_params / 1e9:.3f} B parameters), {what}",
-                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length,
-                 "anchors": anchors, "tokens per anchor": anchor_tokens, "supervised per anchor": response_tokens})
+                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch,
+                 "length": length, "anchors": anchors, "tokens per anchor": anchor_tokens, "supervised per anchor": response_tokens})
     plan.add("weights", shape.n_params * dtype_bytes, f"{shape.n_params:,} x {dtype_bytes} bytes, frozen: no "
              "gradient or optimizer state (every process holds a copy)")
     one = target_bytes(shape, anchors * anchor_tokens, anchors * response_tokens, dtype_bytes)
@@ -307,7 +302,8 @@ def plan_representations(shape: ModelShape, batch: int, length: int, dtype_bytes
                          device: str = "cuda") -> Plan:
     tokens = _tokens(batch, length)
     plan = Plan(f"memory plan: representations of {shape.name} ({shape.n_params / 1e9:.3f} B parameters)",
-                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch, "length": length})
+                {"device": device, "dtype bytes": dtype_bytes, "processes": nproc, "batch per process": batch,
+                 "length": length})
     plan.add("weights", shape.n_params * dtype_bytes, f"{shape.n_params:,} x {dtype_bytes} bytes (every process)")
     plan.add("activations", tokens * dtype_bytes * (4 * shape.hidden + 4 * shape.intermediate),
              "forward only, no LM head: the residual stream, one layer's norm output, attention and MLP "
