@@ -12,8 +12,7 @@ import argparse
 import json
 
 from safedata.audit import METHODS, AuditConfig, audit
-from safedata.cli import add_stage_args, parse_args, run
-from safedata.data import TEMPLATES
+from safedata.cli import add_stage_args, add_template_arg, parse_args, run
 
 
 def main():
@@ -39,8 +38,7 @@ def main():
                       "(highest scores; rounded half up)")
     rule.add_argument("--drop_k", type=int, default=None, help="drop the K highest-scoring examples")
     rule.add_argument("--threshold", type=float, default=None, help="drop every example scoring at least this")
-    p.add_argument("--template", choices=TEMPLATES, default="paper",
-                   help="the template the model will be fine-tuned with (paper, chat: the tokenizer's template)")
+    add_template_arg(p)
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward/backward pass")
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
     p.add_argument("--anchor_max_response_length", type=int, default=10,

@@ -7,8 +7,7 @@ Memory first: python finetune.py --model_name M --plan nproc=2 --fsdp
 import argparse
 
 from safedata import plan
-from safedata.cli import add_field_map_arg, parse_args, run
-from safedata.data import TEMPLATES
+from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
 from safedata.sources import INPUT_TYPES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
 
@@ -18,7 +17,7 @@ def main():
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
     p.add_argument("--data_path", required=True, help=f"the subset: records with responses, {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--template", choices=TEMPLATES, default="paper", help="prompt template (same as the features)")
+    add_template_arg(p)
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
     g = p.add_argument_group("optimisation (defaults: the paper)")
     g.add_argument("--lr", "--learning_rate", dest="learning_rate", type=float, default=5e-5)
@@ -36,8 +35,11 @@ def main():
                         "gradients and optimizer state (the paper's --pure_bf16); bf16: fp32 master weights with "
                         "bf16 autocast (twice the memory); fp32")
     g.add_argument("--save_dtype", choices=SAVE_DTYPES, default="auto",
-                   help="dtype of the saved weights (auto: bf16 when training on GPU, fp32 on CPU)")
+                   help="dtype of the saved weights (auto: fp32 on CPU and with --precision fp32, else bf16)")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="batches of examples of similar length, in random order (less padding, so faster on "
+                        "mixed lengths; the paper shuffles without it)")
     l = p.add_argument_group("LoRA")
     l.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all parameters")
     l.add_argument("--lora_r", type=int, default=8)

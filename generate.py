@@ -5,8 +5,7 @@ Killed runs resume where they stopped (same flags, same output dir).
 """
 import argparse
 
-from safedata.cli import add_field_map_arg, parse_args, run
-from safedata.data import TEMPLATES
+from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
 from safedata.generation import BACKENDS, GenerationConfig, generate_responses
 
 
@@ -17,8 +16,7 @@ def main():
                    help="prompts: AdvBench CSV (one column without header, or goal,target) or alpaca-style records")
     p.add_argument("--output_dir", required=True,
                    help="where responses.jsonl and meta.json go (a rerun with the same flags resumes there)")
-    p.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="default: the template the model was fine-tuned with (finetune_meta.json), else paper")
+    add_template_arg(p)
     p.add_argument("--allow_template_mismatch", action="store_true",
                    help="use --template even though the model was fine-tuned with another one")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (left-padded; default: 16)")

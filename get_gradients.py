@@ -15,8 +15,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 import argparse
 
 from safedata import plan
-from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, parse_args, run
-from safedata.data import TEMPLATES
+from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, add_template_arg, parse_args, run
 from safedata.features import gradients as G
 from safedata.sources import INPUT_TYPES
 
@@ -41,8 +40,7 @@ def main():
                    help="--anchor: per layer, store the target as scaled factors or dense (auto: whichever is smaller; "
                         "scores are the same)")
     p.add_argument("--proj_seed", type=int, default=0, help="--proj_dim: projection seed (anchors and pool alike)")
-    p.add_argument("--template", choices=TEMPLATES, default="paper",
-                   help="how records become prompt + response (targets and pool must agree)")
+    add_template_arg(p)
     p.add_argument("--batch_size", type=int, default=8,
                    help="examples per forward + backward (an out-of-memory error names a smaller one to try)")
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")

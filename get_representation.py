@@ -3,8 +3,7 @@ last token of each example (the end token, or the last kept token under --max_le
 import argparse
 
 from safedata import plan
-from safedata.cli import add_original_quirks_arg, add_stage_args, parse_args, run
-from safedata.data import TEMPLATES
+from safedata.cli import add_original_quirks_arg, add_stage_args, add_template_arg, parse_args, run
 from safedata.features.representations import extract_representations
 from safedata.sources import INPUT_TYPES
 
@@ -15,9 +14,7 @@ def main():
     p.add_argument("--data_path", required=True, help=f"the records to featurise: {INPUT_TYPES}")
     p.add_argument("--output_dir", required=True,
                    help="where features.safetensors and meta.json go (refused if it holds another run's output)")
-    p.add_argument("--template", choices=TEMPLATES, default="paper",
-                   help="prompt wrapper: paper (Llama-2-chat with the Alpaca body), chat (the tokenizer's own "
-                        "template) or plain (default: paper)")
+    add_template_arg(p)
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass (results do not depend on it)")
     p.add_argument("--max_length", type=int, default=None,
                    help="cut each example to this many tokens; the representation is then read at the last kept "

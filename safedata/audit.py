@@ -50,7 +50,7 @@ class AuditConfig:
     drop_fraction: float | None = None
     drop_k: int | None = None
     threshold: float | None = None
-    template: str = "paper"
+    template: str | None = None       # None: the model's own (safedata.templates)
     batch_size: int = 8
     max_length: int | None = None
     anchor_max_response_length: int | None = 10

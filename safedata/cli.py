@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import conversations as C
-from .data import check_sizes
+from .data import TEMPLATES, check_sizes
 from .errors import UserError
 from .progress import interactive
 
@@ -22,6 +22,17 @@ def run(main) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+TEMPLATE_HELP = ("prompt template: paper (the paper's Llama-2 wrapper), chat (the tokenizer's own chat template) or "
+                 "plain. Default: the model's own: the template it was fine-tuned with here, else chat for a "
+                 "tokenizer with a chat template of its own, paper for Llama-2-chat and for tokenizers without one "
+                 "(logged; recorded in meta.json)")
+
+
+def add_template_arg(parser, extra_help: str = "") -> None:
+    """--template, default None: safedata.templates resolves it from the model."""
+    parser.add_argument("--template", choices=TEMPLATES, default=None, help=TEMPLATE_HELP + extra_help)
 
 
 # Flags that count something (examples, tokens, epochs, dimensions): below 1 is refused before any work.

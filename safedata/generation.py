@@ -26,7 +26,7 @@ from .errors import UserError
 from .models import load_model, model_identity
 from .progress import progress
 from .store import META, atomic_write_text, environment, fingerprint, now, parse_shard, read_json, write_json
-from .training import META_NAME as FINETUNE_META, read_finetune_meta
+from .templates import resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,6 @@ class GenerationConfig:
 
 
 # ----------------------------------------------------------------------------- templates
-
-
-def resolve_template(model_name: str, template: str | None, allow_mismatch: bool = False) -> tuple[str, dict | None]:
-    """The template to generate with, and the model's finetune meta (None for a model not fine-tuned here)."""
-    meta = read_finetune_meta(model_name) if Path(model_name).is_dir() else None
-    trained = meta.get("template") if meta else None
-    if template is None:
-        return trained or "paper", meta
-    if template not in D.TEMPLATES:
-        raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
-    if trained and template != trained:
-        if not allow_mismatch:
-            raise UserError(f"--template {template}: {model_name} was fine-tuned with template {trained!r} "
-                            f"({FINETUNE_META}); generate with --template {trained}, or pass "
-                            "--allow_template_mismatch to use another one on purpose")
-        log.warning("generating with template %r although %s was fine-tuned with %r (--allow_template_mismatch)",
-                    template, model_name, trained)
-    return template, meta
 
 
 # ----------------------------------------------------------------------------- backends
@@ -257,7 +239,7 @@ def generate_responses(config: GenerationConfig) -> bool:
     if config.backend not in BACKENDS:
         raise UserError(f"--backend {config.backend!r}: choose from {', '.join(BACKENDS)}")
     shard = parse_shard(config.shard)
-    template, finetune_meta = resolve_template(config.model_name, config.template, config.allow_template_mismatch)
+    template, finetune_meta = resolve_template(config.model_name, config.template, allow_mismatch=config.allow_template_mismatch)
     examples, skipped = D.load_examples(config.data_path, need_response=False, skip_bad=config.skip_bad)
     flags = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
              "temperature": config.temperature if config.do_sample else None,

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .store import read_json
 
 log = logging.getLogger(__name__)
+# peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a FutureWarning on
+# every LoRA run that no user of this tool can act on (peft's to fix); every other warning is left alone.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
@@ -48,6 +53,15 @@ def check_model_name(name: str, flag: str = "--model_name") -> None:
         raise UserError(f"{flag} {name}: is a file; expected a model directory or a Hugging Face id")
     if not path.exists() and looks_like_local_path(name):
         raise UserError(f"{flag} {name}: no such directory (and not a Hugging Face id of the form org/name)")
+
+
+FINETUNE_META = "finetune_meta.json"
+
+
+def read_finetune_meta(model_dir) -> dict | None:
+    """finetune_meta.json of a checkpoint made here, or None for any other model (a Hub id, a base model)."""
+    path = Path(model_dir) / FINETUNE_META
+    return read_json(path) if path.is_file() else None
 
 
 def load_tokenizer(name_or_path: str):

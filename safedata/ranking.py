@@ -154,7 +154,7 @@ def combine(columns: dict[str, np.ndarray], weights: list[float]) -> np.ndarray:
     total = np.zeros(len(next(iter(columns.values()))), dtype=np.float64)
     for weight, values in zip(weights, columns.values()):
         total += weight * values.astype(np.float64)
-    return total.astype(np.float32)
+    return total
 
 
 def select(scores: np.ndarray, indices: np.ndarray, kind="top", k=100, range_start=None, range_end=None) -> np.ndarray:
@@ -199,7 +199,8 @@ def read_scores_csv(directory) -> tuple[dict, np.ndarray, list[str], dict[str, n
                     cols[n].append(float(row[n]) if row[n] not in ("", None) else math.nan)
             except (TypeError, ValueError):
                 raise UserError(f"{path}:{reader.line_num}: malformed score row") from None
-    return meta, np.array(indices, dtype=np.int64), ids, {n: np.array(v, dtype=np.float32) for n, v in cols.items()}
+    # fp64, as scores.csv holds them: the index CSV and the order keep every digit the scoring stage wrote
+    return meta, np.array(indices, dtype=np.int64), ids, {n: np.array(v, dtype=np.float64) for n, v in cols.items()}
 
 
 def _records_text(records: list[dict], suffix: str) -> str:
@@ -263,6 +264,9 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
             # Its two columns are alternatives, not an anchor and its counterparts: the default 1 -1 is meaningless.
             raise UserError(f"--scores {scores_dir}: self-influence scores need --weights: 0 1 ranks by self_inf_n "
                             "(Self-Inf-N), 1 0 by self_inf (Self-Inf)")
+        if avg_n != "1":
+            raise UserError(f"--avg_n {avg_n}: a top-N mean of cosines to anchor features; --scores are read as they "
+                            "are")
         source = {"scores": str(scores_dir)}
     else:
         if not anchor_features:
@@ -288,6 +292,6 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
                                               scores, range_start, range_end)
     summary = {"subset": str(subset_path), "index_csv": str(index_path), "n_scored": int(len(scores)),
                "n_nonfinite": len(nonfinite), "nonfinite_ids": nonfinite, "weights": weights,
-               "columns": list(columns), "avg_n": str(avg_n), "type": kind, "k": len(positions), **source}
+               "columns": list(columns), "avg_n": str(avg_n) if scores_dir is None else None, "type": kind, "k": len(positions), **source}
     log.info("wrote %s and %s", subset_path, index_path)
     return summary

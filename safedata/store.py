@@ -93,6 +93,12 @@ def write_json(path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def output_hint() -> str:
+    """What a refusal to reuse an output dir tells the user to change: --output_dir, or what a recipe script
+    that chooses the dir for them says (SAFEDATA_OUTPUT_HINT, set by scripts/recipe_env.sh)."""
+    return os.environ.get("SAFEDATA_OUTPUT_HINT") or "use another --output_dir"
+
+
 def read_json(path):
     path = Path(path)
     try:

@@ -34,19 +34,20 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from . import data as D
 from .errors import UserError
-from .models import DTYPES, load_model, load_tokenizer, model_identity
-from .store import environment, now, read_json, write_json
+from .models import DTYPES, FINETUNE_META, load_model, load_tokenizer, model_identity, read_finetune_meta
+from .store import apply_umask, environment, now, read_json, write_json
+from .templates import choose_template
 
 log = logging.getLogger(__name__)
 
-META_NAME = "finetune_meta.json"
+META_NAME = FINETUNE_META
 ADAPTER_DIR = "adapter"
 PRECISIONS = ("auto", "bf16", "pure_bf16", "fp32")
 # Settings that say where and how a run is written, not what it computes: left out of the rerun comparison.
@@ -61,7 +62,7 @@ class FinetuneConfig:
     model_name: str
     data_path: str
     output_dir: str
-    template: str = "paper"
+    template: str | None = None               # None: the model's own (safedata.templates)
     max_length: int | None = None
     learning_rate: float = 5e-5
     epochs: int = 5
@@ -84,6 +85,7 @@ class FinetuneConfig:
     merge_lora: bool = False
     fsdp: bool = False
     gradient_checkpointing: bool = False
+    group_by_length: bool = False             # batches of similar lengths (less padding; the Trainer's sampler)
     skip_bad: bool = False
     overwrite: bool = False
     reuse_if_same: bool = False               # a finished run with the same settings is kept, other settings refused
@@ -170,9 +172,8 @@ def resolve_save_dtype(save_dtype: str, precision: str, cuda: bool) -> torch.dty
     if save_dtype not in SAVE_DTYPES:
         raise UserError(f"--save_dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if save_dtype == "auto":
-        if precision == "fp32" or (precision == "auto" and not cuda):
-            return torch.float32
-        return torch.bfloat16   # bf16, pure_bf16, or auto on a GPU
+        # what --help states: fp32 on CPU (whatever the compute precision) and for --precision fp32, else bf16
+        return torch.float32 if precision == "fp32" or not cuda else torch.bfloat16
     return DTYPES[save_dtype]
 
 
@@ -208,11 +209,26 @@ def _make_trainer_class():
             if self.save_dtype is not None and self.args.should_save and not isinstance(unwrapped, PeftModel):
                 if state_dict is None:
                     state_dict = unwrapped.state_dict()
-                state_dict = {k: (v.to(self.save_dtype) if torch.is_floating_point(v) else v)
-                              for k, v in state_dict.items()}
+                state_dict = cast_keeping_ties(state_dict, self.save_dtype)
             super()._save(output_dir, state_dict)
 
     return SafeDataTrainer
+
+
+def cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors cast to dtype; tensors that share storage (tied embeddings) stay one tensor, so that
+    save_pretrained writes them once, as it does for the uncast model."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        if not torch.is_floating_point(tensor):
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if key not in cast:
+            cast[key] = tensor.to(dtype)
+        out[name] = cast[key]
+    return out
 
 
 def _fix_config_dtype(directory: Path, dtype: torch.dtype) -> None:
@@ -240,7 +256,7 @@ def _epoch_losses(log_history: list[dict], steps_per_epoch: int, epochs: int) ->
     return [s / c if c else float("nan") for s, c in zip(sums, counts)]
 
 
-def _merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path, save_dtype: torch.dtype) -> None:
+def merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path, save_dtype: torch.dtype) -> None:
     """Base (fp32) + adapter -> one full checkpoint in save_dtype. Runs on one process, on CPU."""
     from peft import PeftModel
     model, tokenizer = load_model(base_model, "fp32", "cpu")
@@ -284,6 +300,9 @@ def _empty_model(base_name: str, dtype: str):
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 
 
+FLAG_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+
+
 def requested_settings(config: FinetuneConfig, data_sha256: str, base_model: str) -> dict:
     """What determines a fine-tune: its flags, the subset's content and the base model's identity."""
     flags = {k: v for k, v in asdict(config).items() if k not in NOT_SETTINGS}
@@ -297,7 +316,8 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
         "data_sha256": recorded_meta.get("data_sha256"), "base_model": recorded_meta.get("base_model")}
     differences = []
     for key in sorted(set(recorded["flags"]) | set(requested["flags"])):
-        old, new = recorded["flags"].get(key), requested["flags"].get(key)
+        # a flag added after the run was made counts as its default
+        old, new = recorded["flags"].get(key, FLAG_DEFAULTS.get(key)), requested["flags"].get(key)
         if old != new:
             differences.append(f"{key}: recorded {old!r}, requested {new!r}")
     for key, what in (("data_sha256", "subset content (sha256)"), ("base_model", "base model")):
@@ -351,8 +371,9 @@ def finetune(config: FinetuneConfig) -> dict:
         log.warning("--fsdp with one process shards nothing; launch with torchrun --nproc_per_node N")
 
     tokenizer = load_tokenizer(base_name)
+    template = choose_template(base_name, config.template, tokenizer)
     examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad)
-    encoded, excluded = D.encode_examples(examples, tokenizer, config.template, config.max_length)
+    encoded, excluded = D.encode_examples(examples, tokenizer, template, config.max_length)
     if not encoded:
         raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
     if len(encoded) < config.batch_size:
@@ -395,6 +416,7 @@ def finetune(config: FinetuneConfig) -> dict:
         warmup_steps=0,
         seed=config.seed,
         data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         bf16=bf16_autocast,
         logging_strategy="steps",
         logging_steps=1,
@@ -431,7 +453,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "stage": "finetune",
         "base_model": requested["base_model"],
         "base_model_name": config.model_name,
-        "template": config.template,
+        "template": template,
         "data_file": str(Path(config.data_path).resolve()),
         "data_sha256": data_sha,
         "n": len(encoded),
@@ -463,20 +485,18 @@ def finetune(config: FinetuneConfig) -> dict:
             _fix_config_dtype(out, save_dtype)
         if config.merge_lora:
             write_json(save_to / META_NAME, dict(meta, kind="lora_adapter", save_dtype="fp32 (adapter)"))
-            _merge_adapter(base_name, save_to, out, save_dtype)
+            merge_adapter(base_name, save_to, out, save_dtype)
         meta.update(created=now(), environment=environment())
+        # save_pretrained writes safetensors files owner-only (temporary-file modes): give them the user's umask
+        for directory in (out, out / ADAPTER_DIR):
+            if directory.is_dir():
+                apply_umask(directory)
         write_json(out / META_NAME, meta)  # last: its presence marks a complete checkpoint
         log.info("wrote %s (train loss %.4f; per epoch %s)", out, result.training_loss,
                  ", ".join(f"{x:.4f}" for x in meta["epoch_losses"]))
     if processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return meta
-
-
-def read_finetune_meta(model_dir) -> dict | None:
-    """finetune_meta.json of a checkpoint made here, or None for any other model (a Hub id, a base model)."""
-    path = Path(model_dir) / META_NAME
-    return read_json(path) if path.is_file() else None
 
 
 __all__ = ["FinetuneConfig", "finetune", "read_finetune_meta", "plan_batches", "epoch_decay", "decoder_layer_classes",

@@ -19,6 +19,7 @@ PARAMS=${PARAMS:-all}                    # all (the paper) | linear
 BATCH_SIZE=${BATCH_SIZE:-8}
 OUT=${OUT:-$RUNS/gradients/$MODEL_NAME/${POOL_NAME}_${SETTINGS_TAG}_mlen${ANCHOR_MLEN}_$PARAMS}
 
+require_files POOL HARMFUL SAFE1 SAFE2
 common=(--model_name "$MODEL" --template "$TEMPLATE" --batch_size "$BATCH_SIZE" --params "$PARAMS" "${quirks_flag[@]}")
 # Anchors are tiny (10 examples each); a target already built with the same settings is kept, so every
 # array task can run these three lines (concurrent builders wait for the first).

@@ -20,6 +20,7 @@ case "$REP_ANCHORS" in
   *) echo "error: REP_ANCHORS=$REP_ANCHORS: choose bidirectional or harmful" >&2; exit 2 ;;
 esac
 
+if [[ "$REP_ANCHORS" == harmful ]]; then require_files POOL HARMFUL; else require_files POOL HARMFUL SAFE1 SAFE2; fi
 common=(--model_name "$MODEL" --template "$TEMPLATE" --batch_size "$BATCH_SIZE" "${quirks_flag[@]}")
 # Anchors are tiny: only the first array task (or a plain run) extracts them.
 if [[ "${SLURM_ARRAY_TASK_ID:-0}" == "${SLURM_ARRAY_TASK_MIN:-0}" ]]; then

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/recipe_env.sh
+require_files POOL
 
 METHOD=${METHOD:-reps}                    # reps | gradient
 REP_ANCHORS=${REP_ANCHORS:-bidirectional} # reps only: bidirectional (ours) | harmful (the paper)

@@ -28,7 +28,19 @@ ORIGINAL_QUIRKS=${ORIGINAL_QUIRKS:-0}      # 1: what the original computed (--or
                                            # space; for gradient targets also its never-zeroed anchor gradients)
 EXTRA=${EXTRA:-}                           # more flags for every python call, e.g. "--dtype fp32 --skip_bad"
 
-MODEL_NAME=$(basename "$MODEL")
+# Output folders are keyed by MODEL_NAME: a Hub id with '/' as '--' (meta-llama--Llama-2-7b-chat-hf); a local
+# directory by its name and the first 8 hex digits of its absolute path's sha256, so two checkpoints in folders
+# both named hf/ never share outputs. Set MODEL_NAME to name them yourself.
+if [[ -z "${MODEL_NAME:-}" ]]; then
+  if [[ -d "$MODEL" ]]; then
+    _model_abs=$(cd "$MODEL" && pwd -P)
+    MODEL_NAME="$(basename "$_model_abs")-$(printf '%s' "$_model_abs" | sha256sum | cut -c1-8)"
+  else
+    MODEL_NAME=${MODEL//\//--}
+  fi
+fi
+# What a refusal to reuse an output folder tells a recipe user to change (they pass no --output_dir).
+export SAFEDATA_OUTPUT_HINT="set MODEL_NAME (now $MODEL_NAME), RUNS or OUT to write elsewhere"
 POOL_NAME=$(basename "${POOL%.*}")
 _quirks_tag=$([[ "$ORIGINAL_QUIRKS" == 1 ]] && echo "_original" || true)
 SETTINGS_TAG="${TEMPLATE}_len${POOL_MAX_LENGTH:-all}-${ANCHOR_MAX_LENGTH:-all}${_quirks_tag}"
@@ -40,6 +52,17 @@ pool_cut=()
 if [[ -n "$POOL_MAX_LENGTH" ]]; then pool_cut=(--max_length "$POOL_MAX_LENGTH"); fi
 anchor_cut=()
 if [[ -n "$ANCHOR_MAX_LENGTH" ]]; then anchor_cut=(--max_length "$ANCHOR_MAX_LENGTH"); fi
+
+# require_files VAR...: each variable's file exists, else one error line naming the variable and how to get it.
+require_files() {
+  local var
+  for var in "$@"; do
+    if [[ ! -f "${!var}" ]]; then
+      echo "error: $var=${!var}: no such file; the recipes read the paper's files from DATA_DIR=$DATA_DIR: write them with python ft_datasets/prepare.py (offline: --from DIR), or set DATA_DIR or $var" >&2
+      exit 2
+    fi
+  done
+}
 
 # next_hint SCRIPT VAR...: the command that continues this run, carrying the variables that locate its outputs.
 next_hint() {

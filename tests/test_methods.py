@@ -381,3 +381,13 @@ def test_sample_pool_keeps_every_reference_record_and_draws_the_rest_uniformly(t
     assert abs(neighbours / n_seeds - k * (k - 1) / n) < t_pairs, neighbours / n_seeds
     with pytest.raises(UserError, match="sample_size 48"):
         agreement.write_sample_pool(pool, [tmp_path / "ref.json"], 48, 5, tmp_path / "c.json")
+
+
+def test_bm25_job_log_has_no_library_debug_line(files, tmp_path):
+    """bm25s sets its logger to DEBUG: a batch job's log got a 'DEBUG bm25s: Building index from tokens' line."""
+    pool, harmful, safe = files
+    proc = subprocess.run([python(), str(ROOT / "score.py"), "--method", "bm25", "--data_path", str(pool),
+                           "--anchors", str(harmful), str(safe), "--output_dir", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "DEBUG" not in proc.stderr and "bm25s" not in proc.stderr

@@ -103,18 +103,41 @@ def test_refuses_mismatches(tmp_path):
         R.rank(pool_file, tmp_path / "o", pool_features=tmp_path / "pool", anchor_features=[tmp_path / "cut480"], k=1)
 
 
-def test_scores_csv_path_with_weights(tmp_path):
-    pool_file = tmp_path / "pool.jsonl"
-    pool_file.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(5)))
+def score_dir_for(tmp_path, n, header, values):
+    """A pool of n question/answer records and a gradient score dir with one row of `values` per record."""
     from safedata.data import file_sha256, load_examples
+    pool_file = tmp_path / "pool.jsonl"
+    pool_file.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(n)))
     examples, _ = load_examples(pool_file)
     d = tmp_path / "scores"
     d.mkdir()
     write_json(d / "meta.json", {"stage": "gradient_scores", "data_sha256": file_sha256(pool_file)})
-    rows = ["index,id,harm,safe1,safe2"] + [f"{e.index},{e.id},{s[0]},{s[1]},{s[2]}" for e, s in zip(
-        examples, [(0.1, 0.0, 0.0), (0.5, 0.4, 0.0), (0.3, -0.2, 0.1), ("nan", 0, 0), (0.2, 0.0, 0.0)])]
+    rows = [header] + [",".join([str(e.index), e.id, *map(str, v)]) for e, v in zip(examples, values)]
     (d / "scores.csv").write_text("\n".join(rows) + "\n")
+    return pool_file, examples, d
+
+
+def test_scores_csv_path_with_weights(tmp_path):
+    pool_file, examples, d = score_dir_for(tmp_path, 5, "index,id,harm,safe1,safe2", [
+        (0.1, 0.0, 0.0), (0.5, 0.4, 0.0), (0.3, -0.2, 0.1), ("nan", 0, 0), (0.2, 0.0, 0.0)])
     summary = R.rank(pool_file, tmp_path / "sel", "g", scores_dir=d, weights=[1, -1, -1], k=2, kind="top")
     got = [int(r["index"]) for r in csv.DictReader(open(tmp_path / "sel" / "g_top2_index.csv"))]
     assert got == [2, 4] and summary["n_nonfinite"] == 1 and summary["nonfinite_ids"] == [examples[3].id]
     assert (tmp_path / "sel" / "g_top2.jsonl").read_text().splitlines()[0] == json.dumps({"question": "q2", "answer": "a2"})
+
+
+def test_scores_keep_fp64_digits_and_no_avg_n_is_reported(tmp_path):
+    """scores.csv holds fp64 scores: the index CSV repeats them digit for digit (repr of the float the CSV
+    parses to) and the order follows them, even where two scores agree to fp32 (they used to be rounded to fp32:
+    a tie broken by file index, and 0.1 written as 0.10000000149011612). --avg_n has no meaning for --scores."""
+    values = ["0.1", "0.30000000000000004", "0.3000000000000001"]
+    assert np.float32(0.30000000000000004) == np.float32(0.3000000000000001)
+    pool_file, examples, d = score_dir_for(tmp_path, 3, "index,id,harmful", [(v,) for v in values])
+    summary = R.rank(pool_file, tmp_path / "sel", "g", scores_dir=d, weights=[1], k=3, kind="top")
+    rows = list(csv.DictReader(open(tmp_path / "sel" / "g_top3_index.csv")))
+    assert [int(r["index"]) for r in rows] == [2, 1, 0]
+    assert [r["harmful"] for r in rows] == ["0.3000000000000001", "0.30000000000000004", "0.1"]
+    assert [r["score"] for r in rows] == ["0.3000000000000001", "0.30000000000000004", "0.1"]
+    assert summary["avg_n"] is None
+    with pytest.raises(UserError, match="--avg_n 3"):
+        R.rank(pool_file, tmp_path / "sel2", "g", scores_dir=d, weights=[1], k=3, avg_n="3")

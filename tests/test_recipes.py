@@ -1,6 +1,7 @@
 """The paper recipes (scripts/*.sh) end to end with variables only, on real Alpaca slices, and the
 facts the README states about the original's recipe."""
 import csv
+import hashlib
 import io
 import json
 import math
@@ -29,6 +30,12 @@ HARMFUL, SAFE1, SAFE2 = (LAB / f"anchors_{name}.jsonl" for name in ("harmful", "
 # ||T|| <= 1 moves by <= 2 eps = 9.2e-7 in absolute terms. Measured (tiny model, both slices, batch 4):
 # 6.4e-8 at most, with scores of 2.6e-3 to 6.9e-2 in magnitude.
 FP32_SCORE_TOL = 2 * math.sqrt(60) * 2.0 ** -24
+
+
+def local_model_name(model_dir):
+    """The output key the recipes give a local model directory: its name and its absolute path's sha256 (8 hex)."""
+    path = os.path.realpath(model_dir)
+    return f"{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 def script(name, env, cwd=ROOT):
@@ -102,7 +109,7 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
             assert hint["POOL"] == str(pool) and hint["MODEL"] == tiny_model_dir
             script(name.removeprefix("scripts/"), dict(base, **hint, K="2", TYPES=types))
 
-        rep_dir = runs / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+        rep_dir = runs / "reps" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
         meta = json.loads((rep_dir / "pool" / "meta.json").read_text())
         assert meta["n"] == 6 and meta["flags"]["max_length"] == 512 and meta["flags"]["max_response_length"] is None
         n_empty = 1 if "empty" in pool.stem else 0
@@ -124,7 +131,7 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
         pool_features = features(rep_dir / "pool")
         expected = max_cos(pool_features, harmful) - max_cos(pool_features, features(rep_dir / "safe1")) \
             - max_cos(pool_features, features(rep_dir / "safe2"))
-        selection = runs / "selections" / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+        selection = runs / "selections" / "reps" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
         rows = index_rows(selection / f"{pool.stem}_top2_index.csv")
         order = np.argsort(-expected.numpy(), kind="stable")[:2]
         assert [int(r["index"]) for r in rows] == [int(i) for i in order]
@@ -132,7 +139,7 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
 
         # Gradient scores: the fp64 batch-size-1 autograd brute force (tests/bruteforce.py) of the same
         # weights, pool cut at 512, anchors at 480 and their first 10 response tokens, as the recipe's flags say.
-        grad_dir = runs / "gradients" / "model" / f"{pool.stem}_paper_len512-480_mlen10_all"
+        grad_dir = runs / "gradients" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480_mlen10_all"
         with open(grad_dir / "scores" / "scores.csv", newline="") as handle:
             scores = list(csv.DictReader(handle))
         assert [int(r["index"]) for r in scores] == list(range(6))
@@ -145,7 +152,7 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
         # first three is wider than the combined score's error (3 x FP32_SCORE_TOL), so the expected order is
         # not a coin toss (the closest here: 9.4e-6, the second slice's 2nd and 3rd).
         combined = (ref.scores @ torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)).numpy()
-        grad_selection = runs / "selections" / "gradient" / "model" / f"{pool.stem}_paper_len512-480"
+        grad_selection = runs / "selections" / "gradient" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
         for kind in types.split():
             order = np.lexsort((np.arange(6), -combined if kind == "top" else combined))
             assert np.abs(np.diff(combined[order[:3]])).min() > 3 * FP32_SCORE_TOL, (kind, combined)
@@ -164,9 +171,9 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
     pool = slices[0]
     done = script("rank.sh", dict(recipe, POOL=str(pool), METHOD="reps", REP_ANCHORS="harmful", K="3", TYPES="top"))
     assert "reps-harmful" in done.stdout
-    rep_dir = runs / "reps" / "model" / f"{pool.stem}_paper_len512-480"
+    rep_dir = runs / "reps" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
     expected = max_cos(features(rep_dir / "pool"), features(rep_dir / "harmful"))
-    rows = index_rows(runs / "selections" / "reps-harmful" / "model" / f"{pool.stem}_paper_len512-480"
+    rows = index_rows(runs / "selections" / "reps-harmful" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
                       / f"{pool.stem}_top3_index.csv")
     order = np.argsort(-expected.numpy(), kind="stable")[:3]
     assert [int(r["index"]) for r in rows] == [int(i) for i in order]
@@ -326,3 +333,54 @@ def test_progress_logs_lines_when_not_a_terminal(caplog, monkeypatch):
     assert lines[0].startswith("items: 4/10 ex (40%)") and lines[1].startswith("items: 10/10 ex (100%)")
     assert lines[-1].startswith("loop: 3/3 it (100%)") and len(lines) == 4   # 2 updates, close, loop end
     assert all("\r" not in line for line in lines)
+
+
+def recipe_env_value(env, name):
+    done = subprocess.run(["bash", "-c", f'source scripts/recipe_env.sh; printf %s "${name}"'], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_outputs_are_keyed_by_a_unique_model_name(tmp_path):
+    """Two checkpoints in folders both named hf/ get different output folders (they shared runs/*/hf before);
+    a Hub id keeps its owner; MODEL_NAME overrides."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "SAFEDATA_OUTPUT_HINT")}
+    (tmp_path / "a" / "hf").mkdir(parents=True)
+    (tmp_path / "b" / "hf").mkdir(parents=True)
+    names = [recipe_env_value(dict(base, MODEL=str(tmp_path / d / "hf")), "MODEL_NAME") for d in ("a", "b")]
+    assert names == [local_model_name(tmp_path / "a" / "hf"), local_model_name(tmp_path / "b" / "hf")]
+    assert names[0] != names[1] and all(n.startswith("hf-") for n in names)
+    assert recipe_env_value(dict(base, MODEL="meta-llama/Llama-2-7b-chat-hf"), "MODEL_NAME") == \
+        "meta-llama--Llama-2-7b-chat-hf"
+    assert recipe_env_value(dict(base, MODEL=str(tmp_path / "a" / "hf"), MODEL_NAME="mine"), "MODEL_NAME") == "mine"
+    hint = recipe_env_value(dict(base, MODEL="org/m"), "SAFEDATA_OUTPUT_HINT")
+    assert hint == "set MODEL_NAME (now org--m), RUNS or OUT to write elsewhere"
+
+
+def test_a_recipe_without_the_paper_files_says_how_to_get_them(tiny_model_dir, slices, tmp_path):
+    """MODEL and POOL alone, before prepare.py ran: the first error line names the missing variable, prepare.py
+    and DATA_DIR; nothing is computed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HARMFUL", "SAFE1", "SAFE2", "DATA_DIR")}
+    env.update(MODEL=tiny_model_dir, POOL=str(slices[0]), DATA_DIR=str(tmp_path / "data"), RUNS=str(tmp_path / "runs"),
+               PYTHON=python())
+    for name in ("get_full_gradient.sh", "get_representation.sh"):
+        done = subprocess.run(["bash", str(ROOT / "scripts" / name)], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        first = done.stderr.splitlines()[0]
+        assert done.returncode == 2 and first.startswith(f"error: HARMFUL={tmp_path}/data/pure-bad-"), done.stderr
+        assert "python ft_datasets/prepare.py" in first and f"DATA_DIR={tmp_path}/data" in first
+        assert not (tmp_path / "runs").exists()
+
+
+def test_a_refused_output_dir_names_what_a_recipe_user_can_change(monkeypatch, tmp_path):
+    from safedata.errors import MetadataMismatch
+    from safedata.features.runner import check_existing_output
+    (tmp_path / "meta.json").write_text(json.dumps({"stage": "representations", "model": "a", "template": "paper",
+                                                    "data_sha256": "x", "flags": {}}))
+    new = {"stage": "representations", "model": "b", "template": "paper", "data_sha256": "x", "flags": {}}
+    with pytest.raises(MetadataMismatch, match="use another --output_dir"):
+        check_existing_output(tmp_path, new)
+    monkeypatch.setenv("SAFEDATA_OUTPUT_HINT", "set MODEL_NAME (now m), RUNS or OUT to write elsewhere")
+    with pytest.raises(MetadataMismatch, match=r"set MODEL_NAME \(now m\), RUNS or OUT"):
+        check_existing_output(tmp_path, new)

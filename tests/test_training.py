@@ -271,3 +271,57 @@ def test_fewer_examples_than_the_batch_says_so(tiny_model_dir, tmp_path, caplog)
         meta = finetune(config(tiny_model_dir, small, tmp_path / "ft", batch_size=20, epochs=1))
     assert meta["total_steps"] == 1
     assert "5 example(s) for an effective batch of 20: each epoch is a single optimizer step" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with tied input/output embeddings (as SmolLM2, Llama-3.2, Qwen2.5-0.5B)."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path_factory.mktemp("tied") / "model"
+    model, tokenizer = load_model(tiny_model_dir, "fp32", "cpu")
+    model.config.tie_word_embeddings = True
+    tied = AutoModelForCausalLM.from_config(model.config)
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    tied.tie_weights()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    tied.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_a_cpu_checkpoint_is_saved_as_help_says_tied_once_and_readable_by_others(tied_model_dir, subset, tmp_path):
+    """--precision bf16 on CPU: fp32 weights (the help: auto saves fp32 on CPU); a tied embedding written once
+    (as save_pretrained writes the uncast model); files with the user's umask, not temporary-file modes."""
+    from safetensors import safe_open
+    out = tmp_path / "bf16"
+    finetune(config(tied_model_dir, subset, out, precision="bf16", epochs=1))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        dtypes = {f.get_tensor(n).dtype for n in names}
+    with safe_open(str(tied_model_dir / "model.safetensors"), "pt") as f:
+        base_names = list(f.keys())
+    assert dtypes == {torch.float32}
+    assert sorted(names) == sorted(base_names) and "lm_head.weight" not in names
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json", "finetune_meta.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    # an explicit bf16 save casts, keeping the tie
+    out16 = tmp_path / "save16"
+    finetune(config(tied_model_dir, subset, out16, precision="bf16", epochs=1, save_dtype="bf16"))
+    with safe_open(str(out16 / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+        assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.bfloat16}
+    reloaded, _ = load_model(str(out16), "fp32", "cpu")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_lora_run_logs_no_peft_future_warning(tiny_model_dir, subset, tmp_path):
+    """peft read transformers' deprecated is_gradient_checkpointing on every LoRA run (a FutureWarning line in
+    every job log); other warnings still show."""
+    done = subprocess.run([python(), str(ROOT / "finetune.py"), "--model_name", tiny_model_dir, "--data_path",
+                           str(subset), "--output_dir", str(tmp_path / "lora"), "--lora", "--epochs", "1",
+                           "--batch_size", "20"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FutureWarning" not in done.stderr and "is_gradient_checkpointing" not in done.stderr

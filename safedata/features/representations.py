@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..models import check_model_name, load_model
 from ..paths import input_data, output_dir as checked_output_dir
 from ..store import parse_shard, stream_rows_to_safetensors
+from ..templates import choose_template
 from .runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,14 @@ def check_flags(model_name, data_path, output_dir, batch_size, max_length, max_r
                         "drop the flag (or use --pooling mean)")
 
 
-def extract_representations(model_name, data_path, output_dir, template="paper", batch_size=8, max_length=None,
+def extract_representations(model_name, data_path, output_dir, template=None, batch_size=8, max_length=None,
                             max_response_length=None, layer=-1, pooling="last", shard=None, chunk_size=512,
                             dtype=None, device=None, skip_bad=False, original_quirks=False) -> bool:
     """Write features.safetensors (N x d, fp32, file order) and meta.json; True once complete."""
     check_flags(model_name, data_path, output_dir, batch_size, max_length, max_response_length, pooling, shard,
                 chunk_size)
     model, tokenizer = load_model(model_name, dtype, device)
+    template = choose_template(model_name, template, tokenizer)
     prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
                             original_quirks)
     flags = {"max_length": max_length, "max_response_length": max_response_length, "layer": layer,

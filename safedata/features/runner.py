@@ -16,8 +16,8 @@ from .. import conversations as C
 from .. import data as D
 from ..models import model_identity
 from ..progress import progress
-from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, read_json, require_same,
-                     save_tensors, write_json)
+from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, output_hint, read_json,
+                     require_same, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def check_existing_output(output_dir, meta: dict) -> None:
     if path.exists():
         old = read_json(path)
         require_same(meta, old, ("stage", "model", "template", "data_sha256", "flags"), "this run",
-                     f"{path} (an earlier run; use another --output_dir)")
+                     f"{path} (an earlier run; {output_hint()})")
 
 
 __all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "save_tensors",

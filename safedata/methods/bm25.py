@@ -8,6 +8,9 @@ harmful file's best match minus the safe files' best matches.
 """
 from __future__ import annotations
 
+import logging
+
+import bm25s
 import numpy as np
 
 from ..errors import UserError
@@ -15,15 +18,15 @@ from .common import Cost, aggregate, anchor_column_names, load_texts, score_meta
 from ..features.runner import check_existing_output
 
 K1, B = 1.5, 0.75
+# bm25s sets its own logger to DEBUG, so a job log got its "Building index from tokens" line
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def tokenize(texts: list[str]) -> list[list[str]]:
-    import bm25s
     return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
 
 
 def index(pool_texts: list[str], k1=K1, b=B):
-    import bm25s
     retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
     retriever.index(tokenize(pool_texts), show_progress=False)
     return retriever
@@ -39,7 +42,6 @@ def score(data_path, anchors, output_dir, text="full", avg_n="1", skip_bad=False
         raise UserError("--anchors: the bm25 method needs at least one anchor file")
     cost = Cost()
     examples, texts, skipped = load_texts(data_path, text, skip_bad)
-    import bm25s
     flags = {"text": text, "avg_n": str(avg_n), "skip_bad": skip_bad, "k1": k1, "b": b}
     meta = score_meta("bm25", f"bm25s=={bm25s.__version__}", data_path, examples, skipped, flags, anchors)
     check_existing_output(output_dir, meta)

@@ -25,6 +25,7 @@ from ..features.representations import decoder_of, representation_batch
 from ..features.runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 from ..models import load_model
 from ..store import parse_shard, save_tensors
+from ..templates import choose_template
 from .common import SCORES, Cost, write_scores_csv
 
 DIRECTION = "direction.safetensors"
@@ -71,7 +72,7 @@ def compliance_direction(harmful: torch.Tensor, safe: torch.Tensor) -> dict:
     return {"layer": best + 1, "direction": directions[best], "separation": separations}
 
 
-def score(model_name, data_path, harmful_path, safe_paths, output_dir, template="paper", max_length=None,
+def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=None, max_length=None,
           batch_size=8, chunk_size=512, shard=None, dtype=None, device=None, skip_bad=False) -> bool:
     """Choose the layer and direction on the anchors, then project the pool (runner: chunked, resumable)."""
     if not safe_paths:
@@ -79,6 +80,7 @@ def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=
     cost = Cost()
     model, tokenizer = load_model(model_name, dtype, device)
     pad_id = D.pad_token_id(tokenizer)
+    template = choose_template(model_name, template, tokenizer)
     harmful = anchor_states(model, prepare_data(harmful_path, tokenizer, template, max_length), pad_id, batch_size)
     safe = torch.cat([anchor_states(model, prepare_data(p, tokenizer, template, max_length), pad_id, batch_size)
                       for p in safe_paths])

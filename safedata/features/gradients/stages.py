@@ -17,6 +17,7 @@ from ...errors import UserError
 from ...models import default_device, load_tokenizer, resolve_dtype
 from ...store import (META, atomic_write_text, distributed_rank, environment, now, parse_shard, require_same,
                       save_tensors, write_json)
+from ...templates import choose_template
 from ..runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
 from .anchors import anchor_gradients
 from .batch import project_batch, projector_for, score_batch
@@ -62,7 +63,7 @@ def _params_key(mode, params):
     return params if mode == "full" else "lora"
 
 
-def build_target(model_name, data_path, output_dir, template="paper", batch_size=8, max_length=None,
+def build_target(model_name, data_path, output_dir, template=None, batch_size=8, max_length=None,
                  max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
                  lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
                  renormalize=False, layout="auto", dtype=None, device=None, skip_bad=False, model=None,
@@ -79,6 +80,7 @@ def build_target(model_name, data_path, output_dir, template="paper", batch_size
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name)
+    template = choose_template(model_name, template, tokenizer)
     prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
                             original_quirks)
     params_key = _params_key(mode, params)
@@ -166,7 +168,7 @@ def self_influence_n(self_inf: torch.Tensor, n_answer_tokens: torch.Tensor) -> t
     return torch.log1p(self_inf) + torch.log1p(n_answer_tokens.to(self_inf.dtype))
 
 
-def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None, template="paper", batch_size=8,
+def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None, template=None, batch_size=8,
                max_length=None, max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
                lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
                shard=None, chunk_size=512, dtype=None, device=None, skip_bad=False, path="auto", model=None,
@@ -184,6 +186,7 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
                                          model, tokenizer)
+    template = choose_template(model_name, template, tokenizer)
     prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
                             original_quirks)
     params_key = _params_key(mode, params)
@@ -265,7 +268,7 @@ def _write_examples(path: Path, meta: dict, n_supervised: torch.Tensor, loss: to
     atomic_write_text(path, buffer.getvalue())
 
 
-def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_seed=0, template="paper",
+def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_seed=0, template=None,
                               batch_size=8, max_length=None, max_response_length=None, params="all", mode="full",
                               lora_r=8, lora_alpha=32, lora_target_modules=("q_proj", "v_proj"), lora_path=None,
                               lora_seed=0, optimizer_state=None, shard=None, chunk_size=512, dtype=None,
@@ -276,6 +279,7 @@ def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_
     lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
                                          model, tokenizer)
+    template = choose_template(model_name, template, tokenizer)
     prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
                             original_quirks)
     params_key = _params_key(mode, params)

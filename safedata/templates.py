@@ -1,0 +1,66 @@
+"""Which prompt template a run uses when --template is not given: one rule for every stage.
+
+  1. a checkpoint fine-tuned by this tool: the template it was fine-tuned with (its finetune_meta.json);
+  2. a tokenizer with a chat template of its own: `chat`, that template (ChatML for SmolLM2 and Qwen, Llama-3's,
+     Mistral's), since a model prompted in another model's format answers badly or echoes the format;
+  3. Llama-2-chat's own template (its <<SYS>> block) and a tokenizer without one: `paper`, the paper's Llama-2
+     wrapper (for Llama-2-chat the two agree on the format; the paper's body and system prompt are what it used).
+The choice is logged in one line and recorded in each stage's meta.json; the paper's recipes pass --template paper.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import data as D
+from .errors import UserError
+from .models import FINETUNE_META, load_tokenizer, read_finetune_meta
+
+log = logging.getLogger(__name__)
+
+
+def is_llama2_chat_template(chat_template: str | None) -> bool:
+    return bool(chat_template) and "[INST]" in chat_template and "<<SYS>>" in chat_template
+
+
+def model_default_template(tokenizer) -> tuple[str, str]:
+    """(template, why) for a model not fine-tuned here, from its tokenizer alone."""
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        return "paper", "the tokenizer has no chat template: the paper's Llama-2 wrapper"
+    if is_llama2_chat_template(own):
+        return "paper", "the tokenizer's chat template is Llama-2's: the paper's wrapper of it"
+    return "chat", "the tokenizer's own chat template"
+
+
+def resolve_template(model_name: str, template: str | None, tokenizer=None,
+                     allow_mismatch: bool = False) -> tuple[str, dict | None]:
+    """The template to use, and the model's finetune meta (None for a model not fine-tuned here)."""
+    meta = read_finetune_meta(model_name) if Path(model_name).is_dir() else None
+    trained = meta.get("template") if meta else None
+    if template is None:
+        if trained:
+            template, why = trained, f"the template {model_name} was fine-tuned with ({FINETUNE_META})"
+        else:
+            template, why = model_default_template(tokenizer if tokenizer is not None else load_tokenizer(model_name))
+        log.info("template %s: %s (--template chooses another)", template, why)
+        return template, meta
+    if template not in D.TEMPLATES:
+        raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
+    if trained and template != trained:
+        if not allow_mismatch:
+            raise UserError(f"--template {template}: {model_name} was fine-tuned with template {trained!r} "
+                            f"({FINETUNE_META}); use --template {trained}, or pass "
+                            "--allow_template_mismatch to use another one on purpose")
+        log.warning("using template %r although %s was fine-tuned with %r (--allow_template_mismatch)",
+                    template, model_name, trained)
+    return template, meta
+
+
+def choose_template(model_name: str, template: str | None, tokenizer=None) -> str:
+    """resolve_template's template, for the stages that take no --allow_template_mismatch (the explicit choice wins)."""
+    if template is not None:
+        if template not in D.TEMPLATES:
+            raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
+        return template
+    return resolve_template(model_name, None, tokenizer)[0]

