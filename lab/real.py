@@ -29,7 +29,7 @@ from lab.demo import example_losses
 from safedata import data as D
 from safedata.errors import UserError
 from safedata.models import load_model, model_identity
-from safedata.store import atomic_write_text, read_json, write_json
+from safedata.store import apply_umask, atomic_write_text, read_json, write_json
 from safedata.templates import choose_template
 from safedata.training import META_NAME, merge_adapter
 
@@ -323,6 +323,7 @@ def build_aligned(adapter_dir, base_dir, output_dir) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     merge_adapter(str(base_dir), adapter_dir, out, torch.float32)
+    apply_umask(out)      # save_pretrained writes the weights owner-only
     write_json(done, {"kind": "lora_merged", "template": recipe["training"]["template"], "adapter_sha256": sha,
                       "adapter_dir": str(adapter_dir), "base": str(base_dir), "recipe": recipe["settings"]})
     return out
