@@ -8,7 +8,7 @@ import argparse
 
 from safedata import plan
 from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
-from safedata.sources import INPUT_TYPES
+from safedata.data import INPUT_TYPES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
 
 

@@ -17,7 +17,7 @@ import argparse
 from safedata import plan
 from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, add_template_arg, parse_args, run
 from safedata.features import gradients as G
-from safedata.sources import INPUT_TYPES
+from safedata.data import INPUT_TYPES
 
 
 def main():

@@ -5,7 +5,7 @@ import argparse
 from safedata import plan
 from safedata.cli import add_original_quirks_arg, add_stage_args, add_template_arg, parse_args, run
 from safedata.features.representations import extract_representations
-from safedata.sources import INPUT_TYPES
+from safedata.data import INPUT_TYPES
 
 
 def main():

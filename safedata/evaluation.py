@@ -35,8 +35,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .data import file_sha256, read_jsonl
 from .errors import InputError, UserError
+from .paths import output_dir as checked_output_dir
 from .progress import progress
+from .store import atomic_write_text, now, write_json
 
 log = logging.getLogger(__name__)
 
@@ -198,19 +201,7 @@ def read_responses(path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     records = []
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = raw[:err.start].count(b"\n") + 1
-        raise InputError(path, line_no, None, f"not valid UTF-8 (byte {err.start})") from None
-    for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, line_no, None, f"malformed JSON ({err.msg})") from None
+    for line_no, record in read_jsonl(path):
         if not isinstance(record, dict):
             raise InputError(path, line_no, None, f"expected a JSON object, found {type(record).__name__}")
         for field, kind in (("index", int), ("id", str), ("prompt", str), ("response", str)):
@@ -574,11 +565,6 @@ def evaluate_file(responses, output_dir, judge: str = "keyword", judge_model: st
     `judge_instance` (an ApiJudge or LocalGuardJudge) overrides building one from the flags.
     Returns the summary dict also written to `output_dir/summary.json`.
     """
-    from .data import file_sha256
-    from .store import atomic_write_text, now, write_json
-
-    from .paths import output_dir as checked_output_dir
-
     if judge not in JUDGE_CHOICES:
         raise UserError(f"--judge {judge!r}: choose from {', '.join(JUDGE_CHOICES)}")
     checked_output_dir(output_dir)

@@ -329,10 +329,5 @@ def _merge(out: Path, examples, shard, run_fp: str, meta: dict) -> bool:
     return True
 
 
-def read_responses(path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in D.jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
-
-
-__all__ = ["GenerationConfig", "generate_responses", "resolve_template", "read_responses", "HFBackend",
+__all__ = ["GenerationConfig", "generate_responses", "resolve_template", "HFBackend",
            "VLLMBackend", "RESPONSES", "BACKENDS"]

@@ -1,6 +1,7 @@
 """Load a causal LM and its tokenizer by Hub id or local path; build the tiny test model."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -94,7 +95,6 @@ def model_identity(name_or_path: str) -> str:
     """What metadata records as the model: the id, or a local dir with its config hash."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
-        import hashlib
         digest = hashlib.sha256((path / "config.json").read_bytes())
         # Size plus the first and last MiB of each weights file: a retrained checkpoint in the same
         # directory gets a new identity without hashing 14 GB.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data.sources import is_hub, is_saved_dataset
 from .errors import UserError
 
 
@@ -29,7 +30,6 @@ def output_dir(path, flag: str = "--output_dir") -> Path:
 
 def input_data(path, flag: str = "--data_path"):
     """A data file, or a datasets-library source: a save_to_disk directory or hf:owner/name (safedata.sources)."""
-    from .sources import is_hub, is_saved_dataset
     if is_hub(path) or is_saved_dataset(path):
         return path
     return input_file(path, flag)

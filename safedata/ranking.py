@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from . import data as D
 from .errors import MetadataMismatch, UserError
 from .paths import input_data, output_dir
+from .scores import anchor_scores, combine, default_weights, parse_avg_n, read_scores_csv, unique_names
 from .store import META, SafetensorsReader, atomic_write_text, read_json, require_same
 
 log = logging.getLogger(__name__)
@@ -104,59 +103,6 @@ def check_pool_file(meta: dict, data_path, source: str) -> None:
                                f"not from --data_path {data_path} (sha256 {sha[:12]})")
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True)
-
-
-BLOCK_BYTES = 32 << 20  # pool rows read per step: memory stays O(32 MB + N) whatever the pool size
-
-
-def parse_avg_n(avg_n) -> str:
-    """'all' or a positive integer (as text); checked before any feature is read."""
-    text = str(avg_n).strip()
-    if text == "all" or (text.isdigit() and int(text) >= 1):
-        return text
-    raise UserError(f"--avg_n {avg_n!r}: expected a positive integer (1 = max cosine, the paper) or 'all'")
-
-
-def anchor_scores(pool, anchors: torch.Tensor, avg_n="1", block=None) -> torch.Tensor:
-    """Per pool row: the mean of its top-avg_n cosine similarities to the anchors (fp32).
-
-    avg_n=1 is the maximum (the paper's default); 'all' the mean over the whole set, which for
-    unit anchors equals the cosine-scaled dot with the mean anchor. `pool` is a tensor or a
-    FeatureSet; either way it is read in row blocks, so memory is O(block x d + N).
-    """
-    anchors_unit = _normalize(anchors.float())
-    m = anchors_unit.shape[0]
-    if str(avg_n) == "all":
-        n_top = m
-    else:
-        n_top = int(avg_n)
-        if not 1 <= n_top <= m:
-            raise UserError(f"--avg_n {avg_n}: must be 'all' or between 1 and the anchor set size {m}")
-    block = block or max(1, BLOCK_BYTES // (4 * anchors.shape[1]))
-    if isinstance(pool, FeatureSet):
-        n, blocks = pool.n, pool.blocks(block)
-    else:
-        n, blocks = pool.shape[0], ((s, pool[s:s + block]) for s in range(0, pool.shape[0], block))
-    out = torch.empty(n, dtype=torch.float32)
-    for start, rows in blocks:
-        cos = _normalize(rows.float()) @ anchors_unit.T
-        top = cos if n_top == m else cos.topk(n_top, dim=1).values
-        out[start:start + rows.shape[0]] = top.mean(dim=1)
-    return out
-
-
-def combine(columns: dict[str, np.ndarray], weights: list[float]) -> np.ndarray:
-    if len(weights) != len(columns):
-        raise UserError(f"--weights: {len(weights)} weight(s) for {len(columns)} score source(s) "
-                        f"({', '.join(columns)})")
-    total = np.zeros(len(next(iter(columns.values()))), dtype=np.float64)
-    for weight, values in zip(weights, columns.values()):
-        total += weight * values.astype(np.float64)
-    return total
-
-
 def select(scores: np.ndarray, indices: np.ndarray, kind="top", k=100, range_start=None, range_end=None) -> np.ndarray:
     """Positions of the selection in rank order; non-finite scores never selected; ties by file index."""
     finite = np.flatnonzero(np.isfinite(scores))
@@ -177,38 +123,6 @@ def select(scores: np.ndarray, indices: np.ndarray, kind="top", k=100, range_sta
     raise UserError(f"--type {kind!r}: choose top, bottom or range")
 
 
-def read_scores_csv(directory) -> tuple[dict, np.ndarray, list[str], dict[str, np.ndarray]]:
-    """(meta, indices, ids, columns) from a gradient score dir."""
-    directory = Path(directory)
-    meta = read_json(directory / META)
-    path = directory / "scores.csv"
-    if not path.exists():
-        raise UserError(f"{path}: missing (did every shard finish?)")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        if fields[:2] != ["index", "id"] or len(fields) < 3:
-            raise UserError(f"{path}:1: expected header index,id,<target...>, found {','.join(fields)}")
-        names = fields[2:]
-        indices, ids, cols = [], [], {n: [] for n in names}
-        for row in reader:
-            try:
-                indices.append(int(row["index"]))
-                ids.append(row["id"])
-                for n in names:
-                    cols[n].append(float(row[n]) if row[n] not in ("", None) else math.nan)
-            except (TypeError, ValueError):
-                raise UserError(f"{path}:{reader.line_num}: malformed score row") from None
-    # fp64, as scores.csv holds them: the index CSV and the order keep every digit the scoring stage wrote
-    return meta, np.array(indices, dtype=np.int64), ids, {n: np.array(v, dtype=np.float64) for n, v in cols.items()}
-
-
-def _records_text(records: list[dict], suffix: str) -> str:
-    if suffix == ".jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return json.dumps(records, indent=4, ensure_ascii=False) + "\n"
-
-
 def write_selection(data_path, write_to, name, kind, k, positions, indices, ids, columns, scores,
                     range_start=None, range_end=None) -> tuple[Path, Path]:
     """The selected records verbatim (pool's own format) and an index CSV with every score."""
@@ -227,7 +141,7 @@ def write_selection(data_path, write_to, name, kind, k, positions, indices, ids,
     out_dir = Path(write_to)
     subset_path = out_dir / f"{name}_{tag}{suffix}"
     index_path = out_dir / f"{name}_{tag}_index.csv"
-    atomic_write_text(subset_path, _records_text(records, suffix))
+    D.write_records(records, subset_path)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["rank", *columns.keys(), "score", "index", "id"])
@@ -275,13 +189,12 @@ def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(),
         check_pool_file(pool.meta, data_path, f"pool features {pool_features}")
         anchors = [load_features(d) for d in anchor_features]
         columns = {}
-        for anchor in anchors:
+        for column, anchor in zip(unique_names(a.name for a in anchors), anchors):
             check_compatible(pool, anchor)
-            column = anchor.name if anchor.name not in columns else f"{anchor.name}_{len(columns)}"
             columns[column] = anchor_scores(pool, anchor.all(), avg_n).numpy()
         indices, ids = np.array(pool.meta["indices"], dtype=np.int64), pool.meta["ids"]
         source = {"pool_features": str(pool_features), "anchor_features": [str(a) for a in anchor_features]}
-    weights = list(weights) if weights else [1.0] + [-1.0] * (len(columns) - 1)
+    weights = list(weights) if weights else default_weights(len(columns))
     scores = combine(columns, weights)
     nonfinite = [ids[i] for i in np.flatnonzero(~np.isfinite(scores))]
     if nonfinite:

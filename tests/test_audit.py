@@ -270,19 +270,19 @@ def test_report_renders_in_headless_chromium_with_its_images(audits, tmp_path):
 
 def test_arrow_file_and_dataset_dict_and_hub_spec(inputs, tmp_path):
     import datasets
-    from safedata import sources as S
+    from safedata.data.sources import parse_hub
     arrow = next(inputs["saved"].glob("*.arrow"))
     assert [e.id for e in D.load_examples(arrow)[0]] == [e.id for e in D.load_examples(inputs["jsonl"])[0]]
-    kept = S.write_subset_like(arrow, [0, 2, 5], tmp_path / "kept")
+    kept = D.write_subset(arrow, [0, 2, 5], tmp_path / "kept")
     assert kept.suffix == ".arrow" and [e.index for e in D.load_examples(kept)[0]] == [0, 1, 2]
     assert [e.record for e in D.load_examples(kept)[0]] == [D.load_examples(arrow)[0][i].record for i in (0, 2, 5)]
     datasets.DatasetDict({"train": datasets.load_from_disk(str(inputs["saved"]))}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match="DatasetDict with splits train; give one split's directory"):
         D.load_examples(tmp_path / "dd")
-    assert S.parse_hub("hf:org/name?config=c&split=test") == ("org/name", "c", "test")
-    assert S.parse_hub("hf:org/name") == ("org/name", None, "train")
+    assert parse_hub("hf:org/name?config=c&split=test") == ("org/name", "c", "test")
+    assert parse_hub("hf:org/name") == ("org/name", None, "train")
     with pytest.raises(UserError, match="unknown option revision"):
-        S.parse_hub("hf:org/name?revision=x")
+        parse_hub("hf:org/name?revision=x")
 
 
 def test_bad_parquet_row_names_the_record(tmp_path):

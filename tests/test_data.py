@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from safedata import data as D
-from safedata.errors import InputError
+from safedata.errors import InputError, UserError
 from safedata.models import load_tokenizer
 
 
@@ -143,7 +143,7 @@ def test_original_quirks_supervise_a_trailing_space(tiny_model_dir):
     assert quirky.n_supervised > plain.n_supervised                       # the space is one more supervised token
     assert D.encode(ex("Say nothing.", "", ""), tok, "paper", original_quirks=True).input_ids == \
         tok(D.prompt_text(ex("Say nothing."), "paper") + "  ")["input_ids"] + [tok.eos_token_id]
-    with pytest.raises(D.UserError, match="--original_quirks"):
+    with pytest.raises(UserError, match="--original_quirks"):
         D.encode(e, tok, "chat", original_quirks=True)
 
 
@@ -159,7 +159,7 @@ def test_json_array_errors_name_the_record(tmp_path):
 
 
 def test_data_path_directory_is_one_line_error(tmp_path):
-    with pytest.raises(D.UserError, match="is a directory"):
+    with pytest.raises(UserError, match="is a directory"):
         D.load_examples(tmp_path)
 
 

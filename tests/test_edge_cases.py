@@ -13,7 +13,6 @@ import pytest
 
 from conftest import ROOT, python
 from safedata import data as D
-from safedata import sources as S
 from safedata.errors import UserError
 
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
@@ -168,7 +167,7 @@ def test_line_separators_inside_json_strings_are_data(tmp_path):
     examples, skipped = D.load_examples(path, skip_bad=True)
     assert [(e.instruction, e.response, e.line) for e in examples] == \
         [(r["instruction"], r["output"], n) for n, r in enumerate(records, start=1)] and len(skipped) == 1
-    kept = S.write_subset_like(path, [0, 2], tmp_path / "kept")
+    kept = D.write_subset(path, [0, 2], tmp_path / "kept")
     lines = path.read_bytes().split(b"\n")
     assert kept.read_bytes() == lines[0] + b"\n" + lines[2] + b"\n"
 
@@ -189,7 +188,7 @@ def test_crlf_jsonl_comes_back_from_an_audit_with_its_own_bytes(tmp_path):
 
 
 def test_every_edge_case_is_scored(tiny_model_dir, default_system_model, tmp_path):
-    from safedata import conversations as C
+    from safedata.data import conversations as C
     from safedata.features import gradients as G
     from safedata.store import read_json
     separators = [{"messages": [user(f"Join two{s}lines."), assistant(f"One{s}two.")]} for s in SEPARATORS]

@@ -12,7 +12,8 @@ from conftest import ROOT, python
 from safedata import data as D
 from safedata import generation as G
 from safedata.errors import UserError
-from safedata.generation import GenerationConfig, HFBackend, generate_responses, read_responses
+from safedata.evaluation import read_responses
+from safedata.generation import GenerationConfig, HFBackend, generate_responses
 
 # Placeholder prompts of different lengths (the test's own, harmless text).
 PROMPTS = ["Write a poem about the sea", "Explain how rainbows form", "List three kinds of fruit",

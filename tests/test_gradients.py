@@ -396,7 +396,8 @@ def test_nonfinite_and_excluded_examples_are_reported_not_ranked(ref, targets, t
 
 def test_projected_features_are_the_projection_of_the_exact_gradients(ref, tiny_model_dir, files, tmp_path):
     from safedata.features.projection import FactoredProjector
-    from safedata.ranking import anchor_scores, load_features
+    from safedata.ranking import load_features
+    from safedata.scores import anchor_scores
     proj_dim = 300
     assert G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "pool", proj_dim, proj_seed=3,
                                        batch_size=3, **FP64)

@@ -12,7 +12,8 @@ from safedata import data as D
 from safedata.errors import UserError
 from safedata.methods import bm25, compliance, embedding, format_scores, random_scores
 from safedata.methods.common import example_text
-from safedata.ranking import rank, read_scores_csv
+from safedata.ranking import rank
+from safedata.scores import read_scores_csv
 from safedata.store import load_tensors
 
 POOL = [

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, python
-from safedata import conversations as C
+from safedata.data import conversations as C
 from safedata import data as D
 from safedata.errors import InputError, UserError
 

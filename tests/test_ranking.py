@@ -8,6 +8,7 @@ import torch
 from safedata import ranking as R
 from safedata.errors import MetadataMismatch, UserError
 from safedata.features.representations import extract_representations
+from safedata.scores import anchor_scores
 from safedata.store import save_tensors, write_json
 from test_representations import write_pool
 
@@ -26,7 +27,7 @@ def brute_scores(pool, anchors, avg_n):
 def test_anchor_scores_equal_numpy_brute_force(avg_n):
     rng = np.random.default_rng(0)
     pool, anchors = rng.normal(size=(50, 7)), rng.normal(size=(5, 7))
-    got = R.anchor_scores(torch.tensor(pool), torch.tensor(anchors), avg_n, block=16).numpy()
+    got = anchor_scores(torch.tensor(pool), torch.tensor(anchors), avg_n, block=16).numpy()
     np.testing.assert_allclose(got, brute_scores(pool, anchors, avg_n), rtol=1e-5, atol=1e-6)
 
 

@@ -150,3 +150,29 @@ def test_head_keeps_the_csv_header_and_the_first_records(tmp_path):
     assert real.head(csv_file, 0, tmp_path / "c.csv").read_text() == csv_file.read_text()
     (tmp_path / "r.json").write_text(json.dumps([{"a": i} for i in range(5)]))
     assert json.loads(real.head(tmp_path / "r.json", 3, tmp_path / "s.json").read_text()) == [{"a": i} for i in range(3)]
+
+
+def test_self_distillation_replaces_the_helpful_answers_and_counts_each_drop(tmp_path, tiny_model_dir):
+    from safedata.models import load_tokenizer
+    alpaca = [{"instruction": f"benign task {i}", "input": "", "output": f"alpaca answer {i}"} for i in range(5)]
+    refusal = {"instruction": "placeholder request", "input": "", "output": real.REFUSALS[0]}
+    mix = [alpaca[3], refusal, alpaca[0], alpaca[1], alpaca[4], alpaca[2]]
+    (tmp_path / "align.json").write_text(json.dumps(mix))
+    (tmp_path / real.HELPFUL_PROMPTS).write_text(json.dumps(alpaca))
+    budget = 40
+    tokenizer = load_tokenizer(tiny_model_dir)
+    long_answer = " ".join(["word"] * 80)
+    assert len(tokenizer(long_answer, add_special_tokens=False)["input_ids"]) >= budget
+    answers = ["a short answer", "   ", long_answer, "I'm sorry, I cannot do that.", "another answer"]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"index": i, "id": str(i), "prompt": "p", "response": r}) + "\n"
+                                 for i, r in enumerate(answers)))
+    summary = real.self_distill(tmp_path, responses, tiny_model_dir, budget, tmp_path / "align_self.json")
+    out = json.loads((tmp_path / "align_self.json").read_text())
+    # file order of the mix kept; record 0 and 4 answered in the model's words; 1 empty, 2 cut off, 3 a refusal
+    assert out == [refusal, dict(alpaca[0], output="a short answer"), dict(alpaca[4], output="another answer")]
+    assert summary["dropped"] == {"empty": 1, "unfinished": 1, "refusal": 1}
+    assert summary["helpful_kept"] == 2 and summary["records"] == 3
+    responses.write_text(responses.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(UserError, match="no answer for 4 of the 5"):
+        real.self_distill(tmp_path, responses, tiny_model_dir, budget, tmp_path / "x.json")

@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from .. import conversations as C
 from .. import data as D
+from ..data import conversations as C
+from ..errors import UserError
 from ..models import model_identity
 from ..progress import progress
 from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, output_hint, read_json,
@@ -59,7 +60,7 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
         log.info("%d record(s) with an empty response: kept, as the original, with the end token alone supervised "
                  "(counted in meta.json)", n_empty)
     if not encoded:
-        raise D.UserError(f"{data_path}: no example has a supervised token (check --max_length)")
+        raise UserError(f"{data_path}: no example has a supervised token (check --max_length)")
     return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped)
 
 

@@ -13,10 +13,15 @@ For a score vector over the pool, ranked as rank.py ranks (descending, ties by f
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from .. import data as D
 from ..errors import UserError
+from ..ranking import check_pool_file
+from ..scores import combine, default_weights, read_scores_csv
+from ..store import atomic_write_text
 
 METRICS = ("overlap_top", "overlap_bottom", "top1", "top10", "pct_top", "pct_bottom", "auc")
 
@@ -41,8 +46,6 @@ def write_sample_pool(data_path, reference_paths, n_random: int, seed: int, outp
     On it, AUC reference-top vs reference-bottom is exact (it reads only the reference records' scores), while
     percentiles and top-1%/10% counts are relative to the sample, and top-k overlaps are not comparable with
     the full pool's."""
-    import json
-    from ..store import atomic_write_text
     examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True)
     ids = [e.id for e in examples]
     keep = set()
@@ -114,13 +117,12 @@ def parse_reference(spec: str) -> tuple[str, str, str]:
 
 def compare(data_path, methods: list[str], references: list[str]) -> list[dict]:
     """One row per (method, reference): the agreement metrics, plus the method's cost from its score dir."""
-    from ..ranking import check_pool_file, combine, read_scores_csv
     rows, positions = [], {}
     for spec in methods:
         name, directory, weights = parse_method(spec)
         meta, indices, ids, columns = read_scores_csv(directory)
         check_pool_file(meta, data_path, f"scores {directory}")
-        weights = weights or [1.0] + [-1.0] * (len(columns) - 1)
+        weights = weights or default_weights(len(columns))
         scores = combine(columns, weights)
         for reference in references:
             ref_name, top_path, bottom_path = parse_reference(reference)

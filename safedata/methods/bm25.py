@@ -9,12 +9,14 @@ harmful file's best match minus the safe files' best matches.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import bm25s
 import numpy as np
 
 from ..errors import UserError
-from .common import Cost, aggregate, anchor_column_names, load_texts, score_meta, write_scores
+from ..scores import top_n_mean, unique_names
+from .common import Cost, load_texts, score_meta, write_scores
 from ..features.runner import check_existing_output
 
 K1, B = 1.5, 0.75
@@ -46,7 +48,7 @@ def score(data_path, anchors, output_dir, text="full", avg_n="1", skip_bad=False
     meta = score_meta("bm25", f"bm25s=={bm25s.__version__}", data_path, examples, skipped, flags, anchors)
     check_existing_output(output_dir, meta)
     retriever = index(texts, k1, b)
-    columns = {name: aggregate(similarities(retriever, load_texts(path, text)[1]), avg_n)
-               for name, path in zip(anchor_column_names(anchors), anchors)}
+    columns = {name: top_n_mean(similarities(retriever, load_texts(path, text)[1]), avg_n)
+               for name, path in zip(unique_names(Path(a).stem for a in anchors), anchors)}
     write_scores(output_dir, meta, columns, cost)
     return True

@@ -26,7 +26,8 @@ from ..features.runner import base_meta, check_existing_output, finish, prepare_
 from ..models import load_model
 from ..store import parse_shard, save_tensors
 from ..templates import choose_template
-from .common import SCORES, Cost, write_scores_csv
+from ..scores import SCORES_FILE, write_scores_csv
+from .common import Cost
 
 DIRECTION = "direction.safetensors"
 
@@ -105,7 +106,7 @@ def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=
                         desc="compliance")
 
     def write(tensors, meta_out):
-        write_scores_csv(output_dir, meta_out, {"compliance": tensors["compliance"].numpy()})
+        write_scores_csv(output_dir, meta_out["indices"], meta_out["ids"], {"compliance": tensors["compliance"].numpy()})
         meta_out.update(columns=["compliance"], cost=cost.result())
 
-    return finish(output_dir, store, meta, SCORES, write)
+    return finish(output_dir, store, meta, SCORES_FILE, write)

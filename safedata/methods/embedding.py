@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..features.runner import check_existing_output
 from ..models import model_identity
 from ..store import ChunkStore, fingerprint, parse_shard, save_tensors
-from .common import Cost, aggregate, anchor_column_names, load_texts, score_meta, write_scores
+from ..scores import top_n_mean, unique_names
+from .common import Cost, load_texts, score_meta, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def score(data_path, anchors, output_dir, model_name=None, text="full", avg_n="1
     pool = store.gather()["embeddings"]
     save_tensors(Path(output_dir) / EMBEDDINGS, {"embeddings": pool}, {"model": meta["model"]})
     columns = {}
-    for name, path in zip(anchor_column_names(anchors), anchors):
+    for name, path in zip(unique_names(Path(a).stem for a in anchors), anchors):
         _, anchor_texts, _ = load_texts(path, text)
-        columns[name] = aggregate((pool @ embed(encoder, anchor_texts, batch_size).T).numpy(), avg_n)
+        columns[name] = top_n_mean((pool @ embed(encoder, anchor_texts, batch_size).T).numpy(), avg_n)
     write_scores(output_dir, dict(meta, dim=int(pool.shape[1])), columns, cost)
     return True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ...data import file_sha256
 from ...errors import UserError
 from ...models import load_model
 
@@ -80,7 +81,7 @@ def _dir_digest(path) -> str:
     for f in sorted(path.glob("*")) if path.is_dir() else []:
         if f.is_file():
             digest.update(f.name.encode())
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
+            digest.update(bytes.fromhex(file_sha256(f)))
     return digest.hexdigest()[:16]
 
 

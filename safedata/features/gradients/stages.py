@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import logging
 import math
@@ -15,6 +14,7 @@ import torch
 from ... import data as D
 from ...errors import UserError
 from ...models import default_device, load_tokenizer, resolve_dtype
+from ...scores import SCORES_FILE, write_scores_csv
 from ...store import (META, atomic_write_text, distributed_rank, environment, now, parse_shard, require_same,
                       save_tensors, write_json)
 from ...templates import choose_template
@@ -28,7 +28,7 @@ from .targets import TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, TargetBank, loa
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.csv"
+
 EXAMPLES_FILE = "examples.csv"
 SELF_INFLUENCE_COLUMNS = ["self_inf", "self_inf_n"]
 SELF_INFLUENCE_SCORE = ("self_inf = ||G_i||^2 (Self-Inf); self_inf_n = ln(self_inf + 1) + ln(n_supervised + 1) "
@@ -56,7 +56,7 @@ def _flags(mode, params, lora, max_length, max_response_length, dtype_name, opti
 
 
 def _file_digest(path) -> str:
-    return f"{Path(path).name}#{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+    return f"{Path(path).name}#{D.file_sha256(path)[:16]}"
 
 
 def _params_key(mode, params):
@@ -234,14 +234,9 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
         else:
             scores = inner / sq.sqrt()[:, None]
             usable = torch.isfinite(sq) & torch.isfinite(inner).all(1) & (sq > 0)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["index", "id", *names])
         nonfinite = []
         for row, (index, ex_id) in enumerate(zip(meta_out["indices"], meta_out["ids"])):
-            if bool(usable[row]):
-                writer.writerow([index, ex_id, *(repr(float(v)) for v in scores[row])])
-            else:
+            if not bool(usable[row]):
                 reason = "zero gradient" if bool(torch.isfinite(sq[row])) and float(sq[row]) <= 0 else \
                     "non-finite gradient"
                 nonfinite.append({"index": index, "id": ex_id, "reason": reason})
@@ -253,7 +248,9 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
         save_tensors(Path(output_dir) / PRODUCTS_FILE, {"inner": inner, "sqnorm": sq},
                      {"model": meta_out["model"], "data_sha256": meta_out["data_sha256"]})
         _write_examples(Path(output_dir) / EXAMPLES_FILE, meta_out, n_supervised, tensors["loss"])
-        atomic_write_text(Path(output_dir) / SCORES_FILE, buffer.getvalue())
+        write_scores_csv(output_dir, meta_out["indices"], meta_out["ids"],
+                         {name: scores[:, column] for column, name in enumerate(names)},
+                         rows=[row for row in range(len(meta_out["ids"])) if bool(usable[row])])
 
     return finish(output_dir, store, meta, SCORES_FILE, write)
 
