@@ -15,8 +15,8 @@ from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
-    p.add_argument("--data_path", required=True, help=f"the subset: records with responses, {INPUT_TYPES}")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--data_path", help=f"the subset: records with responses, {INPUT_TYPES}")
+    p.add_argument("--output_dir", help="where the fine-tuned model (or LoRA adapter) and finetune_meta.json go")
     add_template_arg(p)
     p.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
     g = p.add_argument_group("optimisation (defaults: the paper)")

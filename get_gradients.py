@@ -18,13 +18,14 @@ from safedata import plan
 from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, add_template_arg, parse_args, run
 from safedata.features import gradients as G
 from safedata.data import INPUT_TYPES
+from safedata.distributed import close_distributed
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True, help="Hugging Face id or local directory")
-    p.add_argument("--data_path", required=True, help=f"anchor or pool records: {INPUT_TYPES}")
-    p.add_argument("--output_dir", required=True,
+    p.add_argument("--data_path", help=f"anchor or pool records: {INPUT_TYPES}")
+    p.add_argument("--output_dir",
                    help="where the target / scores / features go (a rerun with the same settings resumes there)")
     what = p.add_argument_group("what to compute (exactly one)")
     what.add_argument("--anchor", action="store_true", help="build a target from this (anchor) file")
@@ -89,9 +90,7 @@ def main():
             G.extract_gradient_features(a.model_name, a.data_path, a.output_dir, a.proj_dim, a.proj_seed,
                                         shard=a.shard, chunk_size=a.chunk_size, **common)
     finally:
-        if created:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        close_distributed(created)
 
 
 if __name__ == "__main__":

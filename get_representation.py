@@ -11,8 +11,8 @@ from safedata.data import INPUT_TYPES
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model_name", required=True, help="Hugging Face id (org/name) or local model directory")
-    p.add_argument("--data_path", required=True, help=f"the records to featurise: {INPUT_TYPES}")
-    p.add_argument("--output_dir", required=True,
+    p.add_argument("--data_path", help=f"the records to featurise: {INPUT_TYPES}")
+    p.add_argument("--output_dir",
                    help="where features.safetensors and meta.json go (refused if it holds another run's output)")
     add_template_arg(p)
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass (results do not depend on it)")

@@ -109,11 +109,11 @@ def dense_targets(model, targets, dtype):
     params = list(model.named_parameters())
     P = sum(p.numel() for _, p in params)
     out = torch.empty(len(targets), P, dtype=dtype, device=params[0][1].device)
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for j, t in enumerate(targets):
         start = 0
         for name, p in params:
-            out[j, start:start + p.numel()] = t.params[name].to_dense(cdt, p.device).reshape(-1).to(dtype)
+            out[j, start:start + p.numel()] = t.params[name].to_dense(compute_dtype, p.device).reshape(-1).to(dtype)
             start += p.numel()
     return out
 
@@ -129,7 +129,7 @@ def set_requires_grad(model, flag):
 def paper_scores(model, items, pad, tdense, pad_to):
     """Batch size 1, a full flattened gradient per example; <G, T_j> and ||G||^2 in fp32 (fp64 for fp64)."""
     device = tdense.device
-    cdt = torch.float64 if tdense.dtype == torch.float64 else torch.float32
+    compute_dtype = torch.float64 if tdense.dtype == torch.float64 else torch.float32
     params = list(model.parameters())
     set_requires_grad(model, True)
     inner, sq = [], []
@@ -155,11 +155,11 @@ def paper_scores(model, items, pad, tdense, pad_to):
             grads = torch.autograd.grad(loss, params)
             flat = torch.cat([g.reshape(-1) for g in grads])
             del grads, loss
-            i = torch.zeros(tdense.shape[0], dtype=cdt, device=device)
-            s = torch.zeros((), dtype=cdt, device=device)
+            i = torch.zeros(tdense.shape[0], dtype=compute_dtype, device=device)
+            s = torch.zeros((), dtype=compute_dtype, device=device)
             for c in range(0, flat.numel(), step):          # chunks: upcasting a 7B vector at once is 27 GB
-                f = flat[c:c + step].to(cdt)
-                i += tdense[:, c:c + step].to(cdt) @ f
+                f = flat[c:c + step].to(compute_dtype)
+                i += tdense[:, c:c + step].to(compute_dtype) @ f
                 s += f @ f
             inner.append(i)
             sq.append(s)

@@ -176,8 +176,8 @@ def compare(before: dict, after: dict) -> int:
 
 
 def checkout(commit: str, root: Path) -> None:
-    """The commit's tree at `root`, a detached git worktree of this repository (replaced if there)."""
-    repo = Path(__file__).resolve().parent.parent
+    """The commit's tree at `root`, a detached git worktree of the repository this runs in (replaced if there)."""
+    repo = Path.cwd()
     if root.exists():
         subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=repo, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -35,6 +35,7 @@ import torch
 
 from safedata import data as D
 from safedata.errors import UserError
+from safedata.progress import progress
 from safedata.evaluation import keyword_refusal
 from safedata.scores import anchor_scores, combine, read_scores_csv
 from safedata.store import atomic_write_text, fingerprint, read_json, save_figure, write_json
@@ -280,11 +281,10 @@ def collect(run_dir, data_dir, batch_size: int = 16, model=None) -> dict:
     ft = run_dir / "ft"
     if not ft.is_dir():
         raise UserError(f"{ft}: missing (run scripts/demo.sh first)")
-    from tqdm import tqdm
     runs = sorted(p for p in ft.glob("*/seed*") if (p / "eval" / "summary.json").exists())
     if (ft / "aligned" / "eval" / "summary.json").exists():
         runs.insert(0, ft / "aligned")
-    for run in tqdm(runs, desc="lab metrics", unit="run"):
+    for run in progress(runs, desc="lab metrics", unit="run"):
         group = run.parent.name if run.name.startswith("seed") else run.name
         if run.name.startswith("seed"):
             model_dir = run / "model"

@@ -53,6 +53,13 @@ def parse_args(parser):
     """parser.parse_args(), then what every stage CLI does before any work or file: each size flag it has
     checked, its --field_map put in force for this process (safedata.conversations.use_field_map)."""
     args = parser.parse_args()
+    needed = getattr(args, "needed_unless_plan", ())
+    if needed:
+        if getattr(args, "plan", None) is None:
+            missing = ["--" + name for name in needed if getattr(args, name, None) is None]
+            if missing:
+                parser.error(f"the following arguments are required: {', '.join(missing)}")
+        del args.needed_unless_plan   # not a setting of the run
     check_sizes(**{name: getattr(args, name) for name in SIZE_FLAGS if hasattr(args, name)})
     spec = getattr(args, "field_map", None)
     C.use_field_map(C.FieldMap.parse(spec) if spec else None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import local_rank
 from .errors import UserError
 from .store import read_json
 
@@ -23,8 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        import os
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 

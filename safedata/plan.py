@@ -28,7 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .distributed import launched_world_size
 from .errors import UserError
+from .features.gradients.numerics import FactoredLayer, MEMORY_COST, choose_dense_copies, dense_copy_budget
+from .training import plan_batches
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 PLAN_KEYS = {"length": int, "nproc": int, "anchors": int, "anchor_tokens": int, "response_tokens": int,
@@ -69,13 +76,11 @@ class ModelShape:
 
 
 def load_config(name_or_path: str):
-    from transformers import AutoConfig
     path = Path(name_or_path)
     if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".json")):
         raise UserError(f"--model_name {name_or_path}: no such file or directory")
     try:
         if path.is_file():
-            from transformers import PretrainedConfig
             raw = PretrainedConfig.get_config_dict(str(path))[0]
             if "model_type" not in raw:
                 raise UserError(f"{path}: no 'model_type' in this config")
@@ -91,9 +96,6 @@ def load_config(name_or_path: str):
 
 def model_shape(name_or_path: str) -> ModelShape:
     """Build the model on the meta device (no memory, no weights) and read its shapes."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
     config = load_config(name_or_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -184,8 +186,6 @@ def dense_copy_bytes(shape: ModelShape, anchor_tokens: int, response_tokens: int
                      n_targets: int, device: str) -> int:
     """The dense copies the target bank adds to factored layers where materialising is cheaper (the bank's
     own choice, numerics.choose_dense_copies, on the planned layout)."""
-    from .features.gradients.numerics import (FactoredLayer, MEMORY_COST, choose_dense_copies,
-                                              dense_copy_budget)
     layers = [FactoredLayer(layer.name, layer.fan_out, layer.fan_in, n_targets * layer.tokens, 0, n_targets)
               for layer in target_layers(shape, anchor_tokens, response_tokens, dtype_bytes) if layer.factored]
     compute_bytes = 8 if dtype_bytes == 8 else 4
@@ -331,27 +331,21 @@ def parse_settings(spec: str | None) -> dict:
     return settings
 
 
-def add_plan_flag(parser, argv=None) -> None:
-    """Add --plan; when it is on the command line, flags that only a real run needs are not required."""
-    import sys
+def add_plan_flag(parser, needed=("data_path", "output_dir")) -> None:
+    """Add --plan. The flags in `needed` are declared optional and required by safedata.cli.parse_args unless
+    --plan was given: a plan needs the model alone."""
     parser.add_argument("--plan", nargs="?", const="", default=None, metavar="KEY=VALUE,...", help=PLAN_HELP)
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--plan" or a.startswith("--plan=") for a in argv):
-        for action in parser._actions:
-            if action.dest != "model_name":
-                action.required = False
+    parser.set_defaults(needed_unless_plan=tuple(needed))
 
 
 def _nproc(settings: dict) -> int:
-    import os
-    return settings.get("nproc") or int(os.environ.get("WORLD_SIZE", "1"))
+    return settings.get("nproc") or launched_world_size()
 
 
 def _device_type(device: str | None) -> str:
     """The device the run would use: --device, else a GPU where one is visible (as models.default_device)."""
     if device:
         return device.split(":")[0]
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -384,7 +378,6 @@ def representation_plan_from_args(a) -> Plan:
 
 
 def finetune_plan_from_args(a: dict) -> Plan:
-    from .training import plan_batches
     settings = parse_settings(a["plan"])
     nproc = _nproc(settings)
     per_device, accumulation = plan_batches(a["batch_size"], a["per_device_batch_size"], nproc)

@@ -291,12 +291,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return 0, 1
 
 
-def distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ChunkStore:
     """Fixed-size chunks of a stage's per-example tensors under `root/chunks/`."""
 

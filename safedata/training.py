@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .distributed import launched_world_size
 from .errors import UserError
 from .models import DTYPES, FINETUNE_META, load_model, load_tokenizer, model_identity, read_finetune_meta
 from .store import apply_umask, environment, now, read_json, write_json
@@ -122,10 +123,6 @@ class Collator:
 def epoch_decay(step: int, steps_per_epoch: int, decay: float) -> float:
     """The lr factor at optimizer step `step` (0-based): decay ** epoch."""
     return decay ** (step // steps_per_epoch)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def plan_batches(batch_size: int, per_device: int | None, processes: int) -> tuple[int, int]:
@@ -360,7 +357,7 @@ def finetune(config: FinetuneConfig) -> dict:
             log.warning("%s: replacing the finished fine-tune there (--overwrite)", out)
             (out / META_NAME).unlink(missing_ok=True)
             (out / ADAPTER_DIR / META_NAME).unlink(missing_ok=True)
-    processes = world_size()
+    processes = launched_world_size()
     per_device, accumulation = plan_batches(config.batch_size, config.per_device_batch_size, processes)
     cuda = torch.cuda.is_available()
     load_dtype, bf16_autocast = resolve_precision(config.precision, cuda)

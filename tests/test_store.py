@@ -1,5 +1,6 @@
 """Chunks: only a missing, truncated, foreign or stale chunk is recomputed; any other read error stops."""
 import errno
+import os
 import json
 import subprocess
 
@@ -65,3 +66,25 @@ def test_cli_stops_on_an_unreadable_chunk_and_leaves_it(tiny_model_dir, tmp_path
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: {chunk}: cannot read this chunk")
     assert chunk.is_dir() and not (out / "features.safetensors").exists()
 
+
+
+def test_target_lock_makes_a_second_builder_wait_and_names_the_holder(tmp_path):
+    """Two processes build one target: the second takes the lock only after the first let it go, and the lock file
+    names whoever holds it. The first holds it for 1.5 s; the second starts 0.5 s in, so it must wait >= ~1 s."""
+    import time
+
+    from safedata.features.gradients.targets import LOCK_FILE, target_lock
+    holder = subprocess.Popen([python(), "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1])\n"
+        "from safedata.features.gradients.targets import target_lock\n"
+        "with target_lock(sys.argv[2]):\n"
+        "    print('held', flush=True); time.sleep(1.5)\n"), str(ROOT), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert (tmp_path / LOCK_FILE).read_text().strip() == str(holder.pid)
+    start = time.monotonic()
+    with target_lock(tmp_path):
+        waited = time.monotonic() - start
+        assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert holder.wait(timeout=30) == 0
+    assert waited > 0.5, waited

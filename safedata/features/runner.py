@@ -14,10 +14,11 @@ import torch
 
 from .. import data as D
 from ..data import conversations as C
+from ..distributed import rank_and_world
 from ..errors import UserError
 from ..models import model_identity
 from ..progress import progress
-from ..store import (META, ChunkStore, distributed_rank, environment, fingerprint, now, output_hint, read_json,
+from ..store import (META, ChunkStore, environment, fingerprint, now, output_hint, read_json,
                      require_same, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callabl
     """Compute every pending chunk of this shard (and rank), atomically, resumably."""
     identity = {k: meta[k] for k in ("stage", "model", "template", "data_sha256", "flags", "ids")}
     store = ChunkStore(output_dir, fingerprint(identity), len(prepared.encoded), chunk_size)
-    rank = distributed_rank()
+    rank = rank_and_world()
     mine = store.assigned(shard, rank)
     pending = store.pending(mine)
     total = sum(len(store.span(c)) for c in pending)
@@ -125,7 +126,7 @@ def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_re
     The merge is idempotent (same bytes whoever runs it), so concurrent shards finishing at
     once are safe: each write is an atomic rename.
     """
-    rank, world = distributed_rank()
+    rank, world = rank_and_world()
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import UserError
+from ..progress import progress
 from ..features.runner import check_existing_output
 from ..models import model_identity
 from ..store import ChunkStore, fingerprint, parse_shard, save_tensors
@@ -75,7 +75,7 @@ def score(data_path, anchors, output_dir, model_name=None, text="full", avg_n="1
                                                                                 "max_seq_length": encoder.max_seq_length}
     store = ChunkStore(output_dir, fingerprint(identity), len(texts), chunk_size)
     pending = store.pending(store.assigned(parse_shard(shard)))
-    with tqdm(total=sum(len(store.span(c)) for c in pending), desc="embeddings", unit="ex", dynamic_ncols=True) as bar:
+    with progress(total=sum(len(store.span(c)) for c in pending), desc="embeddings", unit="ex") as bar:
         for chunk in pending:
             span = store.span(chunk)
             store.save(chunk, {"embeddings": embed(encoder, [texts[i] for i in span], batch_size)})

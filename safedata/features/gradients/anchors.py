@@ -22,7 +22,8 @@ from ...progress import progress as progress_bar
 from .accumulators import CaptureAccumulator, ScoreAccumulator
 from .engine import get_engine
 from .lora import AdamState
-from .targets import LAYOUTS, Target, TargetBank
+from .bank import TargetBank
+from .targets import LAYOUTS, Target
 
 
 @dataclass
@@ -60,7 +61,7 @@ def anchor_target(engine, items: list[D.Encoded], pad_id: int, batch_size=8, ren
         raise UserError(f"anchor(s) with a non-finite or zero gradient: ids {', '.join(bad[:10])}")
     coef = cumulative_coefficients(anchor_gram(engine, items, pad_id, sq, batch_size, layout)) if cumulative \
         else 1.0 / (sq.sqrt() * n)
-    parts = acc.build(coef, engine.shapes, engine.cdt, engine.device, layout, engine.dtype)
+    parts = acc.build(coef, engine.shapes, engine.compute_dtype, engine.device, layout, engine.dtype)
     del acc
     target = Target(parts, mode, params)
     # ||T||^2 = sum_a coef_a <G_a, T>: one more pass over the anchors against the finished target.

@@ -7,7 +7,8 @@ from ... import data as D
 from .accumulators import ProjectAccumulator, ScoreAccumulator
 from .engine import GradientEngine, get_engine
 from .lora import AdamState
-from .targets import Target, TargetBank
+from .bank import TargetBank
+from .targets import Target
 
 
 def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None, mode=None,
@@ -53,4 +54,4 @@ def project_batch(model, items, projector, pad_id: int, params="all", mode="full
 def projector_for(engine: GradientEngine, proj_dim: int, seed: int = 0):
     from ..projection import FactoredProjector
     shapes = {n: (s if len(s) == 2 else (1, s[0])) for n, s in engine.shapes.items()}
-    return FactoredProjector(shapes, proj_dim, seed=seed, device=engine.device, dtype=engine.cdt)
+    return FactoredProjector(shapes, proj_dim, seed=seed, device=engine.device, dtype=engine.compute_dtype)

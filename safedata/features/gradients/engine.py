@@ -51,9 +51,9 @@ class GradientEngine:
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
         self.num = Numerics(self.device, self.dtype)
-        self.cdt = self.num.cdt
+        self.compute_dtype = self.num.compute_dtype
         self.vocab = self.embed.weight.shape[0]
-        self.adam = adam.to(self.device, self.cdt) if adam is not None else None
+        self.adam = adam.to(self.device, self.compute_dtype) if adam is not None else None
         if path not in PATHS:
             raise ValueError(f"path {path!r}: choose from {PATHS}")
         self.path = path
@@ -99,8 +99,8 @@ class GradientEngine:
                 hs = hidden.gather(1, pos[..., None].expand(B, S, hidden.shape[-1]))
                 logits = self.head(hs)
                 rows = torch.arange(B, device=self.device)[:, None].expand(B, S)[hmask]
-                ce = F.cross_entropy(logits[hmask].to(self.cdt), target_ids[hmask], reduction="none")
-                per_token = ce / counts.to(self.cdt)[rows]
+                ce = F.cross_entropy(logits[hmask].to(self.compute_dtype), target_ids[hmask], reduction="none")
+                per_token = ce / counts.to(self.compute_dtype)[rows]
                 loss = per_token.sum()                             # sum over examples of each one's token mean
                 # each example's own mean token loss (rows is sorted: example-major order)
                 self.example_loss = segment_sum(per_token.detach(), rows, B, presorted=True)
@@ -159,7 +159,7 @@ class GradientEngine:
         if entry.x is None:
             entry.x = entry.raw
         if site.bias:
-            self._acc.dense(site.bias, g.to(self.cdt).sum(1))
+            self._acc.dense(site.bias, g.to(self.compute_dtype).sum(1))
         if site.lora:
             grads = self.num.bmm(g.transpose(1, 2), entry.x)        # [B, out, in]: small (LoRA)
             if self.adam is not None:
@@ -189,8 +189,8 @@ class GradientEngine:
             one = {n: (torch.ones_like(p) if n == "weight" else torch.zeros_like(p)) for n, p in w.items()}
             zero = {n: torch.zeros_like(p) for n, p in w.items()}
             normed = torch.func.functional_call(module, one, (x,)) - torch.func.functional_call(module, zero, (x,))
-        gc = g.to(self.cdt)                       # zero at padded positions (see _linear_backward)
-        self._acc.dense(site.weight, (gc * normed.to(self.cdt)).sum(1))
+        gc = g.to(self.compute_dtype)                       # zero at padded positions (see _linear_backward)
+        self._acc.dense(site.weight, (gc * normed.to(self.compute_dtype)).sum(1))
         if site.bias:
             self._acc.dense(site.bias, gc.sum(1))
 
@@ -209,9 +209,10 @@ class GradientEngine:
         b, m, n = g.shape[0], g.shape[-1], x.shape[-1]
         size = b * m * n
         if self._buffer is None or self._buffer.numel() < size:
-            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.cdt, device=self.device)
+            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.compute_dtype,
+                                       device=self.device)
         out = self._buffer[:size].view(b, m, n)
-        return torch.bmm(g.transpose(1, 2).to(self.cdt), x.to(self.cdt), out=out)
+        return torch.bmm(g.transpose(1, 2).to(self.compute_dtype), x.to(self.compute_dtype), out=out)
 
     def input_gram(self, entry: _Input) -> torch.Tensor:
         if entry.gram is None:

@@ -38,7 +38,7 @@ class Numerics:
 
     def __init__(self, device: torch.device, model_dtype: torch.dtype):
         self.model_dtype = model_dtype
-        self.cdt = torch.float64 if model_dtype == torch.float64 else torch.float32
+        self.compute_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
         low = model_dtype in (torch.bfloat16, torch.float16)
         self.fast = low and device.type == "cuda" and _out_dtype_supported(device, model_dtype)
 
@@ -46,10 +46,10 @@ class Numerics:
         """The dtype a tensor enters products in: the model's low precision where fp32-output matmuls exist."""
         if self.fast and t.dtype == self.model_dtype:
             return t
-        return t if t.dtype == self.cdt else t.to(self.cdt)
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     def _low(self, a, b):
-        return self.fast and a.dtype == b.dtype and a.dtype != self.cdt
+        return self.fast and a.dtype == b.dtype and a.dtype != self.compute_dtype
 
     def _give_up(self, err):
         log.warning("fp32-output low-precision matmul failed (%s); upcasting operands from now on", err)
@@ -58,12 +58,12 @@ class Numerics:
     def _fp32_out(self, op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self._low(a, b):
             try:
-                return op(a, b, out_dtype=self.cdt)
+                return op(a, b, out_dtype=self.compute_dtype)
             except torch.OutOfMemoryError:
                 raise       # never retried with fp32 copies (more memory): the stage stops with a clear message
             except RuntimeError as err:
                 self._give_up(err)
-        return op(a.to(self.cdt), b.to(self.cdt))
+        return op(a.to(self.compute_dtype), b.to(self.compute_dtype))
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self._fp32_out(torch.mm, a, b)
@@ -82,11 +82,11 @@ def memory_cost(device: torch.device) -> float:
     return MEMORY_COST.get(device.type, 64.0)
 
 
-def linear_costs(T: int, n: int, m: int, K: int, Jd: int, full: bool, beta: float) -> dict:
+def linear_costs(T: int, n: int, m: int, K: int, n_dense_targets: int, full: bool, beta: float) -> dict:
     """Per-example cost (multiply-adds) of each way to get ||G||^2 and <G, T_j> for a Linear [m, n]."""
     nm = n * m
-    costs = {"ghost": T * T * (n + m) + K * T * (n + m) + Jd * T * nm,
-             "materialise": T * nm + beta * nm * (2 + (Jd > 0))
+    costs = {"ghost": T * T * (n + m) + K * T * (n + m) + n_dense_targets * T * nm,
+             "materialise": T * nm + beta * nm * (2 + (n_dense_targets > 0))
              + (min(K * nm + beta * nm, K * T * (n + m)) if K else 0)}
     if full:
         costs["full"] = T * nm + 3 * beta * nm
@@ -99,13 +99,13 @@ DENSE_COPY_BYTES = 1 << 30       # extra memory for dense copies of factored tar
 
 @dataclass(frozen=True)
 class FactoredLayer:
-    """A Linear weight [m, n] as the target bank holds it: K factor pairs over all targets, Jd dense targets,
-    and how many targets are factored there (each needs an m x n dense copy)."""
+    """A Linear weight [m, n] as the target bank holds it: K factor pairs over all targets, n_dense_targets dense
+    targets, and how many targets are factored there (each needs an m x n dense copy)."""
     name: str
     m: int
     n: int
     K: int
-    Jd: int
+    n_dense_targets: int
     n_factored: int
 
 
@@ -116,8 +116,8 @@ def choose_dense_copies(layers: list[FactoredLayer], beta: float, budget: int, e
     the memory plan counts them: both call this."""
     candidates = []
     for layer in layers:
-        now = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.Jd, False, beta)
-        after = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.Jd, True, beta)["full"]
+        now = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.n_dense_targets, False, beta)
+        after = linear_costs(DENSE_COPY_T, layer.n, layer.m, layer.K, layer.n_dense_targets, True, beta)["full"]
         saving = min(now.values()) - after
         nbytes = layer.n_factored * layer.n * layer.m * element_size
         if saving > 0:

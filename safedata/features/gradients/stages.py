@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from ... import data as D
+from ...distributed import rank_and_world
 from ...errors import UserError
 from ...models import default_device, load_tokenizer, resolve_dtype
 from ...scores import SCORES_FILE, write_scores_csv
-from ...store import (META, atomic_write_text, distributed_rank, environment, now, parse_shard, require_same,
+from ...store import (META, atomic_write_text, environment, now, parse_shard, require_same,
                       save_tensors, write_json)
 from ...templates import choose_template
 from ..runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
@@ -24,7 +25,8 @@ from .batch import project_batch, projector_for, score_batch
 from .engine import get_engine
 from .lora import lora_settings, setup_model
 from .sites import unwrap
-from .targets import TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, TargetBank, load_target, target_lock
+from .bank import TargetBank
+from .targets import TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, load_target, target_lock
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def build_target(model_name, data_path, output_dir, template=None, batch_size=8,
     anchor gradients never zeroed between anchors (anchors.py, cumulative)."""
     # Flags first: the lock below creates the output dir, which a refused run must not leave behind.
     D.check_sizes(batch_size=batch_size, max_length=max_length, max_response_length=max_response_length)
-    rank, world = distributed_rank()
+    rank, world = rank_and_world()
     if rank != 0:
         torch.distributed.barrier()
         return False
