@@ -27,6 +27,7 @@ import numpy as np
 from lab import demo as lab
 from safedata import data as D
 from safedata.errors import UserError
+from safedata.plots import plt
 from safedata.store import atomic_write_text, fingerprint, read_json, write_json
 
 MIXES = ("natural", "enriched")
@@ -198,9 +199,6 @@ def pooled_csv(groups: dict) -> str:
 
 def plot(groups: dict, out_png) -> Path:
     """Compliance and held-out benign loss per mix and condition: mean bars, each seed a dot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     colors = {"whole": ("#555555",), "audit": ("#e06666", "#c0392b", "#7b241c"),
               "random": ("#cfd8dc", "#aab7b8", "#717d7e"), "length": ("#85c1e9", "#2e86c1", "#1b4f72"),
               "bm25_harmful": ("#a9dfbf", "#52be80", "#1e8449")}

@@ -38,7 +38,8 @@ from safedata.errors import UserError
 from safedata.progress import progress
 from safedata.evaluation import keyword_refusal
 from safedata.scores import anchor_scores, combine, read_scores_csv
-from safedata.store import atomic_write_text, fingerprint, read_json, save_figure, write_json
+from safedata.plots import plt, save_figure
+from safedata.store import atomic_write_text, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +418,6 @@ def _cutoff(index_csv: Path) -> float | None:
 
 def plot_scores(run_dir, out_png, k: int = 100, pool_name: str = "pool", weights=None) -> Path | None:
     """Histogram of the pool's combined scores per method, with the top-k and bottom-k cut-offs marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     run_dir = Path(run_dir)
     panels = []
     for method in ("grad", "reps"):
@@ -447,9 +445,6 @@ def plot_scores(run_dir, out_png, k: int = 100, pool_name: str = "pool", weights
 
 def plot_metrics(groups: dict, out_png) -> Path:
     """One panel per metric: mean over seeds per run group, with each seed's value as a dot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     names = list(groups)
     colors = {"aligned": "#555555", "random": "#999999", "grad-top": "#c0392b", "grad-bottom": "#2471a3",
               "reps-top": "#e67e22", "reps-bottom": "#5dade2"}

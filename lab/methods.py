@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 
 from safedata.errors import UserError
-from safedata.store import atomic_write_text, read_json, save_figure, write_json
+from safedata.plots import plt, save_figure
+from safedata.store import atomic_write_text, read_json, write_json
 
 from .demo import COMPOSITION, COMPLIANT_OPENER, collect, pooled_rate
 
@@ -131,9 +132,6 @@ def table_markdown(rows: dict) -> str:
 
 def plot(rows: dict, out_png) -> Path:
     """Compliance and held-out compliant loss per subset: mean bar, 95% interval, every seed as a dot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     names = list(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for ax, (metric, label, percent) in zip(axes, (TABLE_METRICS[0], TABLE_METRICS[2])):

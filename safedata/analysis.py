@@ -10,7 +10,6 @@ regular expression below, so a surprising number can be traced to the lines that
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from .data import Example, file_sha256, load_examples
 from .errors import UserError
-from .store import atomic_write_bytes, atomic_write_text
+from .plots import plt, save_figure
+from .store import atomic_write_text
 
 SHORT_WORDS = 10    # "short": fewer whitespace words than this
 LONG_WORDS = 100    # "long_prose": at least this many
@@ -300,10 +300,6 @@ def plot_composition(result: dict, path) -> None:
 
     Accepts a compare() result (subset vs pool) or a compare_many() / analyze_files() result.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if "subsets" in result:
         series = ([(result.get("pool_name") or "pool", result["pool"])] if result["pool"] else [])
         series += [(name, s["composition"]) for name, s in result["subsets"].items()]
@@ -321,11 +317,7 @@ def plot_composition(result: dict, path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("format composition")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def _jsonable(value):

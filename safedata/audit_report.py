@@ -7,32 +7,20 @@ the data's sha256.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 
 import numpy as np
 
 from .analysis import CATEGORIES, composition
+from .plots import plt, png_data_uri
 from .store import atomic_write_text
 
 TEXT_LIMIT = 600  # characters of each turn shown for a flagged example
 
 
-def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _figure(width=7.0, height=3.2):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     return plt.subplots(figsize=(width, height))
 
 
@@ -51,7 +39,7 @@ def distribution_plot(totals: np.ndarray, flagged: np.ndarray, cutoff: float) ->
     axes.set_ylabel("examples")
     axes.legend(loc="upper left", fontsize=8)
     axes.set_title("Score distribution")
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def composition_plot(flagged: dict, kept: dict) -> str:
@@ -65,7 +53,7 @@ def composition_plot(flagged: dict, kept: dict) -> str:
     axes.set_ylabel("% of examples")
     axes.legend(fontsize=8)
     axes.set_title("Composition: flagged vs kept")
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def _turns(example) -> int:

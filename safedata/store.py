@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import logging
 import os
 import platform
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import SafetensorError, safe_open
 
 from .errors import MetadataMismatch, UserError
 
@@ -102,17 +104,6 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_figure(fig, path, dpi: int = 110) -> Path:
-    """A matplotlib figure as PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
-
-
 def write_json(path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, ensure_ascii=False, sort_keys=False) + "\n")
 
@@ -136,7 +127,6 @@ def read_json(path):
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Safetensors with a deterministic header (sorted names and metadata keys): the same tensors
     give the same bytes in every process (the library's own writer orders metadata by hash)."""
-    import struct
     header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
     payload, offset = [], 0
     for name in sorted(tensors):
@@ -168,7 +158,6 @@ def stream_rows_to_safetensors(path, name: str, blocks, n_rows: int, row_shape: 
     The safetensors layout is an 8-byte header length, a JSON header (padded to 8 bytes), then raw
     little-endian data, so rows can be appended in order once the shape is known.
     """
-    import struct
     numel_row = 1
     for size in row_shape:
         numel_row *= size
@@ -203,7 +192,6 @@ class SafetensorsReader:
     it is freed, so loading then copying would hold the data twice. Rows can be read in blocks."""
 
     def __init__(self, path):
-        import struct
         self.path = Path(path)
         with open(self.path, "rb") as handle:
             header_len = struct.unpack("<Q", handle.read(8))[0]
@@ -254,7 +242,6 @@ def fingerprint(config: dict) -> str:
 
 
 def environment() -> dict:
-    import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "host": platform.node()}
 
@@ -322,7 +309,6 @@ class ChunkStore:
         path = self.path(chunk)
         if not path.exists():
             return False
-        from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
@@ -359,7 +345,6 @@ class ChunkStore:
     def iter_tensor(self, name: str):
         """One tensor's rows chunk by chunk, in order (for streaming merges)."""
         for chunk in range(self.n_chunks):
-            from safetensors import safe_open
             with safe_open(str(self.path(chunk)), framework="pt") as handle:
                 yield handle.get_tensor(name)
 

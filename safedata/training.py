@@ -38,6 +38,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from . import data as D
 from .distributed import launched_world_size
@@ -175,7 +179,6 @@ def resolve_save_dtype(save_dtype: str, precision: str, cuda: bool) -> torch.dty
 
 
 def _make_trainer_class():
-    from transformers import Trainer
 
     class SafeDataTrainer(Trainer):
         """The Trainer with the paper's per-epoch lr decay and a chosen dtype for saved weights."""
@@ -199,7 +202,6 @@ def _make_trainer_class():
             return self.lr_scheduler
 
         def _save(self, output_dir=None, state_dict=None):
-            from peft import PeftModel
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if getattr(unwrapped, "config", None) is not None:
                 unwrapped.config.use_cache = True  # off for training only; generation wants the KV cache
@@ -255,7 +257,6 @@ def _epoch_losses(log_history: list[dict], steps_per_epoch: int, epochs: int) ->
 
 def merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path, save_dtype: torch.dtype) -> None:
     """Base (fp32) + adapter -> one full checkpoint in save_dtype. Runs on one process, on CPU."""
-    from peft import PeftModel
     model, tokenizer = load_model(base_model, "fp32", "cpu")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.to(save_dtype)
@@ -290,8 +291,6 @@ def trainer_fsdp_arguments(config: FinetuneConfig, layer_classes: list[str], bro
 
 def _empty_model(base_name: str, dtype: str):
     """The model's structure with its parameters on the meta device (buffers such as RoPE's are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(base_name)
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
@@ -328,12 +327,10 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
 
 def finetune(config: FinetuneConfig) -> dict:
     """Fine-tune, save the checkpoint and finetune_meta.json; returns the meta (on every process)."""
-    from transformers import TrainingArguments
 
     out = Path(config.output_dir)
     interactive = sys.stderr.isatty()
     if not interactive:  # a batch job's log: no progress-bar redraws from loading and saving either
-        from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     if config.epochs < 1:
         raise UserError("--epochs must be at least 1")
@@ -390,7 +387,6 @@ def finetune(config: FinetuneConfig) -> dict:
         model, _ = load_model(base_name, load_dtype, "cpu")
     model.config.use_cache = False
     if config.lora:
-        from peft import LoraConfig, get_peft_model
         lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
         torch.manual_seed(config.seed)  # LoRA's A matrices are random: the seed decides them

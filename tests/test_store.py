@@ -88,3 +88,22 @@ def test_target_lock_makes_a_second_builder_wait_and_names_the_holder(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
     assert holder.wait(timeout=30) == 0
     assert waited > 0.5, waited
+
+
+def test_model_identity_follows_the_weights_not_the_trainers_pickle(tiny_model_dir, tmp_path):
+    """Two fine-tunes with the same weights are the same model: the Trainer's training_args.bin (a pickle with a
+    timestamped logging dir) must not enter the identity, while a changed weight file must."""
+    import shutil
+
+    from safedata.models import TRAINING_ARGS_FILE, model_identity
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / TRAINING_ARGS_FILE).write_bytes(b"run 1")
+    first = model_identity(str(model))
+    (model / TRAINING_ARGS_FILE).write_bytes(b"run 2, another logging dir")
+    assert model_identity(str(model)) == first
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_identity(str(model)) != first

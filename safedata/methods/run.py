@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .bm25 import score as bm25_score
+from .compliance import score as compliance_score
+from .embedding import score as embedding_score
+from .format_scores import score as format_score
+from .random_scores import score as random_score
 
 METHOD_NAMES = ("random", "bm25", "embedding", "format", "compliance")
 
@@ -9,21 +14,16 @@ METHOD_NAMES = ("random", "bm25", "embedding", "format", "compliance")
 def score(args) -> bool:
     method = args.method
     if method == "random":
-        from .random_scores import score as random_score
         return random_score(args.data_path, args.output_dir, args.seed, args.skip_bad)
     if method == "format":
-        from .format_scores import score as format_score
         return format_score(args.data_path, args.output_dir, args.feature, args.skip_bad)
     if method == "bm25":
-        from .bm25 import score as bm25_score
         return bm25_score(args.data_path, args.anchors, args.output_dir, args.text, args.avg_n, args.skip_bad)
     if method == "embedding":
-        from .embedding import score as embedding_score
         return embedding_score(args.data_path, args.anchors, args.output_dir, args.model_name, args.text, args.avg_n,
                                args.batch_size, args.chunk_size, args.shard, args.device, args.skip_bad,
                                args.max_seq_length)
     if method == "compliance":
-        from .compliance import score as compliance_score
         if not args.model_name:
             raise UserError("--method compliance needs --model_name (the LLM)")
         if len(args.anchors) < 2:

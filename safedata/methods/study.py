@@ -5,7 +5,8 @@ import csv
 import io
 from pathlib import Path
 
-from ..store import atomic_write_text, save_figure, write_json
+from ..plots import plt, save_figure
+from ..store import atomic_write_text, write_json
 from .agreement import METRICS, compare
 
 HEADER = ("method", "reference", "top-100 ∩ ref. top", "top-100 ∩ ref. bottom", "ref. top in top 1%",
@@ -39,9 +40,6 @@ def table_csv(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out_png, title: str = "") -> Path:
     """AUC (reference top vs bottom) and reference-top hits in the method's top 10%, per method and reference."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(r["method"] for r in rows))
     references = list(dict.fromkeys(r["reference"] for r in rows))
     by = {(r["method"], r["reference"]): r for r in rows}

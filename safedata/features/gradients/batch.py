@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from ... import data as D
+from ..projection import FactoredProjector
 from .accumulators import ProjectAccumulator, ScoreAccumulator
+from .bank import TargetBank
 from .engine import GradientEngine, get_engine
 from .lora import AdamState
-from .bank import TargetBank
 from .targets import Target
 
 
@@ -52,6 +53,5 @@ def project_batch(model, items, projector, pad_id: int, params="all", mode="full
 
 
 def projector_for(engine: GradientEngine, proj_dim: int, seed: int = 0):
-    from ..projection import FactoredProjector
     shapes = {n: (s if len(s) == 2 else (1, s[0])) for n, s in engine.shapes.items()}
     return FactoredProjector(shapes, proj_dim, seed=seed, device=engine.device, dtype=engine.compute_dtype)

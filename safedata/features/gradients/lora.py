@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from ...data import file_sha256
 from ...errors import UserError
@@ -87,7 +88,6 @@ def _dir_digest(path) -> str:
 
 def apply_lora(model, settings: dict, lora_path=None):
     """Wrap with peft: the adapter from lora_path, or a fresh one (seeded; random A, zero B)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
     dtype = next(model.parameters()).dtype
     if lora_path:
         try:
