@@ -35,7 +35,7 @@ from .features.representations import extract_representations
 from .models import load_model
 from .ranking import check_compatible, check_pool_file, load_features, select
 from .scores import anchor_scores, combine, default_weights, read_scores_csv
-from .store import META, atomic_write_text, environment, now, read_json, require_same, write_json
+from .store import META, atomic_write_text, environment, now, refuse_foreign_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +212,8 @@ def _settings(cfg: AuditConfig, weights) -> dict:
 
 def check_existing_audit(output_dir: Path, meta: dict, keys=("data_sha256", "method", "settings")) -> None:
     """An output dir holding another audit (other data, scores or decision rule) is refused."""
-    path = output_dir / META
-    if path.exists():
-        old = read_json(path)
-        if old.get("stage") != STAGE:
-            raise MetadataMismatch(f"{path}: holds a {old.get('stage')!r} output, not an audit; use another --output_dir")
-        require_same(meta, old, keys, "this audit", f"{path} (an earlier audit; use another --output_dir)")
+    refuse_foreign_output(output_dir, meta, keys, "this audit", "an earlier audit", "use another --output_dir",
+                          stage=STAGE)
 
 
 def _weights(cfg: AuditConfig, n_columns: int) -> list[float]:

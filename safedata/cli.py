@@ -51,7 +51,7 @@ def add_field_map_arg(parser) -> None:
 
 def parse_args(parser):
     """parser.parse_args(), then what every stage CLI does before any work or file: each size flag it has
-    checked, its --field_map put in force for this process (safedata.conversations.use_field_map)."""
+    checked, its --field_map put in force for this process (safedata.data.conversations.use_field_map)."""
     args = parser.parse_args()
     needed = getattr(args, "needed_unless_plan", ())
     if needed:

@@ -29,7 +29,7 @@ def output_dir(path, flag: str = "--output_dir") -> Path:
 
 
 def input_data(path, flag: str = "--data_path"):
-    """A data file, or a datasets-library source: a save_to_disk directory or hf:owner/name (safedata.sources)."""
+    """A data file, or a datasets-library source: a save_to_disk directory or hf:owner/name (safedata.data.sources)."""
     if is_hub(path) or is_saved_dataset(path):
         return path
     return input_file(path, flag)

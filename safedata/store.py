@@ -258,6 +258,24 @@ def require_same(mine: dict, theirs: dict, keys, mine_name: str, theirs_name: st
                                    f"but {mine_name} has {key}={mine.get(key)!r}")
 
 
+def refuse_foreign_output(output_dir, meta: dict, keys, this: str = "this run", earlier: str = "an earlier run",
+                          hint: str | None = None, stage: str | None = None) -> None:
+    """An output dir holding another run's result (its meta.json differs in one of `keys`, or is of another
+    `stage`) is refused, naming the difference, never overwritten silently."""
+    path = Path(output_dir) / META
+    if not path.exists():
+        return
+    old = read_json(path)
+    if stage is not None and old.get("stage") != stage:
+        raise MetadataMismatch(f"{path}: holds a {old.get('stage')!r} output, not {stage_noun(stage)}; use another "
+                               "--output_dir")
+    require_same(meta, old, keys, this, f"{path} ({earlier}; {hint or output_hint()})")
+
+
+def stage_noun(stage: str) -> str:
+    return "an " + stage if stage[:1] in "aeiou" else "a " + stage
+
+
 # ----------------------------------------------------------------------------- shards and chunks
 
 

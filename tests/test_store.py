@@ -39,11 +39,11 @@ def test_unreadable_chunk_stops_with_one_line_instead_of_recomputing(tmp_path, m
         chunks.missing()
     assert "\n" not in str(err.value)
 
-    import safetensors
+    import safedata.store
 
     def denied(path, framework):
         raise PermissionError(errno.EACCES, "Permission denied", path)
-    monkeypatch.setattr(safetensors, "safe_open", denied)
+    monkeypatch.setattr(safedata.store, "safe_open", denied)   # the reader store.py imported
     with pytest.raises(UserError, match=r"chunk-000000\.safetensors: cannot read this chunk \(Permission denied\)"):
         ChunkStore(tmp_path, "fp-a", 10, 4).done(0)
 

