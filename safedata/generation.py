@@ -31,6 +31,8 @@ from .templates import resolve_template
 
 log = logging.getLogger(__name__)
 
+FINETUNE_IDENTITY = ("settings", "train_loss", "epoch_losses", "total_steps")   # of finetune_meta.json
+
 RESPONSES = "responses.jsonl"
 PARTS = "parts"
 BACKENDS = ("hf", "vllm")
@@ -258,8 +260,10 @@ def generate_responses(config: GenerationConfig) -> bool:
         "flags": flags,
     }
     identity = {k: meta[k] for k in ("model", "template", "data_sha256", "flags")}
-    # A checkpoint retrained in place keeps its path, config and sizes: its finetune meta tells the runs apart.
-    identity["finetune_meta"] = fingerprint(finetune_meta) if finetune_meta else None
+    # A checkpoint retrained in place keeps its path, config and sizes: what its fine-tune was asked and reached
+    # tells the runs apart (not the whole finetune meta: its times would make every rerun of one recipe new).
+    identity["finetune_meta"] = fingerprint({k: finetune_meta.get(k) for k in FINETUNE_IDENTITY}) \
+        if finetune_meta else None
     run_fp = fingerprint(identity)
     meta["fingerprint"] = run_fp
     if _finished(out, run_fp, config.overwrite):

@@ -215,3 +215,25 @@ def test_real_advbench_files_load_as_prompts(shared_data, tiny_model_dir):
     original, _ = D.load_examples(shared_data / "advbench" / "harmful_behaviors.csv", need_response=False)
     assert len(paper) == len(original) == 520
     assert [D.user_turn(e) for e in paper] == [D.user_turn(e) for e in original]
+
+
+def test_a_rerun_of_the_same_fine_tune_is_the_same_run_and_a_retrained_one_is_not(tiny_model_dir, prompts, tmp_path):
+    """The run's fingerprint follows what the fine-tune was asked and reached (finetune_meta.json's settings and
+    losses), not its times: a rerun of one recipe (new created/runtime/environment) keeps the finished answers,
+    a checkpoint retrained in place with another loss is a new run."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    ft = {"stage": "finetune", "template": "plain", "settings": {"flags": {"learning_rate": 1e-3}},
+          "train_loss": 1.5, "epoch_losses": [1.5], "total_steps": 3, "created": "2026-12-01T10:00:00+00:00",
+          "train_runtime_s": 12.0, "environment": {"host": "a"}}
+    (model / "finetune_meta.json").write_text(json.dumps(ft))
+    out = tmp_path / "gen"
+    run(model, prompts, out, max_new_tokens=2)
+    first = json.loads((out / "meta.json").read_text())["fingerprint"]
+    (model / "finetune_meta.json").write_text(json.dumps(dict(ft, created="2026-12-02T11:00:00+00:00",
+                                                              train_runtime_s=13.5, environment={"host": "b"})))
+    run(model, prompts, out, max_new_tokens=2)            # kept as finished: no refusal
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] == first
+    (model / "finetune_meta.json").write_text(json.dumps(dict(ft, train_loss=1.25, epoch_losses=[1.25])))
+    with pytest.raises(UserError, match="already holds responses made differently"):
+        run(model, prompts, out, max_new_tokens=2)
