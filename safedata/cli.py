@@ -5,6 +5,9 @@ import logging
 import os
 import sys
 
+from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
+from transformers.utils import logging as hf_logging
+
 from .data import conversations as C
 from .data import TEMPLATES, check_sizes
 from .errors import UserError
@@ -16,7 +19,11 @@ def run(main) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if not interactive():  # a job log: the libraries' bars would write carriage-return redraws
+        # Switched off through their APIs (the libraries are imported by now, so the environment variable alone
+        # would come too late for this process); the variable still reaches any process started from here.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        disable_hub_progress_bars()
+        hf_logging.disable_progress_bar()
     try:
         main()
     except UserError as err:
