@@ -7,7 +7,7 @@ Memory first: python finetune.py --model_name M --plan nproc=2 --fsdp
 import argparse
 
 from safedata import plan
-from safedata.cli import add_field_map_arg, add_template_arg, parse_args, run
+from safedata.cli import add_field_map_arg, add_lora_args, add_template_arg, module_names, parse_args, run
 from safedata.data import INPUT_TYPES
 from safedata.training import PRECISIONS, SAVE_DTYPES, FinetuneConfig, finetune
 
@@ -42,10 +42,8 @@ def main():
                         "mixed lengths; the paper shuffles without it)")
     l = p.add_argument_group("LoRA")
     l.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all parameters")
-    l.add_argument("--lora_r", type=int, default=8)
-    l.add_argument("--lora_alpha", type=int, default=32)
-    l.add_argument("--lora_dropout", type=float, default=0.05)
-    l.add_argument("--lora_target_modules", default="q_proj,v_proj", help="comma-separated module names")
+    add_lora_args(l, "--lora")
+    l.add_argument("--lora_dropout", type=float, default=0.05, help="--lora: dropout of the adapter's input")
     l.add_argument("--merge_lora", action="store_true",
                    help="also write the merged full model to --output_dir (the adapter goes to OUTPUT_DIR/adapter)")
     p.add_argument("--fsdp", action="store_true",
@@ -60,7 +58,7 @@ def main():
     plan.add_plan_flag(p)
     a = vars(parse_args(p))
     del a["field_map"]  # in force for this process (parse_args); not a training setting
-    a["lora_target_modules"] = [m.strip() for m in a["lora_target_modules"].split(",") if m.strip()]
+    a["lora_target_modules"] = module_names(a["lora_target_modules"])
     if a["plan"] is not None:
         return plan.print_plan(plan.finetune_plan_from_args(a))
     del a["plan"]

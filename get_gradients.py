@@ -15,7 +15,8 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 import argparse
 
 from safedata import plan
-from safedata.cli import ORIGINAL_QUIRKS_HELP, add_stage_args, add_template_arg, parse_args, run
+from safedata.cli import (ORIGINAL_QUIRKS_HELP, add_lora_args, add_stage_args, add_template_arg, module_names,
+                          parse_args, run)
 from safedata.features import gradients as G
 from safedata.data import INPUT_TYPES
 from safedata.distributed import close_distributed
@@ -51,10 +52,7 @@ def main():
                    help="all: every parameter, as the paper; linear: the decoder's Linear weights only "
                         "(attention + MLP; no embeddings, norms or LM head)")
     p.add_argument("--mode", choices=G.MODES, default="full", help="full gradients, or LoRA gradients (LESS)")
-    p.add_argument("--lora_r", type=int, default=8, help="--mode lora: rank of a fresh adapter")
-    p.add_argument("--lora_alpha", type=float, default=32, help="--mode lora: alpha (scale) of a fresh adapter")
-    p.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"],
-                   help="--mode lora: module names a fresh adapter wraps")
+    add_lora_args(p, "--mode lora, a fresh adapter")
     p.add_argument("--lora_path", default=None, help="--mode lora: a trained peft adapter (else a fresh seeded one)")
     p.add_argument("--lora_seed", type=int, default=0, help="--mode lora: seed of a fresh adapter's init")
     p.add_argument("--optimizer_state", default=None,
@@ -75,7 +73,7 @@ def main():
                 + (f" (got {', '.join(chosen)})" if chosen else ""))
     common = dict(template=a.template, batch_size=a.batch_size, max_length=a.max_length,
                   max_response_length=a.max_response_length, params=a.params, mode=a.mode, lora_r=a.lora_r,
-                  lora_alpha=a.lora_alpha, lora_target_modules=a.lora_target_modules, lora_path=a.lora_path,
+                  lora_alpha=a.lora_alpha, lora_target_modules=module_names(a.lora_target_modules), lora_path=a.lora_path,
                   lora_seed=a.lora_seed, optimizer_state=a.optimizer_state, dtype=a.dtype, device=a.device,
                   skip_bad=a.skip_bad, original_quirks=a.original_quirks)
     created = G.init_distributed()

@@ -85,6 +85,22 @@ def add_stage_args(parser) -> None:
     add_field_map_arg(parser)
 
 
+def module_names(values) -> list[str]:
+    """--lora_target_modules as a list of names: given space-separated, comma-separated, or both."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def add_lora_args(parser, purpose: str) -> None:
+    """The LoRA flags every CLI that takes them shares (one type, one default, one help text each); `purpose`
+    says when they apply, e.g. "--lora" or "--mode lora". Pass --lora_target_modules through module_names."""
+    parser.add_argument("--lora_r", type=int, default=8, help=f"{purpose}: rank of the adapter")
+    parser.add_argument("--lora_alpha", type=float, default=32, help=f"{purpose}: alpha (the adapter's scale is "
+                        "alpha / r)")
+    parser.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME",
+                        help=f"{purpose}: module names the adapter wraps, space- or comma-separated (q_proj v_proj "
+                             "or q_proj,v_proj)")
+
+
 ORIGINAL_QUIRKS_HELP = (
     "reproduce what the original code computed, to compare with its released selections and numbers: "
     "examples are tokenised as prompt + ' ' + response + ' ', so the trailing space is a supervised token "

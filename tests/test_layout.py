@@ -96,3 +96,21 @@ def test_only_optional_or_heavy_libraries_are_imported_inside_functions():
         if any(name.split(".")[0] not in LAZY_ALLOWED for name in names):
             offending.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
     assert not offending, "\n".join(offending)
+
+
+def test_lora_flags_are_the_same_in_every_cli_that_takes_them():
+    """finetune.py took --lora_alpha as an int and --lora_target_modules as one comma string, get_gradients.py a
+    float and a space-separated list: both now take both forms, through one declaration (cli.add_lora_args)."""
+    import argparse
+
+    from safedata.cli import add_lora_args, module_names
+    parser = argparse.ArgumentParser()
+    add_lora_args(parser, "--lora")
+    for argv in (["--lora_target_modules", "q_proj,v_proj", "o_proj"],
+                 ["--lora_target_modules", "q_proj", "v_proj", "o_proj"],
+                 ["--lora_target_modules", "q_proj, v_proj,o_proj,"]):
+        assert module_names(parser.parse_args(argv).lora_target_modules) == ["q_proj", "v_proj", "o_proj"], argv
+    assert parser.parse_args(["--lora_alpha", "16.5"]).lora_alpha == 16.5
+    for script in ("finetune.py", "get_gradients.py"):
+        text = (ROOT / script).read_text()
+        assert "add_lora_args(" in text and '"--lora_alpha"' not in text, script
