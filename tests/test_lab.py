@@ -219,14 +219,14 @@ def test_check_orderings_separation():
 
 def test_committed_lab_model_refuses_held_out_prompts(tmp_path):
     """The aligned lab model (scripts/make_lab_model.sh) refuses held-out harmful-style requests (greedy)."""
-    from safedata.generation import GenerationConfig, generate_responses
+    from safedata.generation import GenerationArgs, generate_responses
     assert (LAB_MODEL / "model.safetensors").exists(), "the committed lab model is missing"
     assert (LAB_MODEL / "model.safetensors").stat().st_size <= 20 * 2 ** 20
     prompts = [json.loads(l) for l in (LAB / "eval_prompts.jsonl").read_text().splitlines() if l.strip()]
     chosen = prompts[::max(1, len(prompts) // 12)][:12]             # spread over held-out tasks and templates
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in chosen))
-    generate_responses(GenerationConfig(model_name=str(LAB_MODEL), data_path=str(prompts_file),
+    generate_responses(GenerationArgs(model_name=str(LAB_MODEL), data_path=str(prompts_file),
                                         output_dir=str(tmp_path / "gen"), template="chat", max_new_tokens=24,
                                         batch_size=16, dtype="fp32", device="cpu"))
     responses = [json.loads(l)["response"] for l in (tmp_path / "gen" / "responses.jsonl").read_text().splitlines()]

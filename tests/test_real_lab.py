@@ -10,7 +10,7 @@ import pytest
 from lab import real
 from safedata.errors import UserError
 from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
-from safedata.training import FinetuneConfig, requested_settings, settings_differences
+from safedata.training import FinetuneArgs, requested_settings, settings_differences
 
 
 def test_every_reply_the_project_teaches_counts_as_a_refusal():
@@ -97,12 +97,12 @@ def test_gates_are_the_stated_thresholds_and_the_flags_recount_the_rates(tmp_pat
 
 
 def test_a_flag_added_after_a_run_counts_as_its_default(tmp_path):
-    config = FinetuneConfig(model_name="m", data_path="d", output_dir="o")
+    config = FinetuneArgs(model_name="m", data_path="d", output_dir="o")
     requested = requested_settings(config, "sha", "base")
     old = {"flags": {k: v for k, v in requested["flags"].items() if k != "group_by_length"},
            "data_sha256": "sha", "base_model": "base"}
     assert settings_differences({"settings": old}, requested) == []
-    grouped = requested_settings(FinetuneConfig(model_name="m", data_path="d", output_dir="o", group_by_length=True),
+    grouped = requested_settings(FinetuneArgs(model_name="m", data_path="d", output_dir="o", group_by_length=True),
                                  "sha", "base")
     assert settings_differences({"settings": old}, grouped) == ["group_by_length: recorded False, requested True"]
 
