@@ -1,11 +1,11 @@
 """Stage settings as dataclasses, and the command lines generated from them.
 
 Each stage's settings are one dataclass (`RepresentationArgs`, `GradientArgs`, `RankArgs`, `FinetuneArgs`,
-`GenerationArgs`, `AuditArgs`); a field declared with `option()` carries its default and its help text, and
-`add_options` turns the dataclass into argparse flags, so that a default or a help text is written once, for the
-package's callers and for the CLI alike. transformers' `HfArgumentParser` (used by LESS) does the same; this
-equivalent keeps argparse's plain switches (`--anchor`, not `--anchor [ANCHOR]`) and the project's flag names
-(no `--model-name` spellings added), so every CLI's options stay what users' scripts already pass.
+`GenerationArgs`, `EvaluateArgs`, `AuditArgs`, `ScoreArgs`); a field declared with `option()` carries its default and
+its help text, and `add_options` turns the dataclass into argparse flags, so that a default or a help text is written
+once, for the package's callers and for the CLI alike. transformers' `HfArgumentParser` (used by LESS) does the same;
+this equivalent keeps argparse's plain switches (`--anchor`, not `--anchor [ANCHOR]`) and the project's flag names (no
+`--model-name` spellings added), so every CLI's options stay what users' scripts already pass.
 
 Options several stages share (the template, the LoRA flags, the per-example stage flags) are declared once here
 and placed into each stage's dataclass with `shared()`, which copies the declaration (type checked by

@@ -14,15 +14,18 @@ from safedata.audit import AuditArgs
 from safedata.config import LoraArgs, StageArgs, add_options, from_args, option, option_fields, shared
 from safedata.features.gradients import GradientArgs
 from safedata.features.representations import RepresentationArgs
+from safedata.evaluation import EvaluateArgs
 from safedata.generation import GenerationArgs
 from safedata.methods.run import ScoreArgs
 from safedata.ranking import RankArgs
 from safedata.training import FinetuneArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_ARGS = (RepresentationArgs, GradientArgs, RankArgs, FinetuneArgs, GenerationArgs, AuditArgs, ScoreArgs)
+STAGE_ARGS = (RepresentationArgs, GradientArgs, RankArgs, FinetuneArgs, GenerationArgs, AuditArgs, ScoreArgs,
+              EvaluateArgs)
 CLIS = {"get_representation": RepresentationArgs, "get_gradients": GradientArgs, "rank": RankArgs,
-        "finetune": FinetuneArgs, "generate": GenerationArgs, "audit": AuditArgs, "score": ScoreArgs}
+        "finetune": FinetuneArgs, "generate": GenerationArgs, "audit": AuditArgs, "score": ScoreArgs,
+        "evaluate": EvaluateArgs}
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, python
 from safedata import data as D
 from lab import demo as lab
-from safedata.evaluation import evaluate_file, keyword_asr
+from safedata.evaluation import EvaluateArgs, evaluate_file, keyword_asr
 from safedata.models import load_model
 
 LAB = ROOT / "ft_datasets" / "lab"
@@ -146,7 +146,7 @@ def fake_run(run, model_dir, subset, template, responses, prompts):
     (run / "gen" / "responses.jsonl").write_text("".join(
         json.dumps({"index": i, "id": str(i), "prompt": p, "response": r}) + "\n"
         for i, (p, r) in enumerate(zip(prompts, responses))))
-    evaluate_file(run / "gen" / "responses.jsonl", run / "eval")
+    evaluate_file(EvaluateArgs(responses=run / "gen" / "responses.jsonl", output_dir=run / "eval"))
 
 
 def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
@@ -170,7 +170,7 @@ def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
     (fake / "gen").mkdir()
     (fake / "gen" / "responses.jsonl").write_text("".join(
         json.dumps({"index": i, "id": str(i), "prompt": p, "response": refuse}) + "\n" for i, p in enumerate(prompts)))
-    evaluate_file(fake / "gen" / "responses.jsonl", fake / "eval")
+    evaluate_file(EvaluateArgs(responses=fake / "gen" / "responses.jsonl", output_dir=fake / "eval"))
 
     result = lab.report(run_dir, data, model=tiny_model_dir)
     groups = result["groups"]
