@@ -176,3 +176,17 @@ def test_self_distillation_replaces_the_helpful_answers_and_counts_each_drop(tmp
     responses.write_text(responses.read_text().splitlines(keepends=True)[0])
     with pytest.raises(UserError, match="no answer for 4 of the 5"):
         real.self_distill(tmp_path, responses, tiny_model_dir, budget, tmp_path / "x.json")
+
+
+def test_draw_refusals_keeps_a_seeded_subset_in_file_order():
+    draw_refusals = real.draw_refusals
+    records = [{"instruction": f"request {i}", "input": "", "output": "no"} for i in range(40)]
+    assert draw_refusals(records, None, 0) is records and draw_refusals(records, 40, 0) is records
+    drawn = draw_refusals(records, 15, 0)
+    positions = [records.index(r) for r in drawn]
+    assert len(drawn) == 15 and positions == sorted(set(positions))        # distinct, file order kept
+    assert drawn == draw_refusals(records, 15, 0)                          # the same draw for the same seed
+    assert drawn != draw_refusals(records, 15, 1)
+    for bad in (0, 41):
+        with pytest.raises(UserError, match="--n_refusals"):
+            draw_refusals(records, bad, 0)
