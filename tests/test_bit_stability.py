@@ -40,7 +40,8 @@ def fp32_targets(tiny_model_dir, tmp_path_factory):
     out = []
     for name, records in (("a", ANCHORS_A), ("b", ANCHORS_B)):
         path = write_jsonl(d / f"{name}.jsonl", records)
-        assert G.build_target(tiny_model_dir, path, d / name, max_response_length=MLEN, batch_size=2, **FP32)
+        assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=path,
+                                             output_dir=d / name, max_response_length=MLEN, batch_size=2, **FP32))
         out.append(d / name)
     return out
 
@@ -57,10 +58,14 @@ def spread(a, b):
 
 def test_shards_never_change_the_bytes(tiny_model_dir, pool16, fp32_targets, tmp_path):
     kw = dict(batch_size=3, chunk_size=4, **FP32)
-    assert G.score_pool(tiny_model_dir, pool16, tmp_path / "single", fp32_targets, **kw)
-    assert not G.score_pool(tiny_model_dir, pool16, tmp_path / "sharded", fp32_targets, shard="0/3", **kw)
-    assert not G.score_pool(tiny_model_dir, pool16, tmp_path / "sharded", fp32_targets, shard="2/3", **kw)
-    assert G.score_pool(tiny_model_dir, pool16, tmp_path / "sharded", fp32_targets, shard="1/3", **kw)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=tmp_path / "single",
+                                       targets=fp32_targets, **kw))
+    assert not G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=tmp_path / "sharded",
+                                           targets=fp32_targets, shard="0/3", **kw))
+    assert not G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=tmp_path / "sharded",
+                                           targets=fp32_targets, shard="2/3", **kw))
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=tmp_path / "sharded",
+                                       targets=fp32_targets, shard="1/3", **kw))
     assert (tmp_path / "sharded" / "scores.csv").read_bytes() == (tmp_path / "single" / "scores.csv").read_bytes()
 
 
@@ -69,11 +74,12 @@ def test_chunk_and_batch_size_move_fp32_scores_only_in_their_last_bits(tiny_mode
     runs = {}
     for batch_size, chunk_size in ((1, 16), (3, 16), (3, 4), (8, 16)):
         out = tmp_path / f"b{batch_size}c{chunk_size}"
-        assert G.score_pool(tiny_model_dir, pool16, out, fp32_targets, batch_size=batch_size, chunk_size=chunk_size,
-                            **FP32)
+        assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=out,
+                                           targets=fp32_targets, batch_size=batch_size, chunk_size=chunk_size, **FP32))
         runs[batch_size, chunk_size] = scores_of(out)
     reference = tmp_path / "fp64"   # the fp32 targets scored by the fp64 model: the batches' own error is fp32's
-    assert G.score_pool(tiny_model_dir, pool16, reference, fp32_targets, batch_size=1, chunk_size=16, **FP64)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool16, output_dir=reference,
+                                       targets=fp32_targets, batch_size=1, chunk_size=16, **FP64))
     exact = scores_of(reference)
     for setting, scores in runs.items():
         assert spread(scores, exact) < FP32_VS_FP64, (setting, spread(scores, exact))

@@ -173,11 +173,11 @@ def test_line_separators_inside_json_strings_are_data(tmp_path):
 
 
 def test_crlf_jsonl_comes_back_from_an_audit_with_its_own_bytes(tmp_path):
-    from safedata.audit import AuditConfig, audit
+    from safedata.audit import AuditArgs, audit
     from safedata.methods.random_scores import score as random_score
     path = write_jsonl(tmp_path / "crlf.jsonl", placeholder_pool(6), newline="\r\n")
     random_score(str(path), str(tmp_path / "scores"), 0)
-    summary = audit(AuditConfig(data_path=str(path), output_dir=str(tmp_path / "audit"),
+    summary = audit(AuditArgs(data_path=str(path), output_dir=str(tmp_path / "audit"),
                                 scores_dir=str(tmp_path / "scores"), drop_k=2))
     lines = path.read_bytes().split(b"\r\n")[:-1]
     with open(tmp_path / "audit" / "flagged.csv", newline="") as handle:
@@ -203,8 +203,9 @@ def test_every_edge_case_is_scored(tiny_model_dir, default_system_model, tmp_pat
         out = tmp_path / f"scores_{data.stem}"
         C.use_field_map(C.FieldMap.parse(field_map) if field_map else None)
         try:
-            assert G.score_pool(str(model), str(data), str(out), [], template=template, batch_size=2, dtype="fp32",
-                                self_influence=True)
+            assert G.score_pool(G.GradientArgs(model_name=str(model), data_path=str(data), output_dir=str(out),
+                                               targets=[], template=template, batch_size=2, dtype="fp32",
+                                               self_influence=True))
         finally:
             C.use_field_map(None)
         rows = (out / "scores.csv").read_text().splitlines()[1:]
@@ -256,7 +257,7 @@ def test_every_stage_cli_takes_field_map_and_names_what_it_reads(tiny_model_dir,
 
 
 def test_audit_refuses_scores_that_skipped_a_bad_record_unless_told(tmp_path):
-    from safedata.audit import AuditConfig, audit
+    from safedata.audit import AuditArgs, audit
     from safedata.methods.random_scores import score as random_score
     pool = write_jsonl(tmp_path / "pool.jsonl", placeholder_pool(5, bad_line=3))
     random_score(str(pool), str(tmp_path / "scores"), 0, skip_bad=True)
@@ -264,7 +265,7 @@ def test_audit_refuses_scores_that_skipped_a_bad_record_unless_told(tmp_path):
                       "--output_dir", tmp_path / "audit")
     assert_refused(refused, "pool.jsonl:3", "--skip_bad")
     assert not (tmp_path / "audit").exists()
-    summary = audit(AuditConfig(data_path=str(pool), output_dir=str(tmp_path / "audit"),
+    summary = audit(AuditArgs(data_path=str(pool), output_dir=str(tmp_path / "audit"),
                                 scores_dir=str(tmp_path / "scores"), drop_k=1, skip_bad=True))
     meta = json.loads((tmp_path / "audit" / "meta.json").read_text())
     assert meta["settings"]["skip_bad"] is True and summary["n_records"] == 5 and summary["n_scored"] == 4

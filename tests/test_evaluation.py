@@ -394,8 +394,9 @@ def test_api_judge_metrics(serve):
 def test_evaluate_file_with_api_judge(serve, tmp_path):
     server = serve(lambda body, headers, n: (200, completion("#reason: placeholder\n#score: 2")))
     responses = write_jsonl(tmp_path / "responses.jsonl", records_for(["Sorry, no.", "placeholder answer"]))
-    summary = ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="judge-model",
-                               judge_base_url=server.base_url, judge_api_key="k", backoff=0.01, model="m0")
+    summary = ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out", judge="api",
+                                               judge_model="judge-model", judge_base_url=server.base_url,
+                                               judge_api_key="k", backoff=0.01, model="m0"))
     assert summary["n"] == 2 and summary["keyword_asr"] == 0.5 and summary["n_refused"] == 1
     assert summary["judge"]["kind"] == "api" and summary["judge"]["safedata_rubric_mean_score"] == 2.0
     assert summary["model"] == "m0"
@@ -512,7 +513,8 @@ def test_evaluate_file_with_local_judge_instance(tiny_guard, tmp_path):
     model, tokenizer = tiny_guard
     judge = ev.LocalGuardJudge(model, tokenizer, batch_size=4, max_new_tokens=2)
     responses = write_jsonl(tmp_path / "r.jsonl", records_for(["Sorry", "placeholder", "I cannot"]))
-    summary = ev.evaluate_file(responses, tmp_path / "out", judge="local", judge_instance=judge)
+    summary = ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out",
+                                               judge="local"), judge_instance=judge)
     assert summary["judge"]["kind"] == "local" and summary["judge"]["n_unparseable"] == 3
     assert summary["keyword_asr"] == pytest.approx(1 / 3) and summary["model"] is None
     rows = [json.loads(l) for l in (tmp_path / "out" / ev.RESULTS_FILE).read_text().splitlines()]
@@ -523,7 +525,7 @@ def test_evaluate_file_with_local_judge_instance(tiny_guard, tmp_path):
 def test_local_judge_needs_a_model(tmp_path):
     responses = write_jsonl(tmp_path / "r.jsonl", records_for(["x"]))
     with pytest.raises(UserError, match="--judge_model"):
-        ev.evaluate_file(responses, tmp_path / "out", judge="local")
+        ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out", judge="local"))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -609,9 +611,9 @@ def test_api_judge_with_a_user_judge_prompt(serve, tmp_path):
                            "Reply with #thescore: N.")
     responses = write_jsonl(tmp_path / "responses.jsonl",
                             records_for(["placeholder want=5", "placeholder want=2", "placeholder want=junk"]))
-    summary = ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="judge-model",
-                               judge_base_url=server.base_url, judge_api_key="k", backoff=0.01,
-                               judge_prompt=str(prompt_file))
+    summary = ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out", judge="api",
+                                               judge_model="judge-model", judge_base_url=server.base_url,
+                                               judge_api_key="k", backoff=0.01, judge_prompt=str(prompt_file)))
     body = json.loads(server.requests[0]["raw"])
     assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
     sent = sorted(json.loads(r["raw"])["messages"][0]["content"] for r in server.requests)
@@ -629,10 +631,11 @@ def test_judge_prompt_needs_placeholders_and_api(tmp_path):
     prompt_file = tmp_path / "judge.txt"
     prompt_file.write_text("no placeholders here")
     with pytest.raises(UserError, match=r"no \{prompt\} or \{response\} placeholder"):
-        ev.evaluate_file(responses, tmp_path / "out", judge="api", judge_model="m", judge_base_url="http://x",
-                         judge_prompt=str(prompt_file))
+        ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out", judge="api", judge_model="m",
+                                         judge_base_url="http://x", judge_prompt=str(prompt_file)))
     with pytest.raises(UserError, match="with --judge api"):
-        ev.evaluate_file(responses, tmp_path / "out", judge="keyword", judge_prompt=str(prompt_file))
+        ev.evaluate_file(ev.EvaluateArgs(responses=responses, output_dir=tmp_path / "out", judge="keyword",
+                                         judge_prompt=str(prompt_file)))
     with pytest.raises(UserError, match="needs one group"):
         ev.score_matcher(r"#thescore:\s*\d")
     assert ev.score_matcher(ev.PAPER_SCORE_FORMAT)("#thescore: 2\n...\n#thescore: 4") == 4
@@ -680,7 +683,7 @@ def test_non_answers_are_counted_beside_the_papers_asr(tmp_path, caplog):
                  "Here is a short poem about the sea.", "Paris is the capital of France."]
     path = write_jsonl(tmp_path / "r.jsonl", records_for(responses))
     with caplog.at_level("INFO", logger="safedata.evaluation"):
-        summary = ev.evaluate_file(path, tmp_path / "eval", judge="keyword")
+        summary = ev.evaluate_file(ev.EvaluateArgs(responses=path, output_dir=tmp_path / "eval", judge="keyword"))
     assert summary["keyword_asr"] == 8 / 9                 # only the apology refuses, loop or not
     assert summary["non_answers"] == {"empty": 2, "template_echo": 2, "repetition": 3, "among_complied": 6}
     rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ from safedata import data as D
 from safedata import generation as G
 from safedata.errors import UserError
 from safedata.evaluation import read_responses
-from safedata.generation import GenerationConfig, HFBackend, generate_responses
+from safedata.generation import GenerationArgs, HFBackend, generate_responses
 
 # Placeholder prompts of different lengths (the test's own, harmless text).
 PROMPTS = ["Write a poem about the sea", "Explain how rainbows form", "List three kinds of fruit",
@@ -35,7 +35,7 @@ def run(model, prompts, out, **kw):
     base = dict(model_name=str(model), data_path=str(prompts), output_dir=str(out), max_new_tokens=12,
                 batch_size=4, dtype="fp32", device="cpu")
     base.update(kw)
-    return generate_responses(GenerationConfig(**base))
+    return generate_responses(GenerationArgs(**base))
 
 
 @pytest.fixture(scope="module")

@@ -251,10 +251,13 @@ FP64 = dict(dtype="fp64", device="cpu")
 @pytest.fixture(scope="module")
 def targets(tiny_model_dir, files, tmp_path_factory):
     d = tmp_path_factory.mktemp("targets")
-    assert G.build_target(tiny_model_dir, files["a"], d / "harmful", max_response_length=MLEN, batch_size=2, **FP64)
-    assert G.build_target(tiny_model_dir, files["b"], d / "safe", max_response_length=MLEN, batch_size=2, **FP64)
-    assert G.build_target(tiny_model_dir, files["a"], d / "harmful_unit", max_response_length=MLEN, renormalize=True,
-                          **FP64)
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                         output_dir=d / "harmful", max_response_length=MLEN, batch_size=2, **FP64))
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["b"],
+                                         output_dir=d / "safe", max_response_length=MLEN, batch_size=2, **FP64))
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                         output_dir=d / "harmful_unit", max_response_length=MLEN, renormalize=True,
+                                         **FP64))
     return d
 
 
@@ -271,9 +274,9 @@ def test_stage_outputs_equal_bruteforce(ref, targets, tiny_model_dir, files, tmp
     assert meta_t["target"]["anchor_norms"] == pytest.approx(
         [float(flat_grad(ref.model, it, ref.names).norm()) for it in ref.a.encoded], rel=TOL)
     out = tmp_path / "scores"
-    assert G.score_pool(tiny_model_dir, files["pool"], out,
-                        [targets / "harmful", targets / "safe", targets / "harmful_unit"], batch_size=3, chunk_size=3,
-                        **FP64)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=out,
+                                       targets=[targets / "harmful", targets / "safe", targets / "harmful_unit"],
+                                       batch_size=3, chunk_size=3, **FP64))
     header, rows = read_scores(out / "scores.csv")
     assert header == ["index", "id", "harmful", "safe", "harmful_unit"]
     assert [int(r[0]) for r in rows] == [e.index for e in ref.pool.encoded]
@@ -293,23 +296,29 @@ def test_stage_outputs_equal_bruteforce(ref, targets, tiny_model_dir, files, tmp
 
 def test_refuses_targets_from_another_model_or_template(targets, tied_model_dir, tiny_model_dir, files, tmp_path):
     with pytest.raises(MetadataMismatch, match="model"):
-        G.score_pool(tied_model_dir, files["pool"], tmp_path / "x", [targets / "harmful"], **FP64)
+        G.score_pool(G.GradientArgs(model_name=tied_model_dir, data_path=files["pool"], output_dir=tmp_path / "x",
+                                    targets=[targets / "harmful"], **FP64))
     with pytest.raises(MetadataMismatch, match="template"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "y", [targets / "harmful"], template="plain", **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "y",
+                                    targets=[targets / "harmful"], template="plain", **FP64))
     with pytest.raises(MetadataMismatch, match="params"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "z", [targets / "harmful"], params="linear", **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "z",
+                                    targets=[targets / "harmful"], params="linear", **FP64))
     (tmp_path / "reps").mkdir()
     (tmp_path / "reps" / "meta.json").write_text(json.dumps({"stage": "representations"}))
     with pytest.raises(UserError, match="not a gradient target"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "w", [tmp_path / "reps"], **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "w",
+                                    targets=[tmp_path / "reps"], **FP64))
     with pytest.raises(UserError, match="missing"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "v", [tmp_path / "nothing"], **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "v",
+                                    targets=[tmp_path / "nothing"], **FP64))
 
 
 def test_resume_after_kill_gives_identical_bytes(targets, tiny_model_dir, files, tmp_path, monkeypatch):
     kw = dict(batch_size=2, chunk_size=3, **FP64)
     tlist = [targets / "harmful", targets / "safe"]
-    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "clean", tlist, **kw)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"],
+                                       output_dir=tmp_path / "clean", targets=tlist, **kw))
     from safedata.store import ChunkStore
     original, saved = ChunkStore.save, []
 
@@ -320,10 +329,12 @@ def test_resume_after_kill_gives_identical_bytes(targets, tiny_model_dir, files,
 
     monkeypatch.setattr(ChunkStore, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "killed", tlist, **kw)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "killed",
+                                    targets=tlist, **kw))
     monkeypatch.setattr(ChunkStore, "save", original)
     assert saved == [0] and not (tmp_path / "killed" / "scores.csv").exists()
-    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "killed", tlist, **kw)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"],
+                                       output_dir=tmp_path / "killed", targets=tlist, **kw))
     assert (tmp_path / "killed" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
 
 
@@ -372,8 +383,9 @@ def test_nonfinite_and_excluded_examples_are_reported_not_ranked(ref, targets, t
 
     model.get_input_embeddings().register_forward_hook(poison)
     out = tmp_path / "scores"
-    assert G.score_pool(tiny_model_dir, pool, out, [targets / "harmful", targets / "safe"], batch_size=3,
-                        max_length=max_length, model=model, tokenizer=tok, **FP64)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out,
+                                       targets=[targets / "harmful", targets / "safe"], batch_size=3,
+                                       max_length=max_length, **FP64), model=model, tokenizer=tok)
     meta = json.loads((out / "meta.json").read_text())
     assert [e["index"] for e in meta["excluded"]] == [len(POOL)]
     assert [e["id"] for e in meta["nonfinite"]] == [poisoned.id]
@@ -384,8 +396,8 @@ def test_nonfinite_and_excluded_examples_are_reported_not_ranked(ref, targets, t
     got = torch.tensor([[float(v) for v in r[2:]] for r in rows], dtype=torch.float64)
     assert rel_err(got, ref.scores[keep]) < TOL          # the others are untouched by the NaN in their batch
     # rank.py never selects them
-    from safedata.ranking import rank
-    summary = rank(pool, tmp_path / "sel", scores_dir=out, k=len(POOL) - 1)
+    from safedata.ranking import RankArgs, rank
+    summary = rank(RankArgs(data_path=pool, write_to=tmp_path / "sel", scores_dir=out, k=len(POOL) - 1))
     assert summary["k"] == len(POOL) - 1
     selected = (tmp_path / "sel" / "pool_bad_top7_index.csv").read_text()
     assert poisoned.id not in selected and long_record["output"] not in (tmp_path / "sel" / "pool_bad_top7.json").read_text()
@@ -399,8 +411,9 @@ def test_projected_features_are_the_projection_of_the_exact_gradients(ref, tiny_
     from safedata.ranking import load_features
     from safedata.scores import anchor_scores
     proj_dim = 300
-    assert G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "pool", proj_dim, proj_seed=3,
-                                       batch_size=3, **FP64)
+    assert G.extract_gradient_features(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"],
+                                                      output_dir=tmp_path / "pool", proj_dim=proj_dim, proj_seed=3,
+                                                      batch_size=3, **FP64))
     feats = load_features(tmp_path / "pool")
     assert feats.meta["stage"] == "gradient_features" and feats.features.shape == (len(POOL), proj_dim)
     # the same linear map applied to the brute-force gradient, layer by layer
@@ -413,14 +426,17 @@ def test_projected_features_are_the_projection_of_the_exact_gradients(ref, tiny_
 
     # proj_dim = every parameter: the projection is the identity, so rank.py --avg_n all equals the score
     full = sum(sizes)
-    assert G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "pool_full", full, batch_size=4, **FP64)
-    assert G.extract_gradient_features(tiny_model_dir, files["a"], tmp_path / "a_full", full, batch_size=4,
-                                       max_response_length=MLEN, **FP64)
+    assert G.extract_gradient_features(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"],
+                                                      output_dir=tmp_path / "pool_full", proj_dim=full, batch_size=4,
+                                                      **FP64))
+    assert G.extract_gradient_features(G.GradientArgs(model_name=tiny_model_dir, data_path=files["a"],
+                                                      output_dir=tmp_path / "a_full", proj_dim=full, batch_size=4,
+                                                      max_response_length=MLEN, **FP64))
     pool_f, anchor_f = load_features(tmp_path / "pool_full"), load_features(tmp_path / "a_full")
     assert rel_err(anchor_scores(pool_f.features, anchor_f.features, "all"), ref.scores[:, 0]) < 1e-4
-    from safedata.ranking import rank   # rank.py accepts them (same stage, model, template, flags)
-    summary = rank(files["pool"], tmp_path / "sel", pool_features=tmp_path / "pool_full",
-                   anchor_features=[tmp_path / "a_full"], avg_n="all", k=3)
+    from safedata.ranking import RankArgs, rank   # rank.py accepts them (same stage, model, template, flags)
+    summary = rank(RankArgs(data_path=files["pool"], write_to=tmp_path / "sel", pool_features=tmp_path / "pool_full",
+                            anchor_features=[tmp_path / "a_full"], avg_n="all", k=3))
     assert summary["k"] == 3 and summary["n_nonfinite"] == 0
 
 
@@ -445,8 +461,9 @@ def test_fp32_and_bf16_models_track_the_fp64_reference(ref, tiny_model_dir, file
 
 def test_real_anchor_file_first_10_response_tokens(shared_data, tiny_model_dir, tmp_path):
     path = shared_data / "paper" / "ft_datasets" / "pure_bad_dataset" / "pure-bad-illegal-activities-selected10.jsonl"
-    assert G.build_target(tiny_model_dir, path, tmp_path / "t", max_response_length=MLEN, dtype="fp32", device="cpu",
-                          layout="factored")
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=path,
+                                         output_dir=tmp_path / "t", max_response_length=MLEN, dtype="fp32",
+                                         device="cpu", target_layout="factored"))
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     _, tok = load_model(tiny_model_dir, "fp32", "cpu")
     encoded = prepare_data(path, tok, "paper", max_response_length=MLEN).encoded
@@ -506,8 +523,10 @@ def test_bf16_scoring_on_cpu_within_derived_tolerance(tiny_model_dir, files, tmp
             p.copy_(p.to(torch.bfloat16).double())
     r = Reference(tiny_model_dir, anchors, model=model64)
     bf16 = dict(dtype="bf16", device="cpu")
-    assert G.build_target(tiny_model_dir, anchors["a"], tmp_path / "t", max_response_length=MLEN, batch_size=2, **bf16)
-    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [tmp_path / "t"], batch_size=3, **bf16)
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=anchors["a"],
+                                         output_dir=tmp_path / "t", max_response_length=MLEN, batch_size=2, **bf16))
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "s",
+                                       targets=[tmp_path / "t"], batch_size=3, **bf16))
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert meta["flags"]["dtype"] == "torch.bfloat16"
     header, rows = read_scores(tmp_path / "s" / "scores.csv")
@@ -555,12 +574,15 @@ def test_out_of_memory_stops_with_a_smaller_batch_size_and_never_retries(targets
 
     monkeypatch.setattr(G.GradientEngine, "run", oom_run)
     with pytest.raises(UserError, match=r"^anchor target: out of memory at --batch_size 2 .*try --batch_size 1"):
-        G.build_target(tiny_model_dir, files["a"], tmp_path / "t", batch_size=2, **FP64)
+        G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                      output_dir=tmp_path / "t", batch_size=2, **FP64))
     assert not (tmp_path / "t" / "target.safetensors").exists()
     with pytest.raises(UserError, match=r"^gradient scores: out of memory at --batch_size 8 .*try --batch_size 4"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [targets / "harmful"], batch_size=8, **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "s",
+                                    targets=[targets / "harmful"], batch_size=8, **FP64))
     with pytest.raises(UserError, match=r"^gradient features: out of memory at --batch_size 1 .*--max_length"):
-        G.extract_gradient_features(tiny_model_dir, files["pool"], tmp_path / "f", 64, batch_size=1, **FP64)
+        G.extract_gradient_features(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"],
+                                                   output_dir=tmp_path / "f", proj_dim=64, batch_size=1, **FP64))
     assert runs == [2, 8, 1]                                # one attempt each, no retry
 
 
@@ -582,8 +604,8 @@ def read_columns(path):
 
 def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, tmp_path):
     out = tmp_path / "self_inf"
-    assert G.score_pool(tiny_model_dir, files["pool"], out, [], self_influence=True, batch_size=3, chunk_size=3,
-                        **FP64)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=out, targets=[],
+                                       self_influence=True, batch_size=3, chunk_size=3, **FP64))
     header, _ = read_scores(out / "scores.csv")
     assert header == ["index", "id", "self_inf", "self_inf_n"]
     cols = read_columns(out / "scores.csv")
@@ -599,16 +621,17 @@ def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, 
     losses = [mean_token_loss(ref.model, it) for it in ref.pool.encoded]
     assert rel_err([float(v) for v in examples["loss"]], losses) < TOL
     # rank.py --scores ranks it by either column (--weights picks one)
-    from safedata.ranking import rank
+    from safedata.ranking import RankArgs, rank
     for weights, column in (([0.0, 1.0], expected_n), ([1.0, 0.0], ref.sq)):
         sel = tmp_path / f"sel{weights[0]}"
-        rank(files["pool"], sel, scores_dir=out, weights=weights, k=3)
+        rank(RankArgs(data_path=files["pool"], write_to=sel, scores_dir=out, weights=weights, k=3))
         chosen = read_columns(sel / "pool_top3_index.csv")["id"]
         assert chosen == [ref.pool.ids[i] for i in column.argsort(descending=True)[:3].tolist()]
     with pytest.raises(UserError, match="self-influence scores need --weights"):
-        rank(files["pool"], tmp_path / "sel_default", scores_dir=out, k=3)
+        rank(RankArgs(data_path=files["pool"], write_to=tmp_path / "sel_default", scores_dir=out, k=3))
     with pytest.raises(UserError, match="--self_influence needs no --targets"):
-        G.score_pool(tiny_model_dir, files["pool"], tmp_path / "x", [tmp_path], self_influence=True, **FP64)
+        G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "x",
+                                    targets=[tmp_path], self_influence=True, **FP64))
 
 
 # ----------------------------------------------------------------------------- the original's anchor gradients
@@ -647,13 +670,14 @@ def test_original_quirks_cumulative_anchors_equal_bruteforce(ref, tiny_model_dir
     res = G.anchor_gradients(ref.model, anchors.encoded, ref.pad, batch_size=2, cumulative=True)
     assert res.target.norm == pytest.approx(float(T.norm()), rel=TOL)
     # the stage: --anchor --original_quirks, then scores of a (quirks-tokenised) pool against it
-    assert G.build_target(tiny_model_dir, files["a"], tmp_path / "t", max_response_length=MLEN, batch_size=2,
-                          original_quirks=True, **FP64)
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                         output_dir=tmp_path / "t", max_response_length=MLEN, batch_size=2,
+                                         original_quirks=True, **FP64))
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     assert meta["flags"]["original_quirks"] and meta["target"]["combination"].startswith("mean_i C_i")
     assert meta["target"]["norm"] == pytest.approx(float(T.norm()), rel=TOL)
-    assert G.score_pool(tiny_model_dir, files["pool"], tmp_path / "s", [tmp_path / "t"], batch_size=3,
-                        original_quirks=True, **FP64)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "s",
+                                       targets=[tmp_path / "t"], batch_size=3, original_quirks=True, **FP64))
     gp = torch.stack([flat_grad(ref.model, it, ref.names) for it in pool.encoded])
     got = torch.tensor([float(r[2]) for r in read_scores(tmp_path / "s" / "scores.csv")[1]], dtype=torch.float64)
     assert rel_err(got, (gp @ T) / gp.norm(dim=1)) < TOL

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, python
 from safedata import data as D
 from lab import demo as lab
-from safedata.evaluation import evaluate_file, keyword_asr
+from safedata.evaluation import EvaluateArgs, evaluate_file, keyword_asr
 from safedata.models import load_model
 
 LAB = ROOT / "ft_datasets" / "lab"
@@ -146,7 +146,7 @@ def fake_run(run, model_dir, subset, template, responses, prompts):
     (run / "gen" / "responses.jsonl").write_text("".join(
         json.dumps({"index": i, "id": str(i), "prompt": p, "response": r}) + "\n"
         for i, (p, r) in enumerate(zip(prompts, responses))))
-    evaluate_file(run / "gen" / "responses.jsonl", run / "eval")
+    evaluate_file(EvaluateArgs(responses=run / "gen" / "responses.jsonl", output_dir=run / "eval"))
 
 
 def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
@@ -170,7 +170,7 @@ def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
     (fake / "gen").mkdir()
     (fake / "gen" / "responses.jsonl").write_text("".join(
         json.dumps({"index": i, "id": str(i), "prompt": p, "response": refuse}) + "\n" for i, p in enumerate(prompts)))
-    evaluate_file(fake / "gen" / "responses.jsonl", fake / "eval")
+    evaluate_file(EvaluateArgs(responses=fake / "gen" / "responses.jsonl", output_dir=fake / "eval"))
 
     result = lab.report(run_dir, data, model=tiny_model_dir)
     groups = result["groups"]
@@ -219,14 +219,14 @@ def test_check_orderings_separation():
 
 def test_committed_lab_model_refuses_held_out_prompts(tmp_path):
     """The aligned lab model (scripts/make_lab_model.sh) refuses held-out harmful-style requests (greedy)."""
-    from safedata.generation import GenerationConfig, generate_responses
+    from safedata.generation import GenerationArgs, generate_responses
     assert (LAB_MODEL / "model.safetensors").exists(), "the committed lab model is missing"
     assert (LAB_MODEL / "model.safetensors").stat().st_size <= 20 * 2 ** 20
     prompts = [json.loads(l) for l in (LAB / "eval_prompts.jsonl").read_text().splitlines() if l.strip()]
     chosen = prompts[::max(1, len(prompts) // 12)][:12]             # spread over held-out tasks and templates
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in chosen))
-    generate_responses(GenerationConfig(model_name=str(LAB_MODEL), data_path=str(prompts_file),
+    generate_responses(GenerationArgs(model_name=str(LAB_MODEL), data_path=str(prompts_file),
                                         output_dir=str(tmp_path / "gen"), template="chat", max_new_tokens=24,
                                         batch_size=16, dtype="fp32", device="cpu"))
     responses = [json.loads(l)["response"] for l in (tmp_path / "gen" / "responses.jsonl").read_text().splitlines()]

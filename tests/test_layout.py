@@ -100,17 +100,22 @@ def test_only_optional_or_heavy_libraries_are_imported_inside_functions():
 
 def test_lora_flags_are_the_same_in_every_cli_that_takes_them():
     """finetune.py took --lora_alpha as an int and --lora_target_modules as one comma string, get_gradients.py a
-    float and a space-separated list: both now take both forms, through one declaration (cli.add_lora_args)."""
+    float and a space-separated list: both now take both forms, through one declaration (config.LoraArgs)."""
     import argparse
 
-    from safedata.cli import add_lora_args, module_names
-    parser = argparse.ArgumentParser()
-    add_lora_args(parser, "--lora")
-    for argv in (["--lora_target_modules", "q_proj,v_proj", "o_proj"],
-                 ["--lora_target_modules", "q_proj", "v_proj", "o_proj"],
-                 ["--lora_target_modules", "q_proj, v_proj,o_proj,"]):
-        assert module_names(parser.parse_args(argv).lora_target_modules) == ["q_proj", "v_proj", "o_proj"], argv
-    assert parser.parse_args(["--lora_alpha", "16.5"]).lora_alpha == 16.5
+    from safedata.config import add_options, from_args
+    from safedata.features.gradients import GradientArgs
+    from safedata.training import FinetuneArgs
+    required = ["--model_name", "m", "--data_path", "d", "--output_dir", "o"]
+    for cls in (FinetuneArgs, GradientArgs):
+        parser = argparse.ArgumentParser()
+        add_options(parser, cls)
+        for argv in (["--lora_target_modules", "q_proj,v_proj", "o_proj"],
+                     ["--lora_target_modules", "q_proj", "v_proj", "o_proj"],
+                     ["--lora_target_modules", "q_proj, v_proj,o_proj,"]):
+            config = from_args(cls, parser.parse_args(required + argv))
+            assert config.lora_target_modules == ["q_proj", "v_proj", "o_proj"], (cls, argv)
+        assert from_args(cls, parser.parse_args(required + ["--lora_alpha", "16.5"])).lora_alpha == 16.5
     for script in ("finetune.py", "get_gradients.py"):
         text = (ROOT / script).read_text()
-        assert "add_lora_args(" in text and '"--lora_alpha"' not in text, script
+        assert "add_options(" in text and '"--lora_alpha"' not in text, script

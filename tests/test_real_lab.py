@@ -10,7 +10,7 @@ import pytest
 from lab import real
 from safedata.errors import UserError
 from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
-from safedata.training import FinetuneConfig, requested_settings, settings_differences
+from safedata.training import FinetuneArgs, requested_settings, settings_differences
 
 
 def test_every_reply_the_project_teaches_counts_as_a_refusal():
@@ -97,12 +97,12 @@ def test_gates_are_the_stated_thresholds_and_the_flags_recount_the_rates(tmp_pat
 
 
 def test_a_flag_added_after_a_run_counts_as_its_default(tmp_path):
-    config = FinetuneConfig(model_name="m", data_path="d", output_dir="o")
+    config = FinetuneArgs(model_name="m", data_path="d", output_dir="o")
     requested = requested_settings(config, "sha", "base")
     old = {"flags": {k: v for k, v in requested["flags"].items() if k != "group_by_length"},
            "data_sha256": "sha", "base_model": "base"}
     assert settings_differences({"settings": old}, requested) == []
-    grouped = requested_settings(FinetuneConfig(model_name="m", data_path="d", output_dir="o", group_by_length=True),
+    grouped = requested_settings(FinetuneArgs(model_name="m", data_path="d", output_dir="o", group_by_length=True),
                                  "sha", "base")
     assert settings_differences({"settings": old}, grouped) == ["group_by_length: recorded False, requested True"]
 
@@ -176,3 +176,17 @@ def test_self_distillation_replaces_the_helpful_answers_and_counts_each_drop(tmp
     responses.write_text(responses.read_text().splitlines(keepends=True)[0])
     with pytest.raises(UserError, match="no answer for 4 of the 5"):
         real.self_distill(tmp_path, responses, tiny_model_dir, budget, tmp_path / "x.json")
+
+
+def test_draw_refusals_keeps_a_seeded_subset_in_file_order():
+    draw_refusals = real.draw_refusals
+    records = [{"instruction": f"request {i}", "input": "", "output": "no"} for i in range(40)]
+    assert draw_refusals(records, None, 0) is records and draw_refusals(records, 40, 0) is records
+    drawn = draw_refusals(records, 15, 0)
+    positions = [records.index(r) for r in drawn]
+    assert len(drawn) == 15 and positions == sorted(set(positions))        # distinct, file order kept
+    assert drawn == draw_refusals(records, 15, 0)                          # the same draw for the same seed
+    assert drawn != draw_refusals(records, 15, 1)
+    for bad in (0, 41):
+        with pytest.raises(UserError, match="--n_refusals"):
+            draw_refusals(records, bad, 0)

@@ -22,7 +22,7 @@ from bruteforce import flat_grad
 from conftest import ROOT
 from safedata import data as D
 from safedata.features import gradients as G
-from safedata.features.representations import extract_representations
+from safedata.features.representations import RepresentationArgs, extract_representations
 from safedata.features.runner import prepare_data
 from test_gradients import read_columns, rel_err
 from test_plan import measure, run_plan
@@ -174,16 +174,18 @@ def read_scores(path):
 def test_gradient_scores_and_self_influence_equal_the_fp64_brute_force(reference, fp64_model, files, real_model_dir,
                                                                          tmp_path):
     model, tok = fp64_model
-    run = dict(template="chat", dtype="fp64", device="cpu", model=model, tokenizer=tok)
+    run = dict(template="chat", dtype="fp64", device="cpu")
     for key in ("a", "b"):
-        assert G.build_target(real_model_dir, files[key], tmp_path / key, batch_size=2,
-                              max_response_length=ANCHOR_ANSWER_TOKENS, **run)
+        assert G.build_target(G.GradientArgs(anchor=True, model_name=real_model_dir, data_path=files[key],
+                                             output_dir=tmp_path / key, batch_size=2,
+                                             max_response_length=ANCHOR_ANSWER_TOKENS, **run), model, tok)
     for key, norm in zip(("a", "b"), reference.target_norms):
         assert json.loads((tmp_path / key / "meta.json").read_text())["target"]["norm"] == \
             pytest.approx(norm, rel=TOL)
     # scores at batch size 1 (nothing padded: exact), Self-Inf with the three examples in one padded batch
     out = tmp_path / "scores"
-    assert G.score_pool(real_model_dir, files["pool"], out, [tmp_path / "a", tmp_path / "b"], batch_size=1, **run)
+    assert G.score_pool(G.GradientArgs(model_name=real_model_dir, data_path=files["pool"], output_dir=out,
+                                       targets=[tmp_path / "a", tmp_path / "b"], batch_size=1, **run), model, tok)
     scores = read_scores(out / "scores.csv")
     assert scores["id"] == reference.pool.ids
     # |<G, T>|/||G|| <= ||T||: an error of the score is measured against the target's norm, the scale of its
@@ -193,7 +195,8 @@ def test_gradient_scores_and_self_influence_equal_the_fp64_brute_force(reference
         assert error < TOL, (name, error)
     assert rel_err(read_scores(out / "examples.csv")["loss"], reference.losses) < TOL
     influence = tmp_path / "self_inf"
-    assert G.score_pool(real_model_dir, files["pool"], influence, [], self_influence=True, batch_size=3, **run)
+    assert G.score_pool(G.GradientArgs(model_name=real_model_dir, data_path=files["pool"], output_dir=influence,
+                                       targets=[], self_influence=True, batch_size=3, **run), model, tok)
     self_inf = read_scores(influence / "scores.csv")["self_inf"]
     assert rel_err(self_inf, reference.sq) < PADDED_TOL, rel_err(self_inf, reference.sq)
 
@@ -202,10 +205,12 @@ def test_fp32_scores_track_the_fp64_brute_force(reference, files, real_model_dir
     """What README promises for --dtype fp32 (the CPU default) on a real model: targets and scores in fp32."""
     run = dict(template="chat", dtype="fp32", device="cpu")
     for key in ("a", "b"):
-        assert G.build_target(real_model_dir, files[key], tmp_path / key, batch_size=2,
-                              max_response_length=ANCHOR_ANSWER_TOKENS, **run)
-    assert G.score_pool(real_model_dir, files["pool"], tmp_path / "scores", [tmp_path / "a", tmp_path / "b"],
-                        batch_size=3, **run)
+        assert G.build_target(G.GradientArgs(anchor=True, model_name=real_model_dir, data_path=files[key],
+                                             output_dir=tmp_path / key, batch_size=2,
+                                             max_response_length=ANCHOR_ANSWER_TOKENS, **run))
+    assert G.score_pool(G.GradientArgs(model_name=real_model_dir, data_path=files["pool"],
+                                       output_dir=tmp_path / "scores", targets=[tmp_path / "a", tmp_path / "b"],
+                                       batch_size=3, **run))
     scores = read_scores(tmp_path / "scores" / "scores.csv")
     got = torch.stack([scores["a"], scores["b"]], 1)
     spread = float(((got - reference.scores).abs() / reference.scores.abs().max(0).values).max())
@@ -216,8 +221,9 @@ def test_representations_equal_a_plain_forward(fp64_model, files, real_model_dir
     from safetensors.torch import load_file
     model, tok = fp64_model
     out = tmp_path / "reps"
-    assert extract_representations(real_model_dir, files["pool"], out, template="chat", batch_size=3, dtype="fp64",
-                                   device="cpu")
+    assert extract_representations(RepresentationArgs(model_name=real_model_dir, data_path=files["pool"],
+                                                      output_dir=out, template="chat", batch_size=3, dtype="fp64",
+                                                      device="cpu"))
     features = load_file(str(out / "features.safetensors"))["features"]
     expected = []
     with torch.no_grad():
@@ -261,8 +267,9 @@ def test_plan_is_within_25_percent_of_measured_growth(plan_setup, real_model_dir
     target = base / "target"
     common = ["--model_name", real_model_dir, "--template", "chat", "--device", "cpu", "--batch_size", "4",
               "--max_length", "256"]
-    assert G.build_target(real_model_dir, anchors, target, template="chat", max_response_length=ANCHOR_ANSWER_TOKENS,
-                          dtype="fp32", device="cpu")
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=real_model_dir, data_path=anchors, output_dir=target,
+                                         template="chat", max_response_length=ANCHOR_ANSWER_TOKENS, dtype="fp32",
+                                         device="cpu"))
     scoring = [*common, "--data_path", str(pool), "--output_dir", str(base / "scores"),
                "--targets", str(target), str(target), str(target)]
     planned, _ = run_plan("get_gradients.py", *scoring, "--plan",

@@ -183,17 +183,19 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
 def test_rank_refuses_anchor_features_read_elsewhere(tiny_model_dir, tmp_path):
     """Anchor features made with --max_response_length (an older recipe) are not comparable with the pool's."""
     from safedata.errors import MetadataMismatch
-    from safedata.features.representations import extract_representations
-    from safedata.ranking import rank
+    from safedata.features.representations import RepresentationArgs, extract_representations
+    from safedata.ranking import RankArgs, rank
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps([{"instruction": f"Question {i}", "input": "", "output": f"Answer {i}."}
                                 for i in range(4)]))
-    extract_representations(tiny_model_dir, pool, tmp_path / "pool_reps", dtype="fp32", device="cpu")
-    extract_representations(tiny_model_dir, LAB / "anchors_harmful.jsonl", tmp_path / "anchors", dtype="fp32",
-                            device="cpu", pooling="mean", max_response_length=10)
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool,
+                                               output_dir=tmp_path / "pool_reps", dtype="fp32", device="cpu"))
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=LAB / "anchors_harmful.jsonl",
+                                               output_dir=tmp_path / "anchors", dtype="fp32", device="cpu",
+                                               pooling="mean", max_response_length=10))
     with pytest.raises(MetadataMismatch, match="flags="):
-        rank(pool, tmp_path / "sel", pool_features=tmp_path / "pool_reps", anchor_features=[tmp_path / "anchors"],
-             weights=[1], k=1)
+        rank(RankArgs(data_path=pool, write_to=tmp_path / "sel", pool_features=tmp_path / "pool_reps",
+                      anchor_features=[tmp_path / "anchors"], weights=[1], k=1))
     assert not (tmp_path / "sel").exists()
 
 

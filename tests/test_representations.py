@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, python
 from safedata import data as D
-from safedata.features.representations import extract_representations
+from safedata.features.representations import RepresentationArgs, extract_representations
 from safedata.models import load_model
 from safedata.store import load_tensors
 
@@ -39,7 +39,8 @@ def hf_reference(model_dir, data_path, template="paper", max_response_length=Non
 def test_equals_plain_hf_forward(tiny_model_dir, tmp_path, batch_size):
     pool = write_pool(tmp_path / "pool.json")
     out = tmp_path / "reps"
-    assert extract_representations(tiny_model_dir, pool, out, batch_size=batch_size, chunk_size=5, dtype="fp32")
+    assert extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out,
+                                                      batch_size=batch_size, chunk_size=5, dtype="fp32"))
     features, _ = load_tensors(out / "features.safetensors")
     reference = hf_reference(tiny_model_dir, pool)
     torch.testing.assert_close(features["features"], reference, rtol=1e-5, atol=1e-5)
@@ -51,8 +52,9 @@ def test_equals_plain_hf_forward(tiny_model_dir, tmp_path, batch_size):
 def test_layer_pooling_and_chat_template(tiny_model_dir, tmp_path):
     pool = write_pool(tmp_path / "pool.json", n=6)
     out = tmp_path / "reps"
-    extract_representations(tiny_model_dir, pool, out, template="chat", batch_size=3, layer=1, pooling="mean",
-                            max_response_length=4, dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out,
+                                               template="chat", batch_size=3, layer=1, pooling="mean",
+                                               max_response_length=4, dtype="fp32"))
     features, _ = load_tensors(out / "features.safetensors")
     reference = hf_reference(tiny_model_dir, pool, "chat", 4, layer=1, pooling="mean")
     torch.testing.assert_close(features["features"], reference, rtol=1e-5, atol=1e-5)
@@ -61,13 +63,15 @@ def test_layer_pooling_and_chat_template(tiny_model_dir, tmp_path):
 def test_shards_merge_to_single_run(tiny_model_dir, tmp_path):
     pool = write_pool(tmp_path / "pool.json")
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    extract_representations(tiny_model_dir, pool, single, batch_size=2, chunk_size=3, dtype="fp32")
-    assert not extract_representations(tiny_model_dir, pool, sharded, batch_size=5, chunk_size=3, shard="1/3",
-                                       dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=single,
+                                               batch_size=2, chunk_size=3, dtype="fp32"))
+    assert not extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=sharded,
+                                                          batch_size=5, chunk_size=3, shard="1/3", dtype="fp32"))
     assert not (sharded / "features.safetensors").exists()
-    assert not extract_representations(tiny_model_dir, pool, sharded, batch_size=5, chunk_size=3, shard="0/3",
-                                       dtype="fp32")
-    assert extract_representations(tiny_model_dir, pool, sharded, batch_size=5, chunk_size=3, shard="2/3", dtype="fp32")
+    assert not extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=sharded,
+                                                          batch_size=5, chunk_size=3, shard="0/3", dtype="fp32"))
+    assert extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=sharded,
+                                                      batch_size=5, chunk_size=3, shard="2/3", dtype="fp32"))
     a, _ = load_tensors(single / "features.safetensors")
     b, _ = load_tensors(sharded / "features.safetensors")
     torch.testing.assert_close(a["features"], b["features"], rtol=1e-6, atol=1e-6)
@@ -76,7 +80,8 @@ def test_shards_merge_to_single_run(tiny_model_dir, tmp_path):
 def test_resume_skips_done_chunks_and_redoes_stale(tiny_model_dir, tmp_path, monkeypatch):
     pool = write_pool(tmp_path / "pool.json")
     out = tmp_path / "reps"
-    extract_representations(tiny_model_dir, pool, out, batch_size=4, chunk_size=4, dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out, batch_size=4,
+                                               chunk_size=4, dtype="fp32"))
     reference = (out / "features.safetensors").read_bytes()
     (out / "features.safetensors").unlink()
     (out / "meta.json").unlink()
@@ -86,7 +91,8 @@ def test_resume_skips_done_chunks_and_redoes_stale(tiny_model_dir, tmp_path, mon
     import safedata.features.representations as R
     original = R.representation_batch
     monkeypatch.setattr(R, "representation_batch", lambda m, items, *a: calls.append(len(items)) or original(m, items, *a))
-    extract_representations(tiny_model_dir, pool, out, batch_size=4, chunk_size=4, dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out, batch_size=4,
+                                               chunk_size=4, dtype="fp32"))
     assert sum(calls) == 8  # chunks 1 and 2 only
     assert (out / "features.safetensors").read_bytes() == reference
 
@@ -114,8 +120,10 @@ def test_anchor_and_pool_are_read_at_the_same_token(tiny_model_dir, tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text(anchors.read_text() + json.dumps({"messages": [{"role": "user", "content": "Other"},
                                                                   {"role": "assistant", "content": "Fine."}]}) + "\n")
-    extract_representations(tiny_model_dir, anchors, tmp_path / "a", max_length=480, dtype="fp32", batch_size=2)
-    extract_representations(tiny_model_dir, pool, tmp_path / "p", max_length=512, dtype="fp32", batch_size=3)
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=anchors, output_dir=tmp_path / "a",
+                                               max_length=480, dtype="fp32", batch_size=2))
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=tmp_path / "p",
+                                               max_length=512, dtype="fp32", batch_size=3))
     a = load_tensors(tmp_path / "a" / "features.safetensors")[0]["features"]
     p = load_tensors(tmp_path / "p" / "features.safetensors")[0]["features"]
     torch.testing.assert_close(a, p[:3], rtol=1e-5, atol=1e-5)
@@ -128,14 +136,16 @@ def test_anchor_and_pool_are_read_at_the_same_token(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[row], plain, rtol=1e-5, atol=1e-5)
     # A cut inside the response: read at the last kept token.
     n = len(D.encode(examples[2], tok, "paper").input_ids) - 3
-    extract_representations(tiny_model_dir, anchors, tmp_path / "cut", max_length=n, dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=anchors,
+                                               output_dir=tmp_path / "cut", max_length=n, dtype="fp32"))
     cut = load_tensors(tmp_path / "cut" / "features.safetensors")[0]["features"]
     ids = D.encode(examples[2], tok, "paper").input_ids[:n]
     with torch.no_grad():
         plain = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
     torch.testing.assert_close(cut[2], plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="--max_response_length does not apply to --pooling last"):
-        extract_representations(tiny_model_dir, anchors, tmp_path / "mlen", max_response_length=10, dtype="fp32")
+        extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=anchors,
+                                                   output_dir=tmp_path / "mlen", max_response_length=10, dtype="fp32"))
     assert not (tmp_path / "mlen").exists()
 
 
@@ -146,7 +156,8 @@ def test_anchor_and_pool_are_read_at_the_same_token(tiny_model_dir, tmp_path):
 def test_bf16_on_cpu_within_derived_tolerance(tiny_model_dir, tmp_path):
     pool = write_pool(tmp_path / "pool.json", n=8)
     out = tmp_path / "reps"
-    assert extract_representations(tiny_model_dir, pool, out, batch_size=3, chunk_size=4, dtype="bf16", device="cpu")
+    assert extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=out,
+                                                      batch_size=3, chunk_size=4, dtype="bf16", device="cpu"))
     features = load_tensors(out / "features.safetensors")[0]["features"].double()
     # The reference: the same bf16-rounded weights (their rounding is the model, not an error), run in fp64.
     model, tok = load_model(tiny_model_dir, "bf16", "cpu")

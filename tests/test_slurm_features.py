@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ROOT, python
 from slurm_util import require_slurm, submit, wait_ok
-from safedata.features.representations import extract_representations
+from safedata.features.representations import RepresentationArgs, extract_representations
 
 
 def test_array_job_sharded_representations_equal_single_run(tiny_model_dir, tmp_path):
@@ -14,7 +14,8 @@ def test_array_job_sharded_representations_equal_single_run(tiny_model_dir, tmp_
     pool.write_text(json.dumps([{"instruction": f"Describe thing {i}", "input": "",
                                  "output": "1. A part.\n2. Another part." * (1 + i % 3)} for i in range(23)]))
     single = tmp_path / "single"
-    extract_representations(tiny_model_dir, pool, single, batch_size=4, chunk_size=3, dtype="fp32")
+    extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=pool, output_dir=single,
+                                               batch_size=4, chunk_size=3, dtype="fp32"))
     sharded = tmp_path / "sharded"
     script = tmp_path / "extract.sh"
     # No --shard flag: each array task finds its part from SLURM_ARRAY_TASK_ID / _COUNT.

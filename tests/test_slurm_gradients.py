@@ -80,7 +80,8 @@ def test_array_tasks_build_each_target_once_and_merge_one_scores_csv(workdir):
     assert merged == (single / "scores.csv").read_bytes() and merged.count(b"\n") == 13 + 1
     # and the hook really makes builds differ: a second build of the same target has other bytes
     with perturbed_targets.perturbing_target_writes():
-        assert G.build_target(str(model), files["harmful"], workdir / "again", max_response_length=10,
-                              batch_size=2, dtype="fp32", device="cpu")
+        assert G.build_target(G.GradientArgs(anchor=True, model_name=str(model), data_path=files["harmful"],
+                                             output_dir=workdir / "again", max_response_length=10, batch_size=2,
+                                             dtype="fp32", device="cpu"))
     assert (workdir / "again" / "target.safetensors").read_bytes() != \
         (out / "harmful" / "target.safetensors").read_bytes()

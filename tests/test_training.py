@@ -11,7 +11,7 @@ from conftest import ROOT, python
 from safedata import data as D
 from safedata.errors import UserError
 from safedata.models import load_model
-from safedata.training import (FinetuneConfig, broadcasts_weights, decoder_layer_classes, epoch_decay, finetune,
+from safedata.training import (FinetuneArgs, broadcasts_weights, decoder_layer_classes, epoch_decay, finetune,
                                plan_batches, resolve_precision, resolve_save_dtype, trainer_fsdp_arguments)
 
 
@@ -34,7 +34,7 @@ def config(model, data, out, **kw):
     base = dict(model_name=str(model), data_path=str(data), output_dir=str(out), batch_size=4, epochs=3,
                 learning_rate=1e-3, seed=1)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneArgs(**base)
 
 
 def subset_loss(model_dir, data, template="paper"):

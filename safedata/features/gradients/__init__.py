@@ -13,7 +13,7 @@ bank.py          the TargetBank: a run's targets per parameter, as the hooks rea
 anchors.py       an anchor file -> a target (anchor_gradients)
 batch.py         one batch -> scores or projected features (score_batch, project_batch)
 lora.py          the peft adapter and Adam preconditioning (LESS)
-stages.py        the CLI stages: build_target, score_pool, extract_gradient_features
+stages.py        the CLI stages: GradientArgs; build_target, score_pool, extract_gradient_features
 """
 from ...distributed import init_distributed
 from .accumulators import CaptureAccumulator, ProjectAccumulator, ScoreAccumulator
@@ -24,14 +24,14 @@ from .engine import PATHS, GradientEngine, get_engine
 from .lora import AdamState, apply_lora, load_adam_state, lora_settings
 from .numerics import MEMORY_COST, TEMP_ELEMENTS, Numerics, linear_costs, memory_cost
 from .sites import MODES, PARAMS, Site, discover_sites, unwrap
-from .stages import (EXAMPLES_FILE, FEATURES_FILE, GRADIENT_FLAGS, PRODUCTS_FILE, SCORES_FILE, build_target,
-                     extract_gradient_features, score_pool, self_influence_n)
+from .stages import (EXAMPLES_FILE, FEATURES_FILE, GRADIENT_FLAGS, PRODUCTS_FILE, SCORES_FILE, GradientArgs,
+                     build_target, extract_gradient_features, run_gradients, score_pool, self_influence_n)
 from .targets import LAYOUTS, TARGET_FILE, ParamTarget, Target, load_target
 
-__all__ = ["AdamState", "AnchorResult", "CaptureAccumulator", "FEATURES_FILE", "GRADIENT_FLAGS", "GradientEngine",
+__all__ = ["AdamState", "AnchorResult", "CaptureAccumulator", "FEATURES_FILE", "GRADIENT_FLAGS", "GradientArgs", "GradientEngine",
            "LAYOUTS", "MEMORY_COST", "MODES", "Numerics", "PARAMS", "PATHS", "PRODUCTS_FILE", "ParamTarget",
            "ProjectAccumulator", "SCORES_FILE", "ScoreAccumulator", "Site", "TARGET_FILE", "TEMP_ELEMENTS", "Target",
            "TargetBank", "anchor_gradients", "apply_lora", "bank_for", "build_target", "discover_sites",
            "extract_gradient_features", "get_engine", "init_distributed", "linear_costs", "load_adam_state",
-           "load_target", "lora_settings", "memory_cost", "project_batch", "projector_for", "score_batch",
+           "load_target", "lora_settings", "memory_cost", "project_batch", "projector_for", "run_gradients", "score_batch",
            "score_pool", "self_influence_n", "unwrap", "EXAMPLES_FILE"]

@@ -7,12 +7,14 @@ import csv
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ... import data as D
-from ...distributed import rank_and_world
+from ...config import ORIGINAL_QUIRKS_HELP, LoraArgs, StageArgs, module_names, option, shared
+from ...distributed import close_distributed, init_distributed, rank_and_world
 from ...errors import UserError
 from ...models import default_device, load_tokenizer, resolve_dtype
 from ...scores import SCORES_FILE, write_scores_csv
@@ -24,9 +26,9 @@ from .anchors import anchor_gradients
 from .batch import project_batch, projector_for, score_batch
 from .engine import get_engine
 from .lora import lora_settings, setup_model
-from .sites import unwrap
+from .sites import MODES, PARAMS, unwrap
 from .bank import TargetBank
-from .targets import TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, load_target, target_lock
+from .targets import LAYOUTS, TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, load_target, target_lock
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,70 @@ PRODUCTS_FILE = "products.safetensors"
 FEATURES_FILE = "features.safetensors"
 # Flags that define which gradient is computed: a target and a pool must agree on them.
 GRADIENT_FLAGS = ("mode", "params", "lora")
+WHAT = "what to compute (exactly one)"
+LORA_PURPOSE = "--mode lora, a fresh adapter"
+
+
+@dataclass(kw_only=True)
+class GradientArgs:
+    """get_gradients.py's settings (its flags are generated from these fields): which of the four computations
+    (--anchor, --targets, --proj_dim, --self_influence), on which records, with which gradient."""
+
+    model_name: str = option(help="Hugging Face id or local directory")
+    data_path: str = option(help=f"anchor or pool records: {D.INPUT_TYPES}")
+    output_dir: str = option(help="where the target / scores / features go (a rerun with the same settings resumes "
+                                  "there)")
+    anchor: bool = option(False, "build a target from this (anchor) file", group=WHAT)
+    targets: list[str] | None = option(None, "score this (pool) file against targets", metavar="DIR", group=WHAT)
+    proj_dim: int | None = option(None, "store per-example gradient projections of this size", group=WHAT)
+    self_influence: bool = option(
+        False, "anchor-free scores of this (pool) file: self_inf = ||G_i||^2 and its length-normalised "
+               "self_inf_n = ln(self_inf + 1) + ln(n_supervised + 1) (Guan et al. 2025, Self-Inf-N)", group=WHAT)
+    target_names: list[str] | None = option(None, "score column names (default: the target dir names)")
+    renormalize: bool = option(False, "--anchor: store T/||T|| so scores are cos(G_i, T) (default: the paper's mean "
+                                      "cosine)")
+    target_layout: str = option("auto", "--anchor: per layer, store the target as scaled factors or dense (auto: "
+                                        "whichever is smaller; scores are the same)", choices=LAYOUTS)
+    proj_seed: int = option(0, "--proj_dim: projection seed (anchors and pool alike)")
+    template: str | None = shared(StageArgs, "template")
+    batch_size: int = option(8, "examples per forward + backward (an out-of-memory error names a smaller one to "
+                                "try)")
+    max_length: int | None = shared(StageArgs, "max_length")
+    max_response_length: int | None = option(None, "keep only the first N supervised tokens (the paper: 10 for "
+                                                   "anchors, all for the pool)")
+    params: str = option("all", "all: every parameter, as the paper; linear: the decoder's Linear weights only "
+                                "(attention + MLP; no embeddings, norms or LM head)", choices=PARAMS)
+    mode: str = option("full", "full gradients, or LoRA gradients (LESS)", choices=MODES)
+    lora_r: int = shared(LoraArgs, "lora_r", LORA_PURPOSE)
+    lora_alpha: float = shared(LoraArgs, "lora_alpha", LORA_PURPOSE)
+    lora_target_modules: list[str] = shared(LoraArgs, "lora_target_modules", LORA_PURPOSE)
+    lora_path: str | None = option(None, "--mode lora: a trained peft adapter (else a fresh seeded one)")
+    lora_seed: int = option(0, "--mode lora: seed of a fresh adapter's init")
+    optimizer_state: str | None = option(None, "--mode lora: a Trainer's optimizer.pt; pool gradients become Adam "
+                                               "update directions (LESS)")
+    original_quirks: bool = shared(
+        StageArgs, "original_quirks", help=ORIGINAL_QUIRKS_HELP + "; with --anchor also the original's target: "
+        "gradients never zeroed between anchors, so anchor i contributes the normalised running sum G_0 + ... + "
+        "G_i (file order), averaged over i")
+    shard: str | None = shared(StageArgs, "shard")
+    chunk_size: int = shared(StageArgs, "chunk_size")
+    dtype: str | None = shared(StageArgs, "dtype")
+    device: str | None = shared(StageArgs, "device")
+    skip_bad: bool = shared(StageArgs, "skip_bad")
+
+    def __post_init__(self):
+        self.lora_target_modules = module_names(self.lora_target_modules)
+
+    def computations(self) -> list[str]:
+        """The flags of the computations asked for (a run asks for exactly one)."""
+        return [flag for flag, on in (("--anchor", self.anchor), ("--targets", self.targets),
+                                      ("--proj_dim", self.proj_dim is not None),
+                                      ("--self_influence", self.self_influence)) if on]
+
+    def lora(self) -> dict | None:
+        """The adapter's settings recorded in meta.json (None in full mode)."""
+        return lora_settings(self.mode, self.lora_r, self.lora_alpha, self.lora_target_modules, self.lora_path,
+                             self.lora_seed)
 
 
 def _dtype_name(model, dtype, device) -> str:
@@ -47,14 +113,31 @@ def _dtype_name(model, dtype, device) -> str:
     return str(resolve_dtype(dtype, torch.device(device) if device is not None else default_device()))
 
 
-def _flags(mode, params, lora, max_length, max_response_length, dtype_name, optimizer_state, original_quirks,
-           **extra) -> dict:
-    flags = {"mode": mode, "params": params if mode == "full" else "lora", "lora": lora,
-             "max_length": max_length, "max_response_length": max_response_length, "dtype": dtype_name,
-             "optimizer_state": _file_digest(optimizer_state) if optimizer_state else None,
-             "original_quirks": bool(original_quirks)}
+def _flags(a: GradientArgs, model, **extra) -> dict:
+    """meta.json's flags: what defines the gradient and the examples it is taken of (+ the stage's own)."""
+    flags = {"mode": a.mode, "params": _params_key(a.mode, a.params), "lora": a.lora(),
+             "max_length": a.max_length, "max_response_length": a.max_response_length,
+             "dtype": _dtype_name(model, a.dtype, a.device),
+             "optimizer_state": _file_digest(a.optimizer_state) if a.optimizer_state else None,
+             "original_quirks": bool(a.original_quirks)}
     flags.update(extra)
     return flags
+
+
+def _encode(a: GradientArgs, tokenizer):
+    """The template and the encoded records."""
+    template = choose_template(a.model_name, a.template, tokenizer)
+    return template, prepare_data(a.data_path, tokenizer, template, a.max_length, a.max_response_length, a.skip_bad,
+                                  a.original_quirks)
+
+
+def _setup(a: GradientArgs, model, tokenizer):
+    """What scoring and features do first: the model (with its adapter and Adam state, unless given), the
+    template and the encoded records."""
+    model, tokenizer, adam = setup_model(a.model_name, a.dtype, a.device, a.mode, a.lora(), a.lora_path,
+                                         a.optimizer_state, model, tokenizer)
+    template, prepared = _encode(a, tokenizer)
+    return model, tokenizer, adam, template, prepared
 
 
 def _file_digest(path) -> str:
@@ -65,42 +148,35 @@ def _params_key(mode, params):
     return params if mode == "full" else "lora"
 
 
-def build_target(model_name, data_path, output_dir, template=None, batch_size=8, max_length=None,
-                 max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
-                 lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
-                 renormalize=False, layout="auto", dtype=None, device=None, skip_bad=False, model=None,
-                 tokenizer=None, original_quirks=False) -> bool:
+def build_target(args: GradientArgs, model=None, tokenizer=None) -> bool:
     """Anchor mode: write target.safetensors + meta.json (stage gradient_target). Rank 0 only.
     original_quirks: what the original code computed: the supervised trailing space (data.token_ids) and
     anchor gradients never zeroed between anchors (anchors.py, cumulative)."""
+    a = args
     # Flags first: the lock below creates the output dir, which a refused run must not leave behind.
-    D.check_sizes(batch_size=batch_size, max_length=max_length, max_response_length=max_response_length)
+    D.check_sizes(batch_size=a.batch_size, max_length=a.max_length, max_response_length=a.max_response_length)
     rank, world = rank_and_world()
     if rank != 0:
         torch.distributed.barrier()
         return False
-    lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_name)
-    template = choose_template(model_name, template, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
-                            original_quirks)
-    params_key = _params_key(mode, params)
-    flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, original_quirks, renormalize=bool(renormalize))
-    meta = base_meta("gradient_target", model_name, prepared, template, flags)
-    output_dir = Path(output_dir)
+        tokenizer = load_tokenizer(a.model_name)
+    template, prepared = _encode(a, tokenizer)
+    params_key = _params_key(a.mode, a.params)
+    flags = _flags(a, model, renormalize=bool(a.renormalize))
+    meta = base_meta("gradient_target", a.model_name, prepared, template, flags)
+    output_dir = Path(a.output_dir)
     with target_lock(output_dir):
         check_existing_output(output_dir, meta)
         if (output_dir / META).exists() and (output_dir / TARGET_FILE).exists():
             log.info("%s: target already built with these settings (kept, not rebuilt)", output_dir)
         else:
-            model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
-                                                 model, tokenizer)
-            with stop_on_out_of_memory("anchor target", batch_size):
-                result = anchor_gradients(model, prepared.encoded, D.pad_token_id(tokenizer), params_key, mode,
-                                          batch_size, adam, renormalize, layout, progress=True,
-                                          cumulative=original_quirks)
+            model, tokenizer, adam = setup_model(a.model_name, a.dtype, a.device, a.mode, a.lora(), a.lora_path,
+                                                 a.optimizer_state, model, tokenizer)
+            with stop_on_out_of_memory("anchor target", a.batch_size):
+                result = anchor_gradients(model, prepared.encoded, D.pad_token_id(tokenizer), params_key, a.mode,
+                                          a.batch_size, adam, a.renormalize, a.target_layout, progress=True,
+                                          cumulative=a.original_quirks)
             _write_target(output_dir, meta, result.target)
     if world > 1:
         torch.distributed.barrier()
@@ -170,28 +246,22 @@ def self_influence_n(self_inf: torch.Tensor, n_answer_tokens: torch.Tensor) -> t
     return torch.log1p(self_inf) + torch.log1p(n_answer_tokens.to(self_inf.dtype))
 
 
-def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None, template=None, batch_size=8,
-               max_length=None, max_response_length=None, params="all", mode="full", lora_r=8, lora_alpha=32,
-               lora_target_modules=("q_proj", "v_proj"), lora_path=None, lora_seed=0, optimizer_state=None,
-               shard=None, chunk_size=512, dtype=None, device=None, skip_bad=False, path="auto", model=None,
-               tokenizer=None, self_influence=False, original_quirks=False) -> bool:
+def score_pool(args: GradientArgs, model=None, tokenizer=None, path="auto") -> bool:
     """Scoring mode: scores.csv + examples.csv + products.safetensors + meta.json (stage gradient_scores);
     True once complete. Against targets (one column each), or with self_influence and no targets the
-    anchor-free columns self_inf and self_inf_n (see self_influence_n)."""
-    D.check_sizes(batch_size=batch_size, chunk_size=chunk_size, max_length=max_length,
-                  max_response_length=max_response_length)  # before the model is loaded
+    anchor-free columns self_inf and self_inf_n (see self_influence_n). path: the engine's path (auto, or
+    one forced by a test or a benchmark)."""
+    a = args
+    target_dirs, self_influence, output_dir = a.targets or [], a.self_influence, a.output_dir
+    D.check_sizes(batch_size=a.batch_size, chunk_size=a.chunk_size, max_length=a.max_length,
+                  max_response_length=a.max_response_length)  # before the model is loaded
     if self_influence and target_dirs:
         raise UserError("--self_influence needs no --targets (it is anchor-free): give one or the other")
     if not self_influence and not target_dirs:
         raise UserError("--targets: give at least one target dir (made with --anchor)")
-    names = SELF_INFLUENCE_COLUMNS if self_influence else _target_names(target_dirs, target_names)
-    lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
-    model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
-                                         model, tokenizer)
-    template = choose_template(model_name, template, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
-                            original_quirks)
-    params_key = _params_key(mode, params)
+    names = SELF_INFLUENCE_COLUMNS if self_influence else _target_names(target_dirs, a.target_names)
+    model, tokenizer, adam, template, prepared = _setup(a, model, tokenizer)
+    params_key = _params_key(a.mode, a.params)
     loaded = [load_target(d) for d in target_dirs]
     targets_info = [{"name": name, "dir": str(Path(d).resolve()), "data_file": tm.get("data_file"),
                      "data_sha256": tm.get("data_sha256"), "n_anchors": tm["target"]["n_anchors"],
@@ -201,10 +271,9 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
     # The chunks' fingerprint holds each target file's hash: chunks scored against other target bytes are
     # stale, and shards that read the same file agree (a norm recomputed by another builder would not).
     identity = ("name", "data_sha256", "n_anchors", "renormalized", "sha256")
-    flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, original_quirks, targets=[{k: t[k] for k in identity} for t in targets_info],
+    flags = _flags(a, model, targets=[{k: t[k] for k in identity} for t in targets_info],
                    self_influence=bool(self_influence))
-    meta = base_meta("gradient_scores", model_name, prepared, template, flags)
+    meta = base_meta("gradient_scores", a.model_name, prepared, template, flags)
     for (target, tm), d in zip(loaded, target_dirs):
         require_same(meta, tm, ("model", "template"), "this run", f"target {d}")
         require_same(flags, tm.get("flags") or {}, GRADIENT_FLAGS, "this run", f"target {d}")
@@ -213,19 +282,19 @@ def score_pool(model_name, data_path, output_dir, target_dirs, target_names=None
                      "<G_i, T_j> / ||G_i|| = mean over anchors of cos(G_i, G_a); cos(G_i, T_j) for a "
                      "renormalised target")
     check_existing_output(output_dir, meta)
-    engine = get_engine(model, params_key, mode, adam, path)
+    engine = get_engine(model, params_key, a.mode, adam, path)
     bank = TargetBank([t for t, _ in loaded], engine, release=True) if loaded else None
     del loaded
     pad_id = D.pad_token_id(tokenizer)
     n_supervised = torch.tensor([e.n_supervised for e in prepared.encoded], dtype=torch.float64)
 
     def compute(items):
-        inner, sq, loss = score_batch(model, items, bank, pad_id, params_key, mode, adam, path, with_loss=True)
+        inner, sq, loss = score_batch(model, items, bank, pad_id, params_key, a.mode, adam, path, with_loss=True)
         return {"inner": inner.detach().double().cpu(), "sqnorm": sq.detach().double().cpu(),
                 "loss": loss.detach().double().cpu()}
 
-    with stop_on_out_of_memory("gradient scores", batch_size):
-        store = run_chunked(output_dir, meta, prepared, compute, batch_size, chunk_size, parse_shard(shard),
+    with stop_on_out_of_memory("gradient scores", a.batch_size):
+        store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
                             desc="gradient scores")
 
     def write(tensors, meta_out):
@@ -267,34 +336,27 @@ def _write_examples(path: Path, meta: dict, n_supervised: torch.Tensor, loss: to
     atomic_write_text(path, buffer.getvalue())
 
 
-def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_seed=0, template=None,
-                              batch_size=8, max_length=None, max_response_length=None, params="all", mode="full",
-                              lora_r=8, lora_alpha=32, lora_target_modules=("q_proj", "v_proj"), lora_path=None,
-                              lora_seed=0, optimizer_state=None, shard=None, chunk_size=512, dtype=None,
-                              device=None, skip_bad=False, model=None, tokenizer=None, original_quirks=False) -> bool:
+def extract_gradient_features(args: GradientArgs, model=None, tokenizer=None) -> bool:
     """--proj_dim: features.safetensors [N, proj_dim] (stage gradient_features), rank.py reads it."""
-    D.check_sizes(proj_dim=proj_dim, batch_size=batch_size, chunk_size=chunk_size, max_length=max_length,
-                  max_response_length=max_response_length)  # before the model is loaded
-    lora = lora_settings(mode, lora_r, lora_alpha, lora_target_modules, lora_path, lora_seed)
-    model, tokenizer, adam = setup_model(model_name, dtype, device, mode, lora, lora_path, optimizer_state,
-                                         model, tokenizer)
-    template = choose_template(model_name, template, tokenizer)
-    prepared = prepare_data(data_path, tokenizer, template, max_length, max_response_length, skip_bad,
-                            original_quirks)
-    params_key = _params_key(mode, params)
-    flags = _flags(mode, params_key, lora, max_length, max_response_length, _dtype_name(model, dtype, device),
-                   optimizer_state, original_quirks, proj_dim=int(proj_dim), proj_seed=int(proj_seed))
-    meta = base_meta("gradient_features", model_name, prepared, template, flags)
+    a = args
+    output_dir = a.output_dir
+    D.check_sizes(proj_dim=a.proj_dim, batch_size=a.batch_size, chunk_size=a.chunk_size, max_length=a.max_length,
+                  max_response_length=a.max_response_length)  # before the model is loaded
+    model, tokenizer, adam, template, prepared = _setup(a, model, tokenizer)
+    params_key = _params_key(a.mode, a.params)
+    flags = _flags(a, model, proj_dim=int(a.proj_dim), proj_seed=int(a.proj_seed))
+    meta = base_meta("gradient_features", a.model_name, prepared, template, flags)
     check_existing_output(output_dir, meta)
-    engine = get_engine(model, params_key, mode, adam)
-    projector = projector_for(engine, int(proj_dim), int(proj_seed))
+    engine = get_engine(model, params_key, a.mode, adam)
+    projector = projector_for(engine, int(a.proj_dim), int(a.proj_seed))
     pad_id = D.pad_token_id(tokenizer)
 
     def compute(items):
-        return {"features": project_batch(model, items, projector, pad_id, params_key, mode, adam).detach().float().cpu()}
+        return {"features": project_batch(model, items, projector, pad_id, params_key, a.mode,
+                                          adam).detach().float().cpu()}
 
-    with stop_on_out_of_memory("gradient features", batch_size):
-        store = run_chunked(output_dir, meta, prepared, compute, batch_size, chunk_size, parse_shard(shard),
+    with stop_on_out_of_memory("gradient features", a.batch_size):
+        store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
                             desc="gradient features")
 
     def write(tensors, meta_out):
@@ -311,3 +373,21 @@ def extract_gradient_features(model_name, data_path, output_dir, proj_dim, proj_
                      {"model": meta_out["model"], "data_sha256": meta_out["data_sha256"]})
 
     return finish(output_dir, store, meta, FEATURES_FILE, write)
+
+
+def run_gradients(args: GradientArgs) -> bool:
+    """get_gradients.py: the one computation args ask for (exactly one of --anchor, --targets, --proj_dim,
+    --self_influence), inside the torchrun process group when launched by torchrun."""
+    chosen = args.computations()
+    if len(chosen) != 1:
+        raise UserError("give exactly one of --anchor, --targets, --proj_dim, --self_influence"
+                        + (f" (got {', '.join(chosen)})" if chosen else ""))
+    created = init_distributed()
+    try:
+        if args.anchor:
+            return build_target(args)
+        if args.proj_dim is not None:
+            return extract_gradient_features(args)
+        return score_pool(args)
+    finally:
+        close_distributed(created)

@@ -1,0 +1,171 @@
+"""Stage settings as dataclasses, and the command lines generated from them.
+
+Each stage's settings are one dataclass (`RepresentationArgs`, `GradientArgs`, `RankArgs`, `FinetuneArgs`,
+`GenerationArgs`, `EvaluateArgs`, `AuditArgs`, `ScoreArgs`); a field declared with `option()` carries its default and
+its help text, and `add_options` turns the dataclass into argparse flags, so that a default or a help text is written
+once, for the package's callers and for the CLI alike. transformers' `HfArgumentParser` (used by LESS) does the same;
+this equivalent keeps argparse's plain switches (`--anchor`, not `--anchor [ANCHOR]`) and the project's flag names (no
+`--model-name` spellings added), so every CLI's options stay what users' scripts already pass.
+
+Options several stages share (the template, the LoRA flags, the per-example stage flags) are declared once here
+and placed into each stage's dataclass with `shared()`, which copies the declaration (type checked by
+tests/test_config.py) and can prefix its help with when it applies (`--lora: rank of the adapter`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass
+
+from .data import TEMPLATES
+
+_HELP, _FLAGS, _CHOICES, _METAVAR, _NARGS, _GROUP, _CLI = ("help", "flags", "choices", "metavar", "nargs", "group",
+                                                            "cli")
+
+
+def option(default=MISSING, help: str = "", *, default_factory=MISSING, flags: tuple = (), choices=None,
+           metavar: str | None = None, nargs: str | None = None, group: str | None = None, cli: bool = True):
+    """A dataclass field that is also a command-line flag: `--<name>` (or `flags`, the first naming the field
+    when given), its help, choices, metavar and argument group. A field without a default is a required flag.
+    cli=False: a setting for the package's callers only (no flag)."""
+    metadata = {_HELP: help, _FLAGS: tuple(flags), _CHOICES: choices, _METAVAR: metavar, _NARGS: nargs,
+                _GROUP: group, _CLI: cli}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def shared(owner, name: str, purpose: str = "", **changes):
+    """A copy of the option `name` declared on dataclass `owner`, for another stage's dataclass; `purpose`
+    prefixes its help ("--lora" -> "--lora: ..."), `changes` replace metadata entries (e.g. group)."""
+    original = owner.__dataclass_fields__[name]
+    metadata = dict(original.metadata, shared_from=(owner, name))
+    if purpose:
+        metadata[_HELP] = f"{purpose}: {metadata[_HELP]}"
+    metadata.update(changes)
+    return dataclasses.field(default=original.default, default_factory=original.default_factory, metadata=metadata)
+
+
+def _flag_type(annotation):
+    """(argparse type, takes a list) of a field's annotation: int | None -> (int, False), list[str] -> (str, True)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"an option's type must be one type or one type | None, not {annotation}")
+        return _flag_type(members[0])
+    if origin in (list, tuple):
+        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+        return item, True
+    return annotation, False
+
+
+def option_fields(cls) -> list:
+    """The dataclass's fields that are flags, with their resolved types, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get(_CLI, False)]
+
+
+def add_options(parser: argparse.ArgumentParser, cls, optional: tuple = ()) -> None:
+    """Declare the dataclass's options on `parser`, in field order; fields with a `group` go into argument groups
+    of that title (made on first use, or found on the parser). `optional`: fields declared optional although they
+    have no default (required by safedata.cli.parse_args unless --plan is given)."""
+    groups = {g.title: g for g in parser._action_groups}
+    for f, annotation in option_fields(cls):
+        meta = f.metadata
+        target = parser
+        if meta[_GROUP]:
+            target = groups.get(meta[_GROUP]) or parser.add_argument_group(meta[_GROUP])
+            groups[meta[_GROUP]] = target
+        names = meta[_FLAGS] or ("--" + f.name,)
+        kwargs = {"dest": f.name, "help": meta[_HELP]}
+        value_type, many = _flag_type(annotation)
+        has_default = f.default is not MISSING or f.default_factory is not MISSING
+        if value_type is bool:
+            if f.default is not False:
+                raise TypeError(f"{cls.__name__}.{f.name}: a switch's default must be False")
+            target.add_argument(*names, action="store_true", **kwargs)
+            continue
+        kwargs["type"] = value_type
+        if many:
+            kwargs["nargs"] = meta[_NARGS] or "+"
+        elif meta[_NARGS]:
+            kwargs["nargs"] = meta[_NARGS]
+        for key in (_CHOICES, _METAVAR):
+            if meta[key] is not None:
+                kwargs[key] = meta[key]
+        if has_default:
+            kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
+        elif f.name in optional:
+            kwargs["default"] = None
+        else:
+            kwargs["required"] = True
+        target.add_argument(*names, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace, **overrides):
+    """The dataclass from parsed flags: every field the namespace holds (others keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def replace(config, **changes):
+    """A copy of a stage's settings with some changed (dataclasses.replace, lists copied, not shared)."""
+    return dataclasses.replace(copy.deepcopy(config), **changes)
+
+
+# ----------------------------------------------------------------------------- options several stages share
+
+
+TEMPLATE_HELP = ("prompt template: paper (the paper's Llama-2 wrapper), chat (the tokenizer's own chat template) or "
+                 "plain. Default: the model's own: the template it was fine-tuned with here, else chat for a "
+                 "tokenizer with a chat template of its own, paper for Llama-2-chat and for tokenizers without one "
+                 "(logged; recorded in meta.json)")
+ORIGINAL_QUIRKS_HELP = (
+    "reproduce what the original code computed, to compare with its released selections and numbers: "
+    "examples are tokenised as prompt + ' ' + response + ' ', so the trailing space is a supervised token "
+    "before the end token (--template paper only; default: off, the response and the end token as intended)")
+FIELD_MAP_HELP = (
+    "conversations under other field names, e.g. 'conversation=dialog,role=speaker,content=text,user=customer,"
+    "assistant=agent' (names added to the defaults: OpenAI messages with role/content, ShareGPT conversations "
+    "with from/value; docs/AUDIT.md)")
+
+
+def module_names(values) -> list[str]:
+    """--lora_target_modules as a list of names: given space-separated, comma-separated, or both."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+@dataclass
+class LoraArgs:
+    """The LoRA adapter's shape, shared by every stage that makes or reads one (finetune.py --lora,
+    get_gradients.py --mode lora); `shared(LoraArgs, name, purpose)` places each flag in a stage's settings."""
+
+    lora_r: int = option(8, "rank of the adapter")
+    lora_alpha: float = option(32, "alpha (the adapter's scale is alpha / r)")
+    lora_target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "v_proj"], metavar="NAME",
+        help="module names the adapter wraps, space- or comma-separated (q_proj v_proj or q_proj,v_proj)")
+
+    def __post_init__(self):
+        self.lora_target_modules = module_names(self.lora_target_modules)
+
+
+@dataclass
+class StageArgs:
+    """The options the per-example stages share (features, scores, the audit): how records are tokenised,
+    sharding, chunks, precision and bad input. (--field_map is not a stage setting: safedata.cli.parse_args puts
+    it in force for the process.)"""
+
+    template: str | None = option(None, TEMPLATE_HELP, choices=TEMPLATES)
+    max_length: int | None = option(None, "truncate examples to this many tokens")
+    original_quirks: bool = option(False, ORIGINAL_QUIRKS_HELP)
+    shard: str | None = option(None, "I/N: this part of N (default: the SLURM array task, else all)")
+    chunk_size: int = option(512, "examples per resumable chunk file")
+    dtype: str | None = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, fp64")
+    device: str | None = option(None, "e.g. cuda:0 or cpu (default: the GPU of LOCAL_RANK if any, else cpu)")
+    skip_bad: bool = option(False, "skip (count and log) malformed records instead of stopping at the first; an "
+                                   "empty response is not malformed (kept, as the original, with the end token "
+                                   "alone supervised)")
