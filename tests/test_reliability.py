@@ -238,7 +238,8 @@ except OSError:
     reset = False
 rss, base = status_kb("VmRSS"), status_kb("VmHWM")
 if sys.argv[2] == "rank":
-    ranking.rank(sys.argv[3], sys.argv[5], "big", sys.argv[4], [sys.argv[4] + "_anchors"], k=50)
+    ranking.rank(ranking.RankArgs(data_path=sys.argv[3], write_to=sys.argv[5], name="big", pool_features=sys.argv[4],
+                                  anchor_features=[sys.argv[4] + "_anchors"], k=50))
 else:  # the control: reading the features whole, so the measurement is shown to see it
     features = safetensors.torch.load(Path(sys.argv[4], "features.safetensors").read_bytes())["features"]
     print(float(features.sum()))
