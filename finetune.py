@@ -7,7 +7,7 @@ Memory first: python finetune.py --model_name M --plan nproc=2 --fsdp
 import argparse
 
 from safedata import plan
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.training import FinetuneArgs, finetune
 
@@ -15,7 +15,6 @@ from safedata.training import FinetuneArgs, finetune
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, FinetuneArgs, optional=plan.NEEDED_UNLESS_PLAN)
-    add_field_map_arg(p)  # in force for this process (parse_args); not a training setting
     plan.add_plan_flag(p)
     a = parse_args(p)
     args = from_args(FinetuneArgs, a)

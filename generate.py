@@ -5,7 +5,7 @@ Killed runs resume where they stopped (same flags, same output dir).
 """
 import argparse
 
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.generation import GenerationArgs, generate_responses
 
@@ -13,7 +13,6 @@ from safedata.generation import GenerationArgs, generate_responses
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, GenerationArgs)
-    add_field_map_arg(p)  # in force for this process (parse_args); not a generation setting
     generate_responses(from_args(GenerationArgs, parse_args(p)))
 
 

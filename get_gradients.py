@@ -15,7 +15,7 @@ Score of pool example i against a target: <G_i, T>/||G_i|| with T = mean over an
 import argparse
 
 from safedata import plan
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.features.gradients import GradientArgs, run_gradients
 
@@ -23,7 +23,6 @@ from safedata.features.gradients import GradientArgs, run_gradients
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, GradientArgs, optional=plan.NEEDED_UNLESS_PLAN)
-    add_field_map_arg(p)
     plan.add_plan_flag(p)
     a = parse_args(p)
     args = from_args(GradientArgs, a)

@@ -3,7 +3,7 @@ last token of each example (the end token, or the last kept token under --max_le
 import argparse
 
 from safedata import plan
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.features.representations import RepresentationArgs, extract_representations
 
@@ -11,7 +11,6 @@ from safedata.features.representations import RepresentationArgs, extract_repres
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     add_options(p, RepresentationArgs, optional=plan.NEEDED_UNLESS_PLAN)
-    add_field_map_arg(p)
     plan.add_plan_flag(p)
     a = parse_args(p)
     args = from_args(RepresentationArgs, a)

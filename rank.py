@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.ranking import RankArgs, rank
 
@@ -10,7 +10,6 @@ from safedata.ranking import RankArgs, rank
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     add_options(p, RankArgs)
-    add_field_map_arg(p)
     summary = rank(from_args(RankArgs, parse_args(p)))
     print(json.dumps({k: v for k, v in summary.items() if k != "nonfinite_ids"}, indent=1))
 

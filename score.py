@@ -2,7 +2,7 @@
 which rank.py --scores ranks (one column per anchor file: --weights 1 -1 -1 bi-directional, 1 0 0 harmful-only)."""
 import argparse
 
-from safedata.cli import add_field_map_arg, parse_args, run
+from safedata.cli import parse_args, run
 from safedata.config import add_options, from_args
 from safedata.methods.run import ScoreArgs, score
 
@@ -10,7 +10,6 @@ from safedata.methods.run import ScoreArgs, score
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     add_options(p, ScoreArgs)
-    add_field_map_arg(p)
     score(from_args(ScoreArgs, parse_args(p)))
 
 

@@ -28,8 +28,7 @@ import numpy as np
 
 from . import data as D
 from .audit_report import write_report
-from .config import FIELD_MAP_HELP, StageArgs, option, shared
-from .data import conversations as C
+from .config import StageArgs, option, shared
 from .errors import MetadataMismatch, UserError
 from .features import gradients as G
 from .features.representations import RepresentationArgs, extract_representations
@@ -82,7 +81,7 @@ class AuditArgs:
     dtype: str | None = shared(StageArgs, "dtype")
     device: str | None = shared(StageArgs, "device")
     skip_bad: bool = shared(StageArgs, "skip_bad")
-    field_map: str | None = option(None, FIELD_MAP_HELP, metavar="SPEC")
+    field_map: str | None = shared(StageArgs, "field_map")
 
     def __post_init__(self):
         if self.anchor_max_response_length == 0:   # --anchor_max_response_length 0: every answer token
@@ -137,7 +136,7 @@ def _anchor_dirs(cfg: AuditArgs) -> list[Path]:
 def _stage_settings(cfg: AuditArgs) -> dict:
     """The settings the audit passes on to each scoring stage."""
     return dict(model_name=cfg.model_name, template=cfg.template, batch_size=cfg.batch_size, dtype=cfg.dtype,
-                device=cfg.device)
+                device=cfg.device, field_map=cfg.field_map)
 
 
 def _pool_settings(cfg: AuditArgs, output_dir: Path) -> dict:
@@ -237,7 +236,7 @@ def _settings(cfg: AuditArgs, weights) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "shard", "chunk_size", "report_top")}
     settings["weights"] = list(weights)
     if cfg.field_map:
-        settings["field_map"] = C.current_field_map().describe()
+        settings["field_map"] = D.field_map_of(cfg.field_map).describe()
     return settings
 
 
@@ -255,16 +254,15 @@ def audit(cfg: AuditArgs) -> dict | None:
     """Check every input, score, decide, write. Returns a summary, or None when other shards still have to
     finish scoring."""
     check_config(cfg)
-    if cfg.field_map:
-        C.use_field_map(C.FieldMap.parse(cfg.field_map))
+    field_map = D.field_map_of(cfg.field_map)
     output_dir = Path(cfg.output_dir)
     # Every input is read and checked before any work or file: an empty or bad data or anchor file, or a score
     # dir that skipped records, stops here, not after the anchor targets are built into output_dir.
     given = _read_scores_dir(cfg.scores_dir, cfg.data_path, cfg.skip_bad) if cfg.scores_dir is not None else None
     if given is None:
         for anchor in cfg.anchors:  # the stages read anchors strictly (no --skip_bad)
-            D.load_examples(anchor, need_response=True)
-    examples, skipped = D.load_examples(cfg.data_path, need_response=True, skip_bad=cfg.skip_bad)
+            D.load_examples(anchor, need_response=True, field_map=field_map)
+    examples, skipped = D.load_examples(cfg.data_path, need_response=True, skip_bad=cfg.skip_bad, field_map=field_map)
     n_columns = len(given.columns) if given is not None else len(cfg.anchors)
     check_existing_audit(output_dir, {"settings": _settings(cfg, _weights(cfg, n_columns))}, keys=("settings",))
     scored = given or score(cfg)

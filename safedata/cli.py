@@ -8,9 +8,7 @@ import sys
 from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
 from transformers.utils import logging as hf_logging
 
-from .config import FIELD_MAP_HELP
-from .data import conversations as C
-from .data import check_sizes
+from .data import check_sizes, field_map_of
 from .errors import UserError
 from .progress import interactive
 
@@ -37,14 +35,9 @@ SIZE_FLAGS = ("batch_size", "per_device_batch_size", "chunk_size", "max_length",
               "max_seq_length", "max_new_tokens", "proj_dim", "epochs", "lora_r", "tensor_parallel_size")
 
 
-def add_field_map_arg(parser) -> None:
-    """--field_map, on every CLI that reads records (parse_args puts it in force)."""
-    parser.add_argument("--field_map", default=None, metavar="SPEC", help=FIELD_MAP_HELP)
-
-
 def parse_args(parser):
     """parser.parse_args(), then what every stage CLI does before any work or file: each size flag it has
-    checked, its --field_map put in force for this process (safedata.data.conversations.use_field_map)."""
+    checked, its --field_map parsed (a bad spec stops here; the stage reads it from its settings)."""
     args = parser.parse_args()
     needed = getattr(args, "needed_unless_plan", ())
     if needed:
@@ -54,6 +47,5 @@ def parse_args(parser):
                 parser.error(f"the following arguments are required: {', '.join(missing)}")
         del args.needed_unless_plan   # not a setting of the run
     check_sizes(**{name: getattr(args, name) for name in SIZE_FLAGS if hasattr(args, name)})
-    spec = getattr(args, "field_map", None)
-    C.use_field_map(C.FieldMap.parse(spec) if spec else None)
+    field_map_of(getattr(args, "field_map", None))
     return args

@@ -156,8 +156,8 @@ class LoraArgs:
 @dataclass
 class StageArgs:
     """The options the per-example stages share (features, scores, the audit): how records are tokenised,
-    sharding, chunks, precision and bad input. (--field_map is not a stage setting: safedata.cli.parse_args puts
-    it in force for the process.)"""
+    sharding, chunks, precision, bad input and how conversations are read (--field_map: an argument of the
+    readers, never process state)."""
 
     template: str | None = option(None, TEMPLATE_HELP, choices=TEMPLATES)
     max_length: int | None = option(None, "truncate examples to this many tokens")
@@ -169,3 +169,4 @@ class StageArgs:
     skip_bad: bool = option(False, "skip (count and log) malformed records instead of stopping at the first; an "
                                    "empty response is not malformed (kept, as the original, with the end token "
                                    "alone supervised)")
+    field_map: str | None = option(None, FIELD_MAP_HELP, metavar="SPEC")

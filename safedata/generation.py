@@ -64,6 +64,7 @@ class GenerationArgs:
     tensor_parallel_size: int = option(1, "vllm: GPUs per model")
     skip_bad: bool = option(False, "skip (count and log) bad records instead of stopping")
     overwrite: bool = option(False, "replace responses made with other flags")
+    field_map: str | None = shared(StageArgs, "field_map")
 
 
 # ----------------------------------------------------------------------------- templates
@@ -247,7 +248,9 @@ def generate_responses(config: GenerationArgs) -> bool:
         raise UserError(f"--backend {config.backend!r}: choose from {', '.join(BACKENDS)}")
     shard = parse_shard(config.shard)
     template, finetune_meta = resolve_template(config.model_name, config.template, allow_mismatch=config.allow_template_mismatch)
-    examples, skipped = D.load_examples(config.data_path, need_response=False, skip_bad=config.skip_bad)
+    field_map = D.field_map_of(config.field_map)
+    examples, skipped = D.load_examples(config.data_path, need_response=False, skip_bad=config.skip_bad,
+                                        field_map=field_map)
     flags = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
              "temperature": config.temperature if config.do_sample else None,
              "top_p": config.top_p if config.do_sample else None, "seed": config.seed, "backend": config.backend,
@@ -264,8 +267,10 @@ def generate_responses(config: GenerationArgs) -> bool:
         "n": len(examples),
         "skipped": skipped,
         "flags": flags,
+        # --field_map, when one was given: how the prompts' conversations were read
+        **({"field_map": field_map.describe()} if field_map != D.DEFAULT_FIELD_MAP else {}),
     }
-    identity = {k: meta[k] for k in ("model", "template", "data_sha256", "flags")}
+    identity = {k: meta[k] for k in ("model", "template", "data_sha256", "flags", "field_map") if k in meta}
     # A checkpoint retrained in place keeps its path, config and sizes: what its fine-tune was asked and reached
     # tells the runs apart (not the whole finetune meta: its times would make every rerun of one recipe new).
     identity["finetune_meta"] = fingerprint({k: finetune_meta.get(k) for k in FINETUNE_IDENTITY}) \

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from .config import option
+from .config import StageArgs, option, shared
 from .errors import MetadataMismatch, UserError
 from .paths import input_data, output_dir
 from .scores import anchor_scores, combine, default_weights, parse_avg_n, read_scores_csv, unique_names
@@ -125,9 +125,9 @@ def select(scores: np.ndarray, indices: np.ndarray, kind="top", k=100, range_sta
 
 
 def write_selection(data_path, write_to, name, kind, k, positions, indices, ids, columns, scores,
-                    range_start=None, range_end=None) -> tuple[Path, Path]:
+                    range_start=None, range_end=None, field_map: D.FieldMap | None = None) -> tuple[Path, Path]:
     """The selected records verbatim (pool's own format) and an index CSV with every score."""
-    examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True)
+    examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True, field_map=field_map)
     by_index = {e.index: e for e in examples}
     records = []
     for position in positions:
@@ -178,6 +178,7 @@ class RankArgs:
     range_end: int | None = option(None, "with --type range: rank after the last")
     write_to: str = option(help="output folder")
     name: str | None = option(None, "file name prefix (default: the pool file's stem)")
+    field_map: str | None = shared(StageArgs, "field_map")
 
 
 def rank(args: RankArgs) -> dict:
@@ -233,7 +234,7 @@ def rank(args: RankArgs) -> dict:
                     ", ".join(nonfinite[:20]))
     positions = select(scores, indices, kind, k, range_start, range_end)
     subset_path, index_path = write_selection(data_path, write_to, name, kind, k, positions, indices, ids, columns,
-                                              scores, range_start, range_end)
+                                              scores, range_start, range_end, D.field_map_of(args.field_map))
     summary = {"subset": str(subset_path), "index_csv": str(index_path), "n_scored": int(len(scores)),
                "n_nonfinite": len(nonfinite), "nonfinite_ids": nonfinite, "weights": weights,
                "columns": list(columns), "avg_n": str(avg_n) if scores_dir is None else None, "type": kind, "k": len(positions), **source}

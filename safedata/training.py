@@ -118,6 +118,7 @@ class FinetuneArgs:
         False, "if --output_dir holds a finished fine-tune made with exactly these settings (flags, subset content, "
                "base model), keep it and exit; one made with other settings is refused, naming the differences "
                "(the SLURM job's reruns use this)")
+    field_map: str | None = shared(StageArgs, "field_map")
 
     def __post_init__(self):
         self.lora_target_modules = module_names(self.lora_target_modules)
@@ -326,9 +327,18 @@ def _empty_model(base_name: str, dtype: str):
 FLAG_DEFAULTS = {f.name: f.default for f in fields(FinetuneArgs) if f.default is not MISSING}
 
 
+def recorded_flags(config: FinetuneArgs) -> dict:
+    """The flags finetune_meta.json records: every field, --field_map only when one was given (as the feature
+    stages' meta.json)."""
+    flags = asdict(config)
+    if flags["field_map"] is None:
+        del flags["field_map"]
+    return flags
+
+
 def requested_settings(config: FinetuneArgs, data_sha256: str, base_model: str) -> dict:
     """What determines a fine-tune: its flags, the subset's content and the base model's identity."""
-    flags = {k: v for k, v in asdict(config).items() if k not in NOT_SETTINGS}
+    flags = {k: v for k, v in recorded_flags(config).items() if k not in NOT_SETTINGS}
     return {"flags": flags, "data_sha256": data_sha256, "base_model": base_model}
 
 
@@ -393,7 +403,8 @@ def finetune(config: FinetuneArgs) -> dict:
 
     tokenizer = load_tokenizer(base_name)
     template = choose_template(base_name, config.template, tokenizer)
-    examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad)
+    examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad,
+                                        field_map=D.field_map_of(config.field_map))
     encoded, excluded = D.encode_examples(examples, tokenizer, template, config.max_length)
     if not encoded:
         raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
@@ -481,7 +492,7 @@ def finetune(config: FinetuneArgs) -> dict:
         "ids": [e.id for e in encoded],
         "excluded": [vars(e) for e in excluded],
         "skipped": skipped,
-        "flags": asdict(config),
+        "flags": recorded_flags(config),
         "settings": requested,
         "world_size": processes,
         "per_device_batch_size": per_device,

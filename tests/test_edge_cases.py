@@ -188,7 +188,6 @@ def test_crlf_jsonl_comes_back_from_an_audit_with_its_own_bytes(tmp_path):
 
 
 def test_every_edge_case_is_scored(tiny_model_dir, default_system_model, tmp_path):
-    from safedata.data import conversations as C
     from safedata.features import gradients as G
     from safedata.store import read_json
     separators = [{"messages": [user(f"Join two{s}lines."), assistant(f"One{s}two.")]} for s in SEPARATORS]
@@ -201,13 +200,9 @@ def test_every_edge_case_is_scored(tiny_model_dir, default_system_model, tmp_pat
              (mapped, tiny_model_dir, "chat", 3, MAPPED_FIELDS))
     for data, model, template, n, field_map in cases:
         out = tmp_path / f"scores_{data.stem}"
-        C.use_field_map(C.FieldMap.parse(field_map) if field_map else None)
-        try:
-            assert G.score_pool(G.GradientArgs(model_name=str(model), data_path=str(data), output_dir=str(out),
-                                               targets=[], template=template, batch_size=2, dtype="fp32",
-                                               self_influence=True))
-        finally:
-            C.use_field_map(None)
+        assert G.score_pool(G.GradientArgs(model_name=str(model), data_path=str(data), output_dir=str(out),
+                                           targets=[], template=template, batch_size=2, dtype="fp32",
+                                           self_influence=True, field_map=field_map))
         rows = (out / "scores.csv").read_text().splitlines()[1:]
         assert [int(r.split(",")[0]) for r in rows] == list(range(n))
         meta = read_json(out / "meta.json")
@@ -251,6 +246,32 @@ def test_every_stage_cli_takes_field_map_and_names_what_it_reads(tiny_model_dir,
                    "--field_map", MAPPED_FIELDS)
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "random" / "scores.csv").read_text().splitlines()) == 4
+
+
+def test_field_map_is_an_argument_of_each_stage_not_process_state(tiny_model_dir, tmp_path):
+    """Stages run one after another in one process, each with its own --field_map: the mapped run reads the mapped
+    records and records the mapping in its meta.json; the next run without one refuses them (nothing stayed
+    behind), and a run of default records records no mapping."""
+    from safedata.generation import GenerationArgs, generate_responses
+    from safedata.methods.run import ScoreArgs, score
+    from safedata.ranking import RankArgs, rank
+    from safedata.store import read_json
+    mapped = write_jsonl(tmp_path / "mapped.jsonl", mapped_records(4))
+    assert score(ScoreArgs(method="random", data_path=str(mapped), output_dir=str(tmp_path / "s"),
+                           field_map=MAPPED_FIELDS))
+    assert read_json(tmp_path / "s" / "meta.json")["field_map"]["conversation"][0] == "dialog"
+    summary = rank(RankArgs(data_path=str(mapped), write_to=str(tmp_path / "sel"), scores_dir=str(tmp_path / "s"),
+                            k=2, field_map=MAPPED_FIELDS))
+    assert all("dialog" in json.loads(line) for line in Path(summary["subset"]).read_text().splitlines())
+    with pytest.raises(UserError, match="mapped.jsonl: no usable records"):   # skipped: no mapping now
+        rank(RankArgs(data_path=str(mapped), write_to=str(tmp_path / "sel2"), scores_dir=str(tmp_path / "s"), k=2))
+    assert generate_responses(GenerationArgs(model_name=str(tiny_model_dir), data_path=str(mapped),
+                                             output_dir=str(tmp_path / "gen"), max_new_tokens=2, dtype="fp32",
+                                             template="paper", field_map=MAPPED_FIELDS))
+    assert read_json(tmp_path / "gen" / "meta.json")["field_map"]["roles"]["customer"] == "user"
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"messages": [user("Q."), assistant("A.")]}])
+    assert score(ScoreArgs(method="random", data_path=str(plain), output_dir=str(tmp_path / "p")))
+    assert "field_map" not in read_json(tmp_path / "p" / "meta.json")
 
 
 # ----------------------------------------------------------------------------- item 5: no silent keeps, no waste

@@ -35,8 +35,9 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def example(record, need_response=True):
-    return D.to_example("x.jsonl", 0, 1, record, D.detect_kind(record), need_response=need_response)
+def example(record, need_response=True, field_map=D.DEFAULT_FIELD_MAP):
+    return D.to_example("x.jsonl", 0, 1, record, D.detect_kind(record, field_map), need_response=need_response,
+                        field_map=field_map)
 
 
 def supervised_runs(encoded):
@@ -204,11 +205,9 @@ def test_field_mapping_loads_other_names(tokenizer):
     record = {"dialog": [{"speaker": "customer", "text": u} if i % 2 == 0 else {"speaker": "agent", "text": u}
                          for i, u in enumerate(x for pair in TURNS for x in pair)]}
     assert D.detect_kind(record) is None
-    try:
-        C.use_field_map(C.FieldMap.parse("conversation=dialog,role=speaker,content=text,user=customer,assistant=agent"))
-        mapped = D.encode(example(record), tokenizer, "chat")
-    finally:
-        C.use_field_map(None)
+    field_map = C.FieldMap.parse("conversation=dialog,role=speaker,content=text,user=customer,assistant=agent")
+    mapped = D.encode(example(record, field_map=field_map), tokenizer, "chat")
+    assert D.detect_kind(record) is None   # the mapping is an argument: nothing of it stays behind
     reference = D.encode(example(openai(system=None)), tokenizer, "chat")
     assert (mapped.input_ids, mapped.labels) == (reference.input_ids, reference.labels)
     with pytest.raises(UserError, match="unknown key"):

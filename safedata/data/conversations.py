@@ -8,7 +8,8 @@ Field mapping (docs/AUDIT.md): a record's conversation is the first of `FieldMap
 of turns); a turn's role is the first of `FieldMap.role` and its text the first of `FieldMap.content`; role
 values map to system / user / assistant through `FieldMap.roles`. The default covers OpenAI
 (`messages`, role/content: system/user/assistant) and ShareGPT (`conversations`, from/value:
-system/human/gpt); `use_field_map(FieldMap.parse("conversation=dialog,role=speaker,..."))` adds others.
+system/human/gpt); `FieldMap.parse("conversation=dialog,role=speaker,...")` (a stage's --field_map) adds others.
+The mapping is an argument of the readers (`load_examples(..., field_map=)`), never process state.
 """
 from __future__ import annotations
 
@@ -60,28 +61,22 @@ class FieldMap:
                 "roles": dict(sorted(self.roles.items()))}
 
 
-_field_map = FieldMap()
+DEFAULT_FIELD_MAP = FieldMap()
 
 
-def use_field_map(field_map: FieldMap | None) -> None:
-    """Set the process-wide field mapping (every stage CLI's --field_map, safedata.cli.parse_args); None restores
-    the default."""
-    global _field_map
-    _field_map = field_map or FieldMap()
+def field_map_of(spec: str | None) -> FieldMap:
+    """The mapping a stage's --field_map spec asks for (the default when none was given)."""
+    return FieldMap.parse(spec) if spec else DEFAULT_FIELD_MAP
 
 
-def current_field_map() -> FieldMap:
-    return _field_map
-
-
-def conversation_field(record) -> str | None:
-    """The record's conversation field under the current mapping, if it has one holding a list."""
+def conversation_field(record, field_map: FieldMap = DEFAULT_FIELD_MAP) -> str | None:
+    """The record's conversation field under the mapping, if it has one holding a list."""
     if not isinstance(record, dict):
         return None
-    for name in _field_map.conversation:
+    for name in field_map.conversation:
         if name in record and isinstance(record[name], list):
             return name
-    for name in _field_map.conversation:
+    for name in field_map.conversation:
         if name in record:
             return name
     return None
@@ -115,12 +110,12 @@ def _first_key(turn: dict, names) -> str | None:
     return next((n for n in names if n in turn), None)
 
 
-def parse_conversation(path, line, record) -> Conversation:
+def parse_conversation(path, line, record, field_map: FieldMap = DEFAULT_FIELD_MAP) -> Conversation:
     """Validate and canonicalise a record's conversation: an optional system turn first, then user and
     assistant turns alternating, starting with a user turn. Errors name the turn and field."""
-    name = conversation_field(record)
+    name = conversation_field(record, field_map)
     if name is None:
-        raise InputError(path, line, None, f"no conversation field (one of {', '.join(_field_map.conversation)})")
+        raise InputError(path, line, None, f"no conversation field (one of {', '.join(field_map.conversation)})")
     turns = record[name]
     if not isinstance(turns, list) or not turns:
         raise InputError(path, line, name, "expected a non-empty list of turns")
@@ -129,16 +124,16 @@ def parse_conversation(path, line, record) -> Conversation:
         where = f"{name}[{number}]"
         if not isinstance(turn, dict):
             raise InputError(path, line, where, f"expected an object, found {type(turn).__name__}")
-        role_key, content_key = _first_key(turn, _field_map.role), _first_key(turn, _field_map.content)
+        role_key, content_key = _first_key(turn, field_map.role), _first_key(turn, field_map.content)
         if role_key is None:
-            raise InputError(path, line, where, f"no role field (one of {', '.join(_field_map.role)})")
+            raise InputError(path, line, where, f"no role field (one of {', '.join(field_map.role)})")
         if content_key is None or not isinstance(turn[content_key], str):
-            raise InputError(path, line, f"{where}.{content_key or _field_map.content[0]}",
+            raise InputError(path, line, f"{where}.{content_key or field_map.content[0]}",
                              "expected string content" if content_key else "missing")
-        role = _field_map.roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        role = field_map.roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
             raise InputError(path, line, f"{where}.{role_key}", f"unknown role {turn[role_key]!r} (known: "
-                             f"{', '.join(sorted(_field_map.roles))}; add others with --field_map)")
+                             f"{', '.join(sorted(field_map.roles))}; add others with --field_map)")
         messages.append({"role": role, "content": turn[content_key]})
     body = messages[1:] if messages[0]["role"] == SYSTEM else messages
     for number, message in enumerate(body):

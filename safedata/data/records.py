@@ -41,14 +41,14 @@ class Excluded:
     reason: str
 
 
-def detect_kind(record) -> str | None:
+def detect_kind(record, field_map: C.FieldMap = C.DEFAULT_FIELD_MAP) -> str | None:
     if not isinstance(record, dict):
         return None
     keys = set(record)
     for kind, (required, _) in KIND_FIELDS.items():
         if keys >= set(required):
             return kind
-    if C.conversation_field(record) is not None:  # ShareGPT `conversations`, or a mapped field name
+    if C.conversation_field(record, field_map) is not None:  # ShareGPT `conversations`, or a mapped field name
         return "chat"
     return None
 
@@ -68,19 +68,20 @@ def _text(path, line, record, name, required=True, allow_empty=False) -> str:
     return value
 
 
-def known_kinds() -> str:
+def known_kinds(field_map: C.FieldMap = C.DEFAULT_FIELD_MAP) -> str:
     """The record shapes a file may hold, for error messages: every kind's required fields, a conversation
-    under each field name the current mapping knows (OpenAI `messages`, ShareGPT `conversations`, --field_map)."""
+    under each field name the mapping knows (OpenAI `messages`, ShareGPT `conversations`, --field_map)."""
     shapes = []
     for kind, (required, _) in KIND_FIELDS.items():
         if kind == "chat":
-            shapes += ["{" + name + "}" for name in C.current_field_map().conversation]
+            shapes += ["{" + name + "}" for name in field_map.conversation]
         else:
             shapes.append("{" + ", ".join(required) + "}")
     return "; ".join(shapes) + " (a conversation under other field names: --field_map)"
 
 
-def to_example(path, index, line, record, kind, need_response=True) -> Example:
+def to_example(path, index, line, record, kind, need_response=True,
+               field_map: C.FieldMap = C.DEFAULT_FIELD_MAP) -> Example:
     """Validate one record of a known kind and turn it into an Example."""
     if kind == "alpaca":
         instruction = _text(path, line, record, "instruction")
@@ -95,7 +96,7 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
         extra = ""
         response = _text(path, line, record, "answer", required=need_response, allow_empty=True)
     elif kind == "chat":
-        conversation = C.parse_conversation(path, line, record)
+        conversation = C.parse_conversation(path, line, record, field_map)
         extra, messages = "", None
         if conversation.single_exchange:  # every format of one exchange: one Example, as an Alpaca record
             # An empty answer is data, in every format: the end token alone is supervised.
@@ -120,14 +121,17 @@ def to_example(path, index, line, record, kind, need_response=True) -> Example:
                    line=line, record=record, messages=messages if kind == "chat" else None)
 
 
-def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=True):
+def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=True,
+                  field_map: C.FieldMap | None = None):
     """Load a data file into Examples, keeping each record's 0-based index in the file.
 
     With skip_bad, bad records are counted, logged with file:line and skipped (their
     index stays unused); otherwise the first bad record raises a one-line InputError.
-    Returns (examples, skipped) where skipped is a list of error messages.
+    Returns (examples, skipped) where skipped is a list of error messages. field_map: how conversations are
+    read (a stage's --field_map; default: OpenAI `messages` and ShareGPT `conversations`).
     """
     path = Path(path)
+    field_map = field_map or C.DEFAULT_FIELD_MAP
     raw, is_array = read_records(path)
     if not raw:
         raise InputError(path, 1, None, "no records")
@@ -136,12 +140,12 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
     first_line_of_id: dict[str, int] = {}
     for index, (line, record) in enumerate(raw):
         try:
-            kind = detect_kind(record)
+            kind = detect_kind(record, field_map)
             if kind is None:
                 if not isinstance(record, dict):
                     raise InputError(path, line, None, f"expected an object, found {type(record).__name__}")
                 raise InputError(path, line, None, f"unknown record kind with fields {sorted(record)}; expected one of "
-                                 + known_kinds())
+                                 + known_kinds(field_map))
             if file_kind is None:
                 file_kind = kind
             elif kind != file_kind:
@@ -150,7 +154,7 @@ def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=Tru
                                  f"record is {kind}, but the file's first record is {file_kind}")
             if need_response and kind in ("prompt", "advbench"):
                 raise InputError(path, line, None, f"{kind} records carry no response; this stage needs responses")
-            example = to_example(path, index, line, record, kind, need_response=need_response)
+            example = to_example(path, index, line, record, kind, need_response=need_response, field_map=field_map)
             if example.id in first_line_of_id and not allow_duplicates:
                 raise InputError(path, line, None, f"duplicate of the record on line {first_line_of_id[example.id]}")
             first_line_of_id.setdefault(example.id, line)

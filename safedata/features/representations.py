@@ -53,6 +53,7 @@ class RepresentationArgs:
     dtype: str | None = shared(StageArgs, "dtype")
     device: str | None = shared(StageArgs, "device")
     skip_bad: bool = shared(StageArgs, "skip_bad")
+    field_map: str | None = shared(StageArgs, "field_map")
 
 
 def decoder_of(model):
@@ -112,7 +113,7 @@ def extract_representations(args: RepresentationArgs) -> bool:
     model, tokenizer = load_model(a.model_name, a.dtype, a.device)
     template = choose_template(a.model_name, a.template, tokenizer)
     prepared = prepare_data(a.data_path, tokenizer, template, a.max_length, a.max_response_length, a.skip_bad,
-                            a.original_quirks)
+                            a.original_quirks, D.field_map_of(a.field_map))
     flags = {"max_length": a.max_length, "max_response_length": a.max_response_length, "layer": a.layer,
              "pooling": a.pooling, "original_quirks": a.original_quirks,
              "dtype": str(next(model.parameters()).dtype)}

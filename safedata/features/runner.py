@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from .. import data as D
-from ..data import conversations as C
 from ..distributed import rank_and_world
 from ..errors import UserError
 from ..models import model_identity
@@ -33,6 +32,7 @@ class PreparedData:
     encoded: list[D.Encoded]
     excluded: list[D.Excluded] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    field_map: D.FieldMap = D.DEFAULT_FIELD_MAP
 
     @property
     def ids(self) -> list[str]:
@@ -48,9 +48,10 @@ class PreparedData:
 
 
 def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_response_length=None,
-                 skip_bad=False, original_quirks=False) -> PreparedData:
+                 skip_bad=False, original_quirks=False, field_map: D.FieldMap | None = None) -> PreparedData:
     log.info("reading %s", data_path)
-    examples, skipped = D.load_examples(data_path, need_response=True, skip_bad=skip_bad)
+    field_map = field_map or D.DEFAULT_FIELD_MAP
+    examples, skipped = D.load_examples(data_path, need_response=True, skip_bad=skip_bad, field_map=field_map)
     log.info("read %d record(s); tokenising (template %s%s)", len(examples), template,
              ", --max_length %d" % max_length if max_length else "")
     encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length,
@@ -61,12 +62,12 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
                  "(counted in meta.json)", n_empty)
     if not encoded:
         raise UserError(f"{data_path}: no example has a supervised token (check --max_length)")
-    return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped)
+    return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped, field_map)
 
 
 def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str, flags: dict) -> dict:
     """What made an output: the next stage checks these before trusting it."""
-    field_map = C.current_field_map()
+    field_map = prepared.field_map
     return {
         "stage": stage,
         "model": model_identity(model_name),
@@ -83,15 +84,38 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
         "n_empty_response": len(prepared.empty_responses),
         "empty_response_indices": prepared.empty_responses,
         # --field_map, when one was given: how the records' conversations were read
-        **({"field_map": field_map.describe()} if field_map != C.FieldMap() else {}),
+        **({"field_map": field_map.describe()} if field_map != D.DEFAULT_FIELD_MAP else {}),
     }
 
 
 def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callable[[list[D.Encoded]], dict],
                 batch_size: int, chunk_size: int, shard=(0, 1), desc="examples") -> ChunkStore:
-    """Compute every pending chunk of this shard (and rank), atomically, resumably."""
+    """Compute every pending chunk of this shard (and rank), atomically, resumably: the encoded examples of each
+    chunk in length-bucketed batches of `compute`."""
     identity = {k: meta[k] for k in ("stage", "model", "template", "data_sha256", "flags", "ids")}
     store = ChunkStore(output_dir, fingerprint(identity), len(prepared.encoded), chunk_size)
+
+    def chunk_rows(span: range, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
+        items = [prepared.encoded[i] for i in span]
+        rows: dict[str, list] = {}
+        for batch_positions in D.length_bucketed_batches([len(it) for it in items], batch_size):
+            outputs = compute([items[p] for p in batch_positions])
+            for name, tensor in outputs.items():
+                slots = rows.setdefault(name, [None] * len(items))
+                for row, position in enumerate(batch_positions):
+                    slots[position] = tensor[row]
+            advance(len(batch_positions))
+        return {name: torch.stack(slots) for name, slots in rows.items()}
+
+    compute_chunks(store, chunk_rows, shard, desc)
+    return store
+
+
+def compute_chunks(store: ChunkStore, chunk_rows: Callable[[range, Callable[[int], None]], dict], shard=(0, 1),
+                   desc="examples") -> None:
+    """The one loop of every chunked stage: each chunk of this shard (and data-parallel rank) not done yet by this
+    run is computed (`chunk_rows(span, advance)` -> {name: tensor with a row per item of the span}, calling
+    advance(n) as items finish) and saved atomically; finished chunks are kept (resume), with one progress line."""
     rank = rank_and_world()
     mine = store.assigned(shard, rank)
     pending = store.pending(mine)
@@ -101,18 +125,7 @@ def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callabl
     log.info("%s: %d example(s) to compute in %d chunk(s)", desc, total, len(pending))
     with progress(total=total, desc=desc, unit="ex", disable=rank[0] != 0) as bar:
         for chunk in pending:
-            span = store.span(chunk)
-            items = [prepared.encoded[i] for i in span]
-            rows: dict[str, list] = {}
-            for batch_positions in D.length_bucketed_batches([len(it) for it in items], batch_size):
-                outputs = compute([items[p] for p in batch_positions])
-                for name, tensor in outputs.items():
-                    slots = rows.setdefault(name, [None] * len(items))
-                    for row, position in enumerate(batch_positions):
-                        slots[position] = tensor[row]
-                bar.update(len(batch_positions))
-            store.save(chunk, {name: torch.stack(slots) for name, slots in rows.items()})
-    return store
+            store.save(chunk, chunk_rows(store.span(chunk), bar.update))
 
 
 def finish(output_dir, store: ChunkStore, meta: dict, result_name: str, write_result: Callable[[dict, dict], None],
@@ -147,5 +160,5 @@ def check_existing_output(output_dir, meta: dict) -> None:
     refuse_foreign_output(output_dir, meta, ("stage", "model", "template", "data_sha256", "flags"))
 
 
-__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "finish", "save_tensors",
+__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "compute_chunks", "finish", "save_tensors",
            "check_existing_output"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
+from ..data import FieldMap
 from ..errors import UserError
 from ..scores import top_n_mean, unique_names
 from .common import Cost, load_texts, score_meta, write_scores
@@ -39,16 +40,18 @@ def similarities(retriever, anchor_texts: list[str]) -> np.ndarray:
     return np.stack([retriever.get_scores(tokens) for tokens in tokenize(anchor_texts)], axis=1).astype(np.float64)
 
 
-def score(data_path, anchors, output_dir, text="full", avg_n="1", skip_bad=False, k1=K1, b=B) -> bool:
+def score(data_path, anchors, output_dir, text="full", avg_n="1", skip_bad=False, k1=K1, b=B,
+          field_map: FieldMap | None = None) -> bool:
     if not anchors:
         raise UserError("--anchors: the bm25 method needs at least one anchor file")
     cost = Cost()
-    examples, texts, skipped = load_texts(data_path, text, skip_bad)
+    examples, texts, skipped = load_texts(data_path, text, skip_bad, field_map)
     flags = {"text": text, "avg_n": str(avg_n), "skip_bad": skip_bad, "k1": k1, "b": b}
-    meta = score_meta("bm25", f"bm25s=={bm25s.__version__}", data_path, examples, skipped, flags, anchors)
+    meta = score_meta("bm25", f"bm25s=={bm25s.__version__}", data_path, examples, skipped, flags, anchors,
+                      field_map)
     check_existing_output(output_dir, meta)
     retriever = index(texts, k1, b)
-    columns = {name: top_n_mean(similarities(retriever, load_texts(path, text)[1]), avg_n)
+    columns = {name: top_n_mean(similarities(retriever, load_texts(path, text, field_map=field_map)[1]), avg_n)
                for name, path in zip(unique_names(Path(a).stem for a in anchors), anchors)}
     write_scores(output_dir, meta, columns, cost)
     return True

@@ -32,9 +32,10 @@ def example_text(example: D.Example, part: str = "full") -> str:
     raise UserError(f"--text {part!r}: choose one of {', '.join(TEXT_PARTS)}")
 
 
-def load_texts(path, part="full", skip_bad=False) -> tuple[list[D.Example], list[str], list[str]]:
+def load_texts(path, part="full", skip_bad=False,
+               field_map: D.FieldMap | None = None) -> tuple[list[D.Example], list[str], list[str]]:
     """(examples, texts, skipped) of a records file (pool or anchors), in file order."""
-    examples, skipped = D.load_examples(path, need_response=True, skip_bad=skip_bad)
+    examples, skipped = D.load_examples(path, need_response=True, skip_bad=skip_bad, field_map=field_map)
     return examples, [example_text(e, part) for e in examples], skipped
 
 
@@ -49,8 +50,11 @@ class Cost:
         return {"seconds": round(time.perf_counter() - self.start, 3), "peak_rss_mib": round(peak_kib / 1024, 1)}
 
 
-def score_meta(method: str, model: str, data_path, examples, skipped, flags: dict, anchors=()) -> dict:
-    """meta.json fields the runner's metadata check and rank.py read (stage, model, template, data_sha256, flags)."""
+def score_meta(method: str, model: str, data_path, examples, skipped, flags: dict, anchors=(),
+               field_map: D.FieldMap | None = None) -> dict:
+    """meta.json fields the runner's metadata check and rank.py read (stage, model, template, data_sha256, flags);
+    --field_map, when one was given."""
+    mapped = {"field_map": field_map.describe()} if field_map and field_map != D.DEFAULT_FIELD_MAP else {}
     return {
         "stage": "method_scores",
         "method": method,
@@ -64,6 +68,7 @@ def score_meta(method: str, model: str, data_path, examples, skipped, flags: dic
         "indices": [e.index for e in examples],
         "ids": [e.id for e in examples],
         "skipped": list(skipped),
+        **mapped,
     }
 
 

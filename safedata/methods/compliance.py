@@ -74,7 +74,8 @@ def compliance_direction(harmful: torch.Tensor, safe: torch.Tensor) -> dict:
 
 
 def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=None, max_length=None,
-          batch_size=8, chunk_size=512, shard=None, dtype=None, device=None, skip_bad=False) -> bool:
+          batch_size=8, chunk_size=512, shard=None, dtype=None, device=None, skip_bad=False,
+          field_map: D.FieldMap | None = None) -> bool:
     """Choose the layer and direction on the anchors, then project the pool (runner: chunked, resumable)."""
     if not safe_paths:
         raise UserError("--anchors: the compliance method needs the harmful anchor file, then at least one safe file")
@@ -82,12 +83,15 @@ def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=
     model, tokenizer = load_model(model_name, dtype, device)
     pad_id = D.pad_token_id(tokenizer)
     template = choose_template(model_name, template, tokenizer)
-    harmful = anchor_states(model, prepare_data(harmful_path, tokenizer, template, max_length), pad_id, batch_size)
-    safe = torch.cat([anchor_states(model, prepare_data(p, tokenizer, template, max_length), pad_id, batch_size)
-                      for p in safe_paths])
+    def states(path):
+        return anchor_states(model, prepare_data(path, tokenizer, template, max_length, field_map=field_map), pad_id,
+                             batch_size)
+
+    harmful = states(harmful_path)
+    safe = torch.cat([states(p) for p in safe_paths])
     chosen = compliance_direction(harmful, safe)
     unit = chosen["direction"].float()
-    prepared = prepare_data(data_path, tokenizer, template, max_length, None, skip_bad)
+    prepared = prepare_data(data_path, tokenizer, template, max_length, None, skip_bad, field_map=field_map)
     flags = {"max_length": max_length, "skip_bad": skip_bad, "pooling": "mean", "layer": chosen["layer"],
              "direction_sha256": hashlib.sha256(unit.numpy().tobytes()).hexdigest()[:16],
              "dtype": str(next(model.parameters()).dtype)}

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import FieldMap
 from ..errors import UserError
-from ..progress import progress
-from ..features.runner import check_existing_output
+from ..features.runner import check_existing_output, compute_chunks
 from ..models import model_identity
 from ..store import ChunkStore, fingerprint, parse_shard, save_tensors
 from ..scores import top_n_mean, unique_names
@@ -60,26 +60,28 @@ def embed(encoder, texts: list[str], batch_size=64, show_progress=False) -> torc
 
 
 def score(data_path, anchors, output_dir, model_name=None, text="full", avg_n="1", batch_size=64, chunk_size=4096,
-          shard=None, device=None, skip_bad=False, max_seq_length=None) -> bool:
+          shard=None, device=None, skip_bad=False, max_seq_length=None, field_map: FieldMap | None = None) -> bool:
     """Embed the pool (chunked, resumable) and the anchors; write scores.csv (one column per anchor file)."""
     if not anchors:
         raise UserError("--anchors: the embedding method needs at least one anchor file")
     cost = Cost()
     model_name = model_name or default_model_dir()
-    examples, texts, skipped = load_texts(data_path, text, skip_bad)
+    examples, texts, skipped = load_texts(data_path, text, skip_bad, field_map)
     encoder = load_encoder(model_name, device, max_seq_length)
     flags = {"text": text, "avg_n": str(avg_n), "skip_bad": skip_bad, "max_seq_length": encoder.max_seq_length}
-    meta = score_meta("embedding", model_identity(model_name), data_path, examples, skipped, flags, anchors)
+    meta = score_meta("embedding", model_identity(model_name), data_path, examples, skipped, flags, anchors,
+                      field_map)
     check_existing_output(output_dir, meta)
     identity = {k: meta[k] for k in ("stage", "model", "data_sha256", "ids")} | {"text": text,
                                                                                 "max_seq_length": encoder.max_seq_length}
     store = ChunkStore(output_dir, fingerprint(identity), len(texts), chunk_size)
-    pending = store.pending(store.assigned(parse_shard(shard)))
-    with progress(total=sum(len(store.span(c)) for c in pending), desc="embeddings", unit="ex") as bar:
-        for chunk in pending:
-            span = store.span(chunk)
-            store.save(chunk, {"embeddings": embed(encoder, [texts[i] for i in span], batch_size)})
-            bar.update(len(span))
+
+    def chunk_rows(span, advance):
+        rows = {"embeddings": embed(encoder, [texts[i] for i in span], batch_size)}
+        advance(len(span))
+        return rows
+
+    compute_chunks(store, chunk_rows, parse_shard(shard), "embeddings")
     missing = store.missing()
     if missing:
         log.info("%d chunk(s) still to do in other shards; the last shard to finish writes the scores", len(missing))
@@ -88,7 +90,7 @@ def score(data_path, anchors, output_dir, model_name=None, text="full", avg_n="1
     save_tensors(Path(output_dir) / EMBEDDINGS, {"embeddings": pool}, {"model": meta["model"]})
     columns = {}
     for name, path in zip(unique_names(Path(a).stem for a in anchors), anchors):
-        _, anchor_texts, _ = load_texts(path, text)
+        _, anchor_texts, _ = load_texts(path, text, field_map=field_map)
         columns[name] = top_n_mean((pool @ embed(encoder, anchor_texts, batch_size).T).numpy(), avg_n)
     write_scores(output_dir, dict(meta, dim=int(pool.shape[1])), columns, cost)
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import _LIST_LINE, words
+from ..data import FieldMap
 from ..errors import UserError
 from ..features.runner import check_existing_output
 from .common import Cost, load_texts, score_meta, write_scores
@@ -31,11 +32,11 @@ def feature_values(responses: list[str], feature: str) -> np.ndarray:
     raise UserError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
 
 
-def score(data_path, output_dir, feature="list_share", skip_bad=False) -> bool:
+def score(data_path, output_dir, feature="list_share", skip_bad=False, field_map: FieldMap | None = None) -> bool:
     cost = Cost()
-    examples, responses, skipped = load_texts(data_path, "response", skip_bad)
+    examples, responses, skipped = load_texts(data_path, "response", skip_bad, field_map)
     meta = score_meta("format", "-", data_path, examples, skipped, {"feature": feature, "skip_bad": skip_bad,
-                                                                    "text": "response"})
+                                                                    "text": "response"}, field_map=field_map)
     check_existing_output(output_dir, meta)
     write_scores(output_dir, meta, {feature: feature_values(responses, feature)}, cost)
     return True

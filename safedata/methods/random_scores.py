@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data import FieldMap
 from ..features.runner import check_existing_output
 from .common import Cost, load_texts, score_meta, write_scores
 
@@ -15,11 +16,11 @@ def random_scores(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(n)
 
 
-def score(data_path, output_dir, seed=0, skip_bad=False) -> bool:
+def score(data_path, output_dir, seed=0, skip_bad=False, field_map: FieldMap | None = None) -> bool:
     cost = Cost()
-    examples, _, skipped = load_texts(data_path, "full", skip_bad)
+    examples, _, skipped = load_texts(data_path, "full", skip_bad, field_map)
     meta = score_meta("random", f"numpy.random.default_rng({seed})", data_path, examples, skipped,
-                      {"seed": seed, "skip_bad": skip_bad})
+                      {"seed": seed, "skip_bad": skip_bad}, field_map=field_map)
     check_existing_output(output_dir, meta)
     write_scores(output_dir, meta, {"random": random_scores(len(examples), seed)}, cost)
     return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TEMPLATE_HELP, StageArgs, option, shared
-from ..data import INPUT_TYPES
+from ..data import INPUT_TYPES, field_map_of
 from ..errors import UserError
 from .bm25 import score as bm25_score
 from .compliance import score as compliance_score
@@ -51,20 +51,23 @@ class ScoreArgs:
     device: str | None = option(None, "embedding, compliance: torch device (default: cuda if available for the LLM, "
                                       "cpu)")
     skip_bad: bool = option(False, "skip (count and log) bad pool records instead of stopping")
+    field_map: str | None = shared(StageArgs, "field_map")
 
 
 def score(args: ScoreArgs) -> bool:
     method = args.method
+    field_map = field_map_of(args.field_map)
     if method == "random":
-        return random_score(args.data_path, args.output_dir, args.seed, args.skip_bad)
+        return random_score(args.data_path, args.output_dir, args.seed, args.skip_bad, field_map)
     if method == "format":
-        return format_score(args.data_path, args.output_dir, args.feature, args.skip_bad)
+        return format_score(args.data_path, args.output_dir, args.feature, args.skip_bad, field_map)
     if method == "bm25":
-        return bm25_score(args.data_path, args.anchors, args.output_dir, args.text, args.avg_n, args.skip_bad)
+        return bm25_score(args.data_path, args.anchors, args.output_dir, args.text, args.avg_n, args.skip_bad,
+                          field_map=field_map)
     if method == "embedding":
         return embedding_score(args.data_path, args.anchors, args.output_dir, args.model_name, args.text, args.avg_n,
                                args.batch_size, args.chunk_size, args.shard, args.device, args.skip_bad,
-                               args.max_seq_length)
+                               args.max_seq_length, field_map)
     if method == "compliance":
         if not args.model_name:
             raise UserError("--method compliance needs --model_name (the LLM)")
@@ -72,5 +75,5 @@ def score(args: ScoreArgs) -> bool:
             raise UserError("--method compliance: --anchors HARMFUL SAFE [SAFE ...]")
         return compliance_score(args.model_name, args.data_path, args.anchors[0], args.anchors[1:], args.output_dir,
                                 args.template, args.max_length, args.batch_size, args.chunk_size, args.shard,
-                                args.dtype, args.device, args.skip_bad)
+                                args.dtype, args.device, args.skip_bad, field_map)
     raise UserError(f"--method {method!r}: choose one of {', '.join(METHOD_NAMES)}")

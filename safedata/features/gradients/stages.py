@@ -91,6 +91,7 @@ class GradientArgs:
     dtype: str | None = shared(StageArgs, "dtype")
     device: str | None = shared(StageArgs, "device")
     skip_bad: bool = shared(StageArgs, "skip_bad")
+    field_map: str | None = shared(StageArgs, "field_map")
 
     def __post_init__(self):
         self.lora_target_modules = module_names(self.lora_target_modules)
@@ -128,7 +129,7 @@ def _encode(a: GradientArgs, tokenizer):
     """The template and the encoded records."""
     template = choose_template(a.model_name, a.template, tokenizer)
     return template, prepare_data(a.data_path, tokenizer, template, a.max_length, a.max_response_length, a.skip_bad,
-                                  a.original_quirks)
+                                  a.original_quirks, D.field_map_of(a.field_map))
 
 
 def _setup(a: GradientArgs, model, tokenizer):
