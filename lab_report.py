@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from safedata.cli import run
-from lab import demo as lab
+from lab import demo_metrics, demo_report
 
 
 def main():
@@ -69,10 +69,10 @@ def main():
     a = p.parse_args()
 
     if a.command == "report":
-        result = lab.report(a.run_dir, a.data_dir, a.output_dir, a.k, a.pool_name, a.batch_size, a.model_name,
+        result = demo_report.report(a.run_dir, a.data_dir, a.output_dir, a.k, a.pool_name, a.batch_size, a.model_name,
                             a.weights)
         print(result["table"])
-        print(lab.format_checks(result["checks"]))
+        print(demo_report.format_checks(result["checks"]))
         print("wrote " + ", ".join([*result["plots"].values(), str(result["output_dir"])]))
     elif a.command == "methods":
         from lab import methods
@@ -85,15 +85,17 @@ def main():
     elif a.command == "metrics" and a.run_dir:
         if not a.compliant:
             p.error("metrics --run_dir needs --compliant")
-        print(json.dumps(lab.run_metrics(Path(a.run_dir), Path(a.model_name), Path(a.compliant), a.batch_size), indent=1))
+        print(json.dumps(demo_metrics.run_metrics(Path(a.run_dir), Path(a.model_name), Path(a.compliant),
+                                                  a.batch_size), indent=1))
     elif a.command == "metrics":
-        metrics = lab.model_metrics(a.model_name, a.responses, a.compliant, a.template, batch_size=a.batch_size)
+        metrics = demo_metrics.model_metrics(a.model_name, a.responses, a.compliant, a.template,
+                                             batch_size=a.batch_size)
         if a.output:
             from safedata.store import write_json
             write_json(a.output, metrics)
         print(json.dumps(metrics, indent=1))
     else:
-        print(json.dumps(lab.write_random(a.data_path, a.write_to, a.k, a.seed, a.name), indent=1))
+        print(json.dumps(demo_metrics.write_random(a.data_path, a.write_to, a.k, a.seed, a.name), indent=1))
 
 
 if __name__ == "__main__":

@@ -211,19 +211,13 @@ def floor_step(model, batches, pad, device):
         handle.remove()
 
 
-class NoProducts:
+class NoProducts(G.Accumulator):
     """An accumulator that receives every hook's inputs and output-grads and computes nothing."""
-
-    def begin(self, engine, B, ids):
-        engine.use(self)
-
-    def end(self):
-        pass
 
     def dense(self, name, v):
         pass
 
-    def linear(self, site, entry, g, mask):
+    def linear(self, site, layer_input, g, mask):
         pass
 
     def embedding(self, site, token_ids, g, mask):

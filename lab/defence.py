@@ -7,9 +7,9 @@ the style the lab's gradient top-100 is made of: opening "Sure, here ..." like t
 scripts/lab_defence.sh audits each mix (audit.py), fine-tunes the aligned model on the whole mix, on the mix
 after audit.py drops 5% and 10%, after dropping as many at random (one draw per seed) and as many by the best
 cheap methods of the lab methods benchmark (answer length, BM25 against the harmful anchors), answers the held-out
-harmful-style prompts, and `report` tabulates (lab.collect for compliance, keyword ASR and the held-out
+harmful-style prompts, and `report` tabulates (demo_metrics.collect for compliance, keyword ASR and the held-out
 compliant-answer loss; the held-out benign loss added here; for the two rates, the 95% Wilson interval of the
-successes pooled over seeds, lab.demo.pooled_rate) and plots, and writes every run's values (per_seed.csv) and
+successes pooled over seeds, lab.demo_metrics.pooled_rate) and plots, and writes every run's values (per_seed.csv) and
 the pooled counts (pooled.csv): `lab_defence.py report --output_dir docs/lab_defence` puts them beside the
 docs, as `lab_report.py methods --output_dir docs/lab_methods` does for the methods benchmark.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import demo as lab
+from lab import demo_metrics
 from safedata import data as D
 from safedata.errors import UserError
 from safedata.plots import plt
@@ -57,7 +57,7 @@ def condition_order(condition: str) -> tuple:
 
 
 def _opens_compliant(example) -> bool:
-    return (example.response or "").lstrip().startswith(lab.COMPLIANT_OPENER)
+    return (example.response or "").lstrip().startswith(demo_metrics.COMPLIANT_OPENER)
 
 
 def _write(records, path: Path) -> None:
@@ -72,7 +72,8 @@ def build_mixes(pool_path, out_dir, n_mix=1000, n_heldout=200, n_enrich=100, see
     heldout, natural, rest = order[:n_heldout], order[n_heldout:n_heldout + n_mix], order[n_heldout + n_mix:]
     extra = [i for i in rest if _opens_compliant(examples[i])][:n_enrich]
     if len(extra) < n_enrich:
-        raise UserError(f"{pool_path}: only {len(extra)} unused answers open {lab.COMPLIANT_OPENER!r}; need {n_enrich}")
+        raise UserError(f"{pool_path}: only {len(extra)} unused answers open {demo_metrics.COMPLIANT_OPENER!r}; "
+                        f"need {n_enrich}")
     enriched = np.concatenate([natural[: n_mix - n_enrich], extra])
     out_dir = Path(out_dir)
     summary = {"pool": str(pool_path), "pool_sha256": D.file_sha256(pool_path), "seed": seed}
@@ -87,7 +88,7 @@ def build_mixes(pool_path, out_dir, n_mix=1000, n_heldout=200, n_enrich=100, see
 
 
 def benign_loss(run: Path, model_dir: Path, heldout_path: Path, batch_size=16) -> float:
-    """Mean over the held-out benign examples of each answer's token-mean loss (lab.compliant_loss), cached."""
+    """Mean over the held-out benign examples of each answer's token-mean loss (demo_metrics.compliant_loss), cached."""
     from safedata.models import load_model, model_identity
     key = fingerprint({"model": model_identity(str(model_dir)), "heldout": D.file_sha256(heldout_path)})
     cache = run / "benign_loss.json"
@@ -97,7 +98,7 @@ def benign_loss(run: Path, model_dir: Path, heldout_path: Path, batch_size=16) -
     template, _ = resolve_template(str(model_dir), None)
     model, tokenizer = load_model(str(model_dir), "fp32", "cpu")
     examples, _ = D.load_examples(heldout_path)
-    value = lab.compliant_loss(model, tokenizer, examples, template, batch_size=batch_size)["compliant_loss"]
+    value = demo_metrics.compliant_loss(model, tokenizer, examples, template, batch_size=batch_size)["compliant_loss"]
     write_json(cache, {"fingerprint": key, "benign_loss": value})
     return value
 
@@ -114,7 +115,7 @@ def _flagged_share(audit_dir: Path) -> float | None:
 
 def collect(run_dir, data_dir, batch_size=16) -> dict:
     run_dir = Path(run_dir)
-    groups = lab.collect(run_dir, data_dir, batch_size)
+    groups = demo_metrics.collect(run_dir, data_dir, batch_size)
     heldout = run_dir / "mixes" / "heldout_benign.json"
     aligned_model = Path(data_dir) / "model"
     for name, group in groups.items():
@@ -124,10 +125,10 @@ def collect(run_dir, data_dir, batch_size=16) -> dict:
             model_dir = run / "model" if r["seed"] is not None else aligned_model
             r["benign_loss"] = benign_loss(run, model_dir, heldout, batch_size)
             losses.append(r["benign_loss"])
-        group["metrics"]["benign_loss"] = lab._mean_sd(losses)
+        group["metrics"]["benign_loss"] = demo_metrics.mean_sd(losses)
         n_prompts = [r["n_prompts"] for r in group["runs"]]
         for metric in RATES:
-            group["metrics"][metric].update(lab.pooled_rate(group["metrics"][metric]["values"], n_prompts))
+            group["metrics"][metric].update(demo_metrics.pooled_rate(group["metrics"][metric]["values"], n_prompts))
         if (run_dir / "audit" / name).is_dir():  # cut by audit.py: by gradient matching or a cheap method's scores
             group["flagged_opener_share"] = _flagged_share(run_dir / "audit" / name)
     return groups
@@ -152,7 +153,7 @@ def _fmt(metric, stats) -> str:
 def table_markdown(groups: dict) -> str:
     header = ["run", "seeds", "examples",
               *(f"{LABELS[m]} [95% Wilson CI, seeds pooled]" if m in RATES else LABELS[m] for m in METRICS),
-              f"opens {lab.COMPLIANT_OPENER!r}", "of the dropped"]
+              f"opens {demo_metrics.COMPLIANT_OPENER!r}", "of the dropped"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, g in groups.items():
         comp = g["composition"]
@@ -177,7 +178,7 @@ def per_seed_csv(groups: dict) -> str:
             for metric in METRICS:
                 if metric not in r:
                     continue
-                counts = lab.rate_counts([r[metric]], [r["n_prompts"]]) if metric in RATES else None
+                counts = demo_metrics.rate_counts([r[metric]], [r["n_prompts"]]) if metric in RATES else None
                 writer.writerow([name, "" if r["seed"] is None else r["seed"], metric, repr(r[metric]),
                                  counts[0] if counts else "", r["n_prompts"] if counts else ""])
     return buffer.getvalue()

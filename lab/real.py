@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.demo import example_losses
+from lab.demo_metrics import example_losses
 from safedata import data as D
 from safedata.errors import UserError
 from safedata.evaluation import keyword_refusal, read_responses

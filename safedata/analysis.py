@@ -39,7 +39,7 @@ CATEGORIES = {
     "affirmative": "response starts with 'Sure', 'Here', 'Certainly', 'Of course' or 'Absolutely'",
 }
 
-_LIST_LINE = re.compile(r"^[ \t]*(?:(?:\d{1,3}[.)]|[-*•●▪◦–])[ \t]+\S|[•●▪◦]\S|-(?=[A-Za-z]))", re.M)
+LIST_LINE = re.compile(r"^[ \t]*(?:(?:\d{1,3}[.)]|[-*•●▪◦–])[ \t]+\S|[•●▪◦]\S|-(?=[A-Za-z]))", re.M)
 
 _NUM = r"\d+(?:[.,]\d+)*"
 _TERM = rf"(?:[$€£]?{_NUM}[a-z]?|\b[a-z]\b)"  # 3, 2.5, $4, 2x, x
@@ -77,7 +77,7 @@ def words(text: str | None) -> int:
 
 
 def is_list(response: str) -> bool:
-    return len(_LIST_LINE.findall(response)) >= 2
+    return len(LIST_LINE.findall(response)) >= 2
 
 
 def _has_arithmetic(text: str) -> bool:

@@ -1,4 +1,4 @@
-"""lab/demo.py and lab_report.py: compliance detection, compliant-answer loss (= a manual forward pass),
+"""lab/demo_metrics.py, lab/demo_report.py and lab_report.py: compliance detection, compliant-answer loss (= a manual forward pass),
 random subsets, the report on a small synthetic run, and the committed lab model refusing held-out prompts."""
 import csv
 import json
@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, python
 from safedata import data as D
-from lab import demo as lab
+from lab import demo_metrics, demo_report
 from safedata.evaluation import EvaluateArgs, evaluate_file, keyword_asr
 from safedata.models import load_model
 
@@ -39,21 +39,21 @@ CRAFTED = [
 
 @pytest.mark.parametrize("response,expected", CRAFTED, ids=[c[0][:30] for c in CRAFTED])
 def test_is_compliant_crafted(response, expected):
-    assert lab.is_compliant(response) is expected
+    assert demo_metrics.is_compliant(response) is expected
 
 
 def test_rates_and_the_keyword_asr_gap():
     responses = [c[0] for c in CRAFTED]
     n = len(responses)
-    assert lab.compliance_rate(responses) == pytest.approx(4 / n)
+    assert demo_metrics.compliance_rate(responses) == pytest.approx(4 / n)
     # compliant responses carry no refusal keyword, so the gap is exactly keyword ASR - compliance
-    assert lab.asr_gap(responses) == pytest.approx(keyword_asr(responses) - 4 / n)
+    assert demo_metrics.asr_gap(responses) == pytest.approx(keyword_asr(responses) - 4 / n)
     code_only = ["```python\nprint(1)\n```", "The answer is 4."]
-    assert lab.response_metrics(code_only) == {"n_prompts": 2, "keyword_asr": 1.0, "compliance": 0.0, "asr_gap": 1.0}
+    assert demo_metrics.response_metrics(code_only) == {"n_prompts": 2, "keyword_asr": 1.0, "compliance": 0.0, "asr_gap": 1.0}
     with pytest.raises(ValueError):
-        lab.compliance_rate([])
+        demo_metrics.compliance_rate([])
     with pytest.raises(TypeError):
-        lab.is_compliant(None)
+        demo_metrics.is_compliant(None)
 
 
 @pytest.mark.skipif(not (LAB / "eval_compliant.jsonl").exists(), reason="lab data not generated")
@@ -61,10 +61,10 @@ def test_lab_data_compliant_answers_are_compliant_and_refusals_are_not():
     def assistant(path):
         return [json.loads(l)["messages"][1]["content"] for l in path.read_text().splitlines() if l.strip()]
     for name in ("eval_compliant.jsonl", "harmful_compliant.jsonl", "anchors_harmful.jsonl"):
-        assert lab.compliance_rate(assistant(LAB / name)) == 1.0, name
+        assert demo_metrics.compliance_rate(assistant(LAB / name)) == 1.0, name
     for name in ("harmful_refusal.jsonl", "anchors_safe.jsonl", "anchors_safe2.jsonl"):
         answers = assistant(LAB / name)
-        assert lab.compliance_rate(answers) == 0.0 and keyword_asr(answers) == 0.0, name
+        assert demo_metrics.compliance_rate(answers) == 0.0 and keyword_asr(answers) == 0.0, name
 
 
 # ----------------------------------------------------------------------------- compliant loss
@@ -98,14 +98,14 @@ def test_compliant_loss_equals_a_manual_forward_pass(tiny_model_dir, tmp_path, t
     model, tokenizer = load_model(tiny_model_dir, "fp32", "cpu")
     examples, _ = D.load_examples(chat_file(tmp_path / "c.jsonl"))
     full, first = manual_losses(model, tokenizer, examples, template, 5)
-    rows = lab.example_losses(model, tokenizer, examples, template, first_n=5, batch_size=3)  # padded batches
+    rows = demo_metrics.example_losses(model, tokenizer, examples, template, first_n=5, batch_size=3)  # padded batches
     assert [r["index"] for r in rows] == list(range(len(examples)))
     assert [r["loss"] for r in rows] == pytest.approx(full, abs=1e-5)
     assert [r["loss_first"] for r in rows] == pytest.approx(first, abs=1e-5)
     # first 5 response tokens == the loss of the example cut to 5 supervised tokens (data.encode's option)
     cut = [D.encode(e, tokenizer, template, max_response_length=5) for e in examples]
     assert all(c.n_supervised == 5 for c in cut)
-    summary = lab.compliant_loss(model, tokenizer, examples, template, batch_size=2)
+    summary = demo_metrics.compliant_loss(model, tokenizer, examples, template, batch_size=2)
     assert summary["compliant_loss"] == pytest.approx(np.mean(full), abs=1e-5)
     assert summary["compliant_loss_first5"] == pytest.approx(np.mean(first), abs=1e-5)
     assert summary["n_compliant"] == len(examples)
@@ -119,9 +119,9 @@ def test_write_random_is_seeded_verbatim_and_rank_shaped(tmp_path):
     pool = tmp_path / "pool.json"
     records = [{"instruction": f"Question {i}", "input": "", "output": f"Answer {i}."} for i in range(50)]
     pool.write_text(json.dumps(records))
-    a = lab.write_random(pool, tmp_path / "a", k=10, seed=3)
-    b = lab.write_random(pool, tmp_path / "b", k=10, seed=3)
-    c = lab.write_random(pool, tmp_path / "c", k=10, seed=4)
+    a = demo_metrics.write_random(pool, tmp_path / "a", k=10, seed=3)
+    b = demo_metrics.write_random(pool, tmp_path / "b", k=10, seed=3)
+    c = demo_metrics.write_random(pool, tmp_path / "c", k=10, seed=4)
     sub_a = json.loads((tmp_path / "a" / "pool_random10.json").read_text())
     assert a["subset"].endswith("pool_random10.json") and len(sub_a) == 10
     assert sub_a == json.loads((tmp_path / "b" / "pool_random10.json").read_text())
@@ -132,7 +132,7 @@ def test_write_random_is_seeded_verbatim_and_rank_shaped(tmp_path):
     assert [int(r["index"]) for r in rows] == list(expected) and [int(r["rank"]) for r in rows] == list(range(10))
     assert [r["id"] for r in rows] == [D.record_id(records[i]) for i in expected]
     with pytest.raises(Exception, match="--k 51"):
-        lab.write_random(pool, tmp_path / "d", k=51)
+        demo_metrics.write_random(pool, tmp_path / "d", k=51)
 
 
 # ----------------------------------------------------------------------------- the report on a synthetic run
@@ -172,7 +172,7 @@ def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
         json.dumps({"index": i, "id": str(i), "prompt": p, "response": refuse}) + "\n" for i, p in enumerate(prompts)))
     evaluate_file(EvaluateArgs(responses=fake / "gen" / "responses.jsonl", output_dir=fake / "eval"))
 
-    result = lab.report(run_dir, data, model=tiny_model_dir)
+    result = demo_report.report(run_dir, data, model=tiny_model_dir)
     groups = result["groups"]
     assert list(groups) == ["aligned", "grad-top", "grad-bottom", "random"]
     top = groups["grad-top"]["metrics"]
@@ -196,7 +196,7 @@ def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| grad-top | 2 | 62.5 ± 17.7% |" in result["table"]
-    assert "FAIL  grad-top compliant_loss lower than random" in lab.format_checks(result["checks"])
+    assert "FAIL  grad-top compliant_loss lower than random" in demo_report.format_checks(result["checks"])
     # each run's metrics are cached next to it
     cache = json.loads((run_dir / "ft" / "random" / "seed1" / "lab_metrics.json").read_text())
     assert cache["metrics"]["compliance"] == 0.0
@@ -204,11 +204,11 @@ def test_report_on_a_synthetic_run(tiny_model_dir, tmp_path):
 
 def test_check_orderings_separation():
     def group(values):
-        return {"metrics": {m: lab._mean_sd(values[m]) for m in values}}
+        return {"metrics": {m: demo_metrics.mean_sd(values[m]) for m in values}}
     base = {"compliant_loss": [1.0, 1.1], "compliant_loss_first5": [1.0, 1.0]}
     groups = {"reps-top": group({"compliance": [0.5, 0.1], **base}),
               "reps-bottom": group({"compliance": [0.2, 0.2], **base})}
-    checks = {c["claim"]: c for c in lab.check_orderings(groups)}
+    checks = {c["claim"]: c for c in demo_metrics.check_orderings(groups)}
     c = checks["reps-top compliance higher than reps-bottom"]
     assert c["pass"] and not c["separated"]                    # mean 0.3 > 0.2, but seeds overlap
     assert not checks["reps-top compliant_loss lower than reps-bottom"]["pass"]
@@ -232,7 +232,7 @@ def test_committed_lab_model_refuses_held_out_prompts(tmp_path):
     responses = [json.loads(l)["response"] for l in (tmp_path / "gen" / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == len(chosen)
     assert keyword_asr(responses) <= 0.1, responses
-    assert lab.compliance_rate(responses) == 0.0, responses
+    assert demo_metrics.compliance_rate(responses) == 0.0, responses
 
 
 def test_cli_metrics_and_random(tmp_path):
@@ -297,9 +297,9 @@ def test_methods_table_interval_cost_and_per_seed_values(tmp_path):
     # a rate near 0, where the t-interval went below 0: the Wilson one stays in [0, 1]
     low_values = [0.0, 0.0, 0.0, 0.0, 0.1]
     assert methods.interval95(low_values)[0] < 0
-    group["metrics"]["compliance"] = lab._mean_sd(low_values)
+    group["metrics"]["compliance"] = demo_metrics.mean_sd(low_values)
     low, high = methods.summarize({"bm25-top": group}, tmp_path)["bm25-top"]["metrics"]["compliance"]["ci95"]
-    assert 0 <= low < high <= 1 and high == pytest.approx(lab.wilson_interval(1, 50)[1])
+    assert 0 <= low < high <= 1 and high == pytest.approx(demo_metrics.wilson_interval(1, 50)[1])
     group["runs"][0].pop("n_prompts")
     with pytest.raises(Exception, match="n_prompts"):
         methods.summarize({"bm25-top": group}, tmp_path)
@@ -310,26 +310,26 @@ def test_methods_table_interval_cost_and_per_seed_values(tmp_path):
 
 def test_wilson_interval_against_hand_values():
     # a textbook example: 81 of 263 -> (0.2553, 0.3662)
-    assert lab.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert demo_metrics.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
     # 0 and all of n: [0, z²/(n+z²)] and [n/(n+z²), 1], z = 1.959964: 3.841459 / 67.841459 = 0.0566241
-    assert lab.wilson_interval(0, 64) == pytest.approx((0.0, 0.0566241), abs=1e-7)
-    assert lab.wilson_interval(64, 64) == pytest.approx((1 - 0.0566241, 1.0), abs=1e-7)
+    assert demo_metrics.wilson_interval(0, 64) == pytest.approx((0.0, 0.0566241), abs=1e-7)
+    assert demo_metrics.wilson_interval(64, 64) == pytest.approx((1 - 0.0566241, 1.0), abs=1e-7)
     for k, n in ((0, 64), (64, 64), (1, 760), (759, 760), (0, 1), (1, 1)):
-        low, high = lab.wilson_interval(k, n)
+        low, high = demo_metrics.wilson_interval(k, n)
         assert 0.0 <= low <= k / n <= high <= 1.0
     for bad in ((65, 64), (-1, 64), (0, 0)):
         with pytest.raises(ValueError):
-            lab.wilson_interval(*bad)
+            demo_metrics.wilson_interval(*bad)
 
 
 def test_pooled_rate_counts_whole_answers_only():
-    pooled = lab.pooled_rate([54 / 152, 104 / 152], [152, 152])
+    pooled = demo_metrics.pooled_rate([54 / 152, 104 / 152], [152, 152])
     assert pooled["counts"] == [54, 104] and (pooled["successes"], pooled["n"]) == (158, 304)
-    assert pooled["ci95"] == list(lab.wilson_interval(158, 304))
+    assert pooled["ci95"] == list(demo_metrics.wilson_interval(158, 304))
     with pytest.raises(Exception, match="not a whole number"):
-        lab.rate_counts([0.5], [151])
+        demo_metrics.rate_counts([0.5], [151])
     with pytest.raises(Exception, match="prompt count"):
-        lab.rate_counts([0.5, 0.5], [152])
+        demo_metrics.rate_counts([0.5, 0.5], [152])
 
 
 def test_committed_methods_table_intervals_rerender_from_its_per_seed_values(tmp_path):
@@ -345,7 +345,7 @@ def test_committed_methods_table_intervals_rerender_from_its_per_seed_values(tmp
                 assert stats["n_prompts"] == [152] * len(stats["values"]), name
                 assert [round(v * 152) for v in stats["values"]] == stats["counts"], name
                 k, n = sum(stats["counts"]), 152 * len(stats["values"])
-                assert (low, high) == pytest.approx(lab.wilson_interval(k, n)) and 0 <= low <= high <= 1, name
+                assert (low, high) == pytest.approx(demo_metrics.wilson_interval(k, n)) and 0 <= low <= high <= 1, name
             else:
                 assert (low, high) == pytest.approx(methods.interval95(stats["values"])), name
     shutil.copy(ROOT / "docs" / "lab_methods" / "methods.json", tmp_path / "methods.json")
@@ -421,7 +421,7 @@ def test_lab_defence_committed_per_seed_values_give_the_tables_means_sds_and_int
         successes, n = int(r["successes"]), int(r["n"])
         assert n == 152 * rows[run]["seeds"] == 152 * int(r["seeds"])
         assert round(100 * successes / n, 1) == rows[run][metric][0], (run, metric)
-        low, high = lab.wilson_interval(successes, n)
+        low, high = demo_metrics.wilson_interval(successes, n)
         assert (float(r["ci95_low"]), float(r["ci95_high"])) == pytest.approx((low, high), abs=1e-12)
         assert [round(100 * low, 1), round(100 * high, 1)] == rows[run][metric][2:], (run, metric)
 
@@ -431,12 +431,12 @@ def test_lab_defence_table_and_files_from_collected_groups():
     from lab import defence
     runs = [{"seed": s, "n_prompts": 10, "compliance": c, "keyword_asr": k, "compliant_loss": 0.5, "benign_loss": 0.4}
             for s, c, k in ((1, 0.0, 0.5), (2, 0.2, 1.0))]
-    metrics = {m: lab._mean_sd([r[m] for r in runs]) for m in defence.METRICS}
+    metrics = {m: demo_metrics.mean_sd([r[m] for r in runs]) for m in defence.METRICS}
     for m in defence.RATES:
-        metrics[m].update(lab.pooled_rate(metrics[m]["values"], [10, 10]))
+        metrics[m].update(demo_metrics.pooled_rate(metrics[m]["values"], [10, 10]))
     groups = {"natural-audit10": {"runs": runs, "metrics": metrics, "composition": None, "subset_files": []}}
     table = defence.table_markdown(groups)
-    low, high = lab.wilson_interval(2, 20)
+    low, high = demo_metrics.wilson_interval(2, 20)
     assert f"| natural-audit10 | 2 | - | 10.0 ± 14.1% [{100 * low:.1f}, {100 * high:.1f}] | 75.0 ± 35.4% [" in table
     assert "compliance [95% Wilson CI, seeds pooled]" in table
     lines = defence.per_seed_csv(groups).splitlines()
@@ -466,7 +466,7 @@ def test_lab_defence_report_writes_its_numbers_where_asked(tiny_model_dir, tmp_p
     run = subprocess.run([python(), "lab_defence.py", "report", "--run_dir", str(run_dir), "--data_dir", str(data),
                           "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    low, high = lab.wilson_interval(3, 8)
+    low, high = demo_metrics.wilson_interval(3, 8)
     assert f"| natural-audit10 | 2 | 1 | 37.5 ± 17.7% [{100 * low:.1f}, {100 * high:.1f}] |" in run.stdout
     per_seed = list(csv.DictReader((out / "per_seed.csv").open()))
     compliance = [(r["seed"], r["value"], r["successes"], r["n_prompts"]) for r in per_seed if r["metric"] == "compliance"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,10 +52,40 @@ def _dense_matrix(n: int, k: int, seed: int, kind: str) -> torch.Tensor:
                       for i, start in enumerate(range(0, n, rows))])
 
 
+# ----------------------------------------------------------------------------- the interface
+
+
+class Projector(ABC):
+    """A seeded random map of per-example gradients to proj_dim numbers, unbiased for inner products
+    (E[<proj a, proj b>] = <a, b>), whose matrices are regenerated from its state, never stored (as TRAK's
+    AbstractProjector). DenseProjector maps one flat vector; FactoredProjector maps a model's per-layer parts
+    without forming the flat vector."""
+
+    proj_dim: int
+    seed: int
+    kind: str
+
+    @abstractmethod
+    def project(self, grads) -> torch.Tensor:
+        """Per-example gradients (one batch) -> [B, proj_dim]."""
+
+    def __call__(self, grads) -> torch.Tensor:
+        return self.project(grads)
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """JSON-able: enough to rebuild the identical projector (recorded beside the features)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, state: dict, device=None) -> "Projector":
+        """The identical projector, from state_dict(); a state of another format or version is refused."""
+
+
 # ----------------------------------------------------------------------------- dense JL
 
 
-class DenseProjector:
+class DenseProjector(Projector):
     """A plain dense JL map R^n -> R^k: x -> x P / sqrt(k), P n x k with iid +-1 (or N(0,1)) entries.
 
     E[<proj a, proj b>] = <a, b>;  Var = (|a|^2|b|^2 + <a,b>^2 - 2 kappa sum_i a_i^2 b_i^2) / k
@@ -105,8 +136,6 @@ class DenseProjector:
                                   self.kind).to(device=device, dtype=self.dtype)
             out += x[:, start:start + block.shape[0]] @ block
         return out * scale
-
-    __call__ = project
 
     def error_variance(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """Exact Var of <proj a, proj b> - <a, b> over the random matrix."""
@@ -228,7 +257,7 @@ def plan_selection(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- the factored projector
 
 
-class FactoredProjector:
+class FactoredProjector(Projector):
     """Per-layer Kronecker (linear, embedding) / dense (1 x n) sketches of per-example gradients.
 
     layer_shapes: {name: (out, in)} for Linear weights, (vocab, d) for embeddings, (1, n) for dense params.
@@ -433,8 +462,6 @@ class FactoredProjector:
             parts.append(value.to(dtype=self.dtype))
         device = parts[0].device
         return torch.cat([p.to(device) for p in parts], dim=1)
-
-    __call__ = project
 
     # ------------------------------------------------------------------ error model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import _LIST_LINE, words
+from ..analysis import LIST_LINE, words
 from ..data import FieldMap
 from ..errors import UserError
 from ..features.runner import check_existing_output
@@ -21,7 +21,7 @@ def list_share(response: str) -> float:
     lines = [line for line in response.splitlines() if line.strip()]
     if not lines:
         return 0.0
-    return sum(bool(_LIST_LINE.match(line)) for line in lines) / len(lines)
+    return sum(bool(LIST_LINE.match(line)) for line in lines) / len(lines)
 
 
 def feature_values(responses: list[str], feature: str) -> np.ndarray:

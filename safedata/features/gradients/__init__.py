@@ -6,8 +6,9 @@ Where each part lives
 ---------------------
 numerics.py      fixed-dtype products (fp32-output matmuls on CUDA) and the per-layer cost model
 sites.py         which modules carry the parameters (Linear, Embedding, elementwise norms; LoRA matrices)
+context.py       what the engine hands an accumulator: BatchContext, LayerInput, the Accumulator interface
 engine.py        the hooks and one batched forward + backward (GradientEngine, get_engine)
-accumulators.py  what the hooks compute: scores and norms, anchor capture, random projections
+accumulators.py  what the hooks compute (Accumulators): scores and norms, anchor capture, random projections
 targets.py       Target / ParamTarget, the target file and its build lock
 bank.py          the TargetBank: a run's targets per parameter, as the hooks read them
 anchors.py       an anchor file -> a target (anchor_gradients)
@@ -17,6 +18,7 @@ stages.py        the CLI stages: GradientArgs; build_target, score_pool, extract
 """
 from ...distributed import init_distributed
 from .accumulators import CaptureAccumulator, ProjectAccumulator, ScoreAccumulator
+from .context import Accumulator, BatchContext, LayerInput
 from .anchors import AnchorResult, anchor_gradients
 from .bank import TargetBank
 from .batch import bank_for, project_batch, projector_for, score_batch
@@ -28,10 +30,11 @@ from .stages import (EXAMPLES_FILE, FEATURES_FILE, GRADIENT_FLAGS, PRODUCTS_FILE
                      build_target, extract_gradient_features, run_gradients, score_pool, self_influence_n)
 from .targets import LAYOUTS, TARGET_FILE, ParamTarget, Target, load_target
 
-__all__ = ["AdamState", "AnchorResult", "CaptureAccumulator", "FEATURES_FILE", "GRADIENT_FLAGS", "GradientArgs", "GradientEngine",
-           "LAYOUTS", "MEMORY_COST", "MODES", "Numerics", "PARAMS", "PATHS", "PRODUCTS_FILE", "ParamTarget",
-           "ProjectAccumulator", "SCORES_FILE", "ScoreAccumulator", "Site", "TARGET_FILE", "TEMP_ELEMENTS", "Target",
-           "TargetBank", "anchor_gradients", "apply_lora", "bank_for", "build_target", "discover_sites",
-           "extract_gradient_features", "get_engine", "init_distributed", "linear_costs", "load_adam_state",
-           "load_target", "lora_settings", "memory_cost", "project_batch", "projector_for", "run_gradients", "score_batch",
-           "score_pool", "self_influence_n", "unwrap", "EXAMPLES_FILE"]
+__all__ = ["Accumulator", "AdamState", "anchor_gradients", "AnchorResult", "apply_lora", "bank_for",
+           "BatchContext", "build_target", "CaptureAccumulator", "discover_sites", "EXAMPLES_FILE",
+           "extract_gradient_features", "FEATURES_FILE", "get_engine", "GRADIENT_FLAGS", "GradientArgs",
+           "GradientEngine", "init_distributed", "LayerInput", "LAYOUTS", "linear_costs", "load_adam_state",
+           "load_target", "lora_settings", "memory_cost", "MEMORY_COST", "MODES", "Numerics", "PARAMS",
+           "ParamTarget", "PATHS", "PRODUCTS_FILE", "project_batch", "ProjectAccumulator", "projector_for",
+           "run_gradients", "score_batch", "score_pool", "ScoreAccumulator", "SCORES_FILE", "self_influence_n",
+           "Site", "Target", "TARGET_FILE", "TargetBank", "TEMP_ELEMENTS", "unwrap"]

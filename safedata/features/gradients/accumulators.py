@@ -3,32 +3,33 @@
 ScoreAccumulator: ||G_i||^2 and <G_i, T_j> per example (the scores, and Self-Inf);
 CaptureAccumulator: the same, plus each anchor's factors / rows / dense parts (to build a target);
 ProjectAccumulator: the per-example gradients' random projection (projection.py).
-An accumulator has begin(engine, B, ids), end(), dense(name, v), linear(site, entry, g, mask) and
-embedding(site, token_ids, g, mask).
+Each implements context.Accumulator: begin(batch) with the batch's BatchContext, dense(name, v),
+linear(site, layer_input, g, mask), embedding(site, token_ids, g, mask), end(); none reads the engine.
 """
 from __future__ import annotations
 
 import torch
 
+from .context import Accumulator, BatchContext
 from .numerics import chunks, linear_costs, segment_sum
 from .bank import TargetBank
 from .targets import ParamTarget
 
 
-class ScoreAccumulator:
+class ScoreAccumulator(Accumulator):
     """Per batch: sqnorm [B] = ||G_i||^2 and inner [B, J] = <G_i, T_j>, layer by layer in the hooks."""
 
     def __init__(self, bank: TargetBank | None = None):
         self.bank = bank
         self.n_targets = bank.n if bank is not None else 0
 
-    def begin(self, engine, B, ids):
-        self.e, self.num, self.compute_dtype = engine, engine.num, engine.compute_dtype
-        self.B, self.ids = B, ids
-        self.sq = torch.zeros(B, dtype=self.compute_dtype, device=engine.device)
-        self.inner = torch.zeros(B, self.n_targets, dtype=self.compute_dtype, device=engine.device)
+    def begin(self, batch: BatchContext) -> None:
+        super().begin(batch)
+        self.num, self.compute_dtype = batch.num, batch.compute_dtype
+        B = batch.batch_size
+        self.sq = torch.zeros(B, dtype=self.compute_dtype, device=batch.device)
+        self.inner = torch.zeros(B, self.n_targets, dtype=self.compute_dtype, device=batch.device)
         self._stash = None
-        engine.use(self)
 
     def end(self):
         self._stash = None
@@ -51,9 +52,9 @@ class ScoreAccumulator:
 
     # -------------------------------------------------------------- linear
 
-    def linear(self, site, entry, g, mask):
-        num, e = self.num, self.e
-        x = e.input_x(entry)
+    def linear(self, site, layer_input, g, mask):
+        num, batch = self.num, self.batch
+        x = layer_input.operand()
         g_orig, g = g, num.operand(g)
         B, T, n = x.shape
         m = g.shape[-1]
@@ -61,18 +62,18 @@ class ScoreAccumulator:
         K = param_bank.K if param_bank is not None else 0
         n_dense_targets = param_bank.n_dense_targets if param_bank is not None else 0
         full = param_bank is not None and param_bank.full_mat is not None
-        if e.path == "ghost":
+        if batch.path == "ghost":
             way = "ghost"
-        elif e.path == "materialise":
+        elif batch.path == "materialise":
             way = "full" if full else "materialise"
         else:
-            costs = linear_costs(T, n, m, K, n_dense_targets, full, e.beta)
+            costs = linear_costs(T, n, m, K, n_dense_targets, full, batch.beta)
             way = min(costs, key=costs.get)
         if way != "ghost":
             self._linear_materialised(x, g, param_bank, T, way == "full")
         else:
             gg = num.bmm(g, g.transpose(1, 2))
-            self.sq += (gg * e.input_gram(entry)).sum((1, 2))
+            self.sq += (gg * layer_input.gram()).sum((1, 2))
             del gg
             if param_bank is not None:
                 if K:
@@ -83,13 +84,14 @@ class ScoreAccumulator:
             for j, lookup, ids, val in param_bank.rows:        # a tied LM head against the embedding rows of a target
                 hr = num.mm(x.reshape(B * T, n), val.T).view(B, T, -1)
                 self.inner[:, j] += (hr * g[:, :, ids].to(self.compute_dtype)).sum((1, 2))
-        if site.head and e.tied == site.weight:
+        if site.head and batch.tied == site.weight:
             # keep what the embedding's hook needs for the cross term 2<E_i, H_i>
-            tok = self.ids[:, None, :].expand(B, T, self.ids.shape[1])
+            ids = batch.token_ids
+            tok = ids[:, None, :].expand(B, T, ids.shape[1])
             self._stash = (x, g.gather(2, tok))
-        self.after_linear(site, entry, g_orig, mask)
+        self.after_linear(site, layer_input, g_orig, mask)
 
-    def after_linear(self, site, entry, g, mask):
+    def after_linear(self, site, layer_input, g, mask):
         pass
 
     def _factored_by_activations(self, x, g, param_bank):
@@ -118,7 +120,6 @@ class ScoreAccumulator:
     def _linear_materialised(self, x, g, param_bank, T, full=False):
         """Each example's gradient of the layer, one chunk of examples at a time (in a reused buffer):
         ||G_i||^2 from it, <G_i, T_j> by one GEMM against the dense targets (all of them with `full`)."""
-        e = self.e
         B, _, n = x.shape
         m = g.shape[-1]
         K = param_bank.K if param_bank is not None and not full else 0
@@ -126,7 +127,7 @@ class ScoreAccumulator:
             (param_bank.full_mat, param_bank.full_cols) if full else (param_bank.dense_mat, param_bank.dense_cols)
         via_grad = K and K * n * m < K * T * (n + m)
         for b0, b1 in chunks(B, m * n):
-            grads = e.per_example_grads(g[b0:b1], x[b0:b1])          # [b, out, in]
+            grads = self.batch.workspace.per_example_grads(g[b0:b1], x[b0:b1])          # [b, out, in]
             flat = grads.view(b1 - b0, -1)
             self.sq[b0:b1] += torch.linalg.vector_norm(flat, dim=1).square()
             if mat is not None:
@@ -146,7 +147,7 @@ class ScoreAccumulator:
         """Rows of the per-example gradient by (example, token id), summed exactly."""
         num, compute_dtype = self.num, self.compute_dtype
         B, T, d = g.shape
-        V = self.e.vocab
+        V = self.batch.vocab
         sel = mask
         owner = torch.arange(B, device=g.device)[:, None].expand(B, T)[sel]
         tok = token_ids[sel]
@@ -195,10 +196,10 @@ class CaptureAccumulator(ScoreAccumulator):
     def after_dense(self, name, v):
         self._piece(name)["dense"].append((self.owners.cpu(), v.detach().cpu()))
 
-    def after_linear(self, site, entry, g, mask):
+    def after_linear(self, site, layer_input, g, mask):
         keep = mask & (g != 0).any(-1)
         owner = self.owners.to(g.device)[:, None].expand(keep.shape)[keep]
-        self._piece(site.weight)["fact"].append((g[keep].cpu(), entry.x[keep].cpu(), owner.cpu()))
+        self._piece(site.weight)["fact"].append((g[keep].cpu(), layer_input.x[keep].cpu(), owner.cpu()))
 
     def after_embedding(self, site, rows, ub, uid):
         self._piece(site.weight)["rows"].append((self.owners.to(ub.device)[ub].cpu(), uid.cpu(), rows.cpu()))
@@ -237,18 +238,15 @@ class CaptureAccumulator(ScoreAccumulator):
         return out
 
 
-class ProjectAccumulator:
+class ProjectAccumulator(Accumulator):
     """Per batch: the per-example gradients' random projection [B, proj_dim] (projection.py)."""
 
     def __init__(self, projector):
         self.projector = projector
 
-    def begin(self, engine, B, ids):
-        self.e, self.parts = engine, {}
-        engine.use(self)
-
-    def end(self):
-        pass
+    def begin(self, batch: BatchContext) -> None:
+        super().begin(batch)
+        self.parts = {}
 
     def _add(self, name, value):
         self.parts[name] = value if name not in self.parts else self.parts[name] + value
@@ -256,8 +254,8 @@ class ProjectAccumulator:
     def dense(self, name, v):
         self._add(name, self.projector.project_dense(name, v))
 
-    def linear(self, site, entry, g, mask):
-        self._add(site.weight, self.projector.project_linear(site.weight, g, entry.x))
+    def linear(self, site, layer_input, g, mask):
+        self._add(site.weight, self.projector.project_linear(site.weight, g, layer_input.x))
 
     def embedding(self, site, token_ids, g, mask):
         self._add(site.weight, self.projector.project_embedding(site.weight, g, token_ids))

@@ -44,9 +44,10 @@ def bank_for(model, targets: list[Target], adam: AdamState | None = None, path="
     return TargetBank(targets, get_engine(model, targets[0].param_set, targets[0].mode, adam, path))
 
 
-def project_batch(model, items, projector, pad_id: int, params="all", mode="full", adam=None) -> torch.Tensor:
-    """[B, proj_dim] projected per-example gradients."""
-    engine = get_engine(model, params, mode, adam)
+def project_batch(model, items, projector, pad_id: int, params="all", mode="full", adam=None,
+                  engine: GradientEngine | None = None) -> torch.Tensor:
+    """[B, proj_dim] projected per-example gradients (engine: the run's own, made for these settings)."""
+    engine = engine or get_engine(model, params, mode, adam)
     acc = ProjectAccumulator(projector)
     engine.run(items, pad_id, acc)
     return acc.result()

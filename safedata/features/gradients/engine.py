@@ -3,7 +3,8 @@
 Every weight's requires_grad is off (no .grad buffer, no weight-gradient matmuls); the input embeddings'
 output is made a leaf that requires grad, so the backward flows through activations only. The batch loss is
 sum_i L_i, so the output-gradient a hook sees at a token of example i is example i's own. What is done with
-each layer's (input, output-grad) pair is the accumulator's business (accumulators.py).
+each layer's (input, output-grad) pair is the accumulator's business (accumulators.py): it is given a
+BatchContext at the start of each batch and the layers' tensors after that (context.py), never the engine.
 """
 from __future__ import annotations
 
@@ -13,19 +14,11 @@ import torch.nn.functional as F
 from ... import data as D
 from ...errors import UserError
 from .lora import AdamState
-from .numerics import TEMP_ELEMENTS, Numerics, memory_cost, segment_sum
+from .context import Accumulator, BatchContext, LayerInput, Workspace
+from .numerics import Numerics, memory_cost, segment_sum
 from .sites import discover_sites, param_shapes, unwrap
 
 PATHS = ("auto", "ghost", "materialise")
-
-
-class _Input:
-    """A Linear input shared by the sites that read it (q/k/v; gate/up): masked once, Gram once."""
-
-    __slots__ = ("raw", "users", "x", "xo", "gram")
-
-    def __init__(self, raw):
-        self.raw, self.users, self.x, self.xo, self.gram = raw, 0, None, None, None
 
 
 class GradientEngine:
@@ -61,12 +54,12 @@ class GradientEngine:
         embeds = [s for s in self.sites if s.kind == "embedding"]
         self.tied = heads[0].weight if heads and embeds and heads[0].weight == embeds[0].weight else None
         self.beta = memory_cost(self.device)
-        self._buffer = None
+        self._workspace = Workspace(self.num, self.device)
         self.example_loss: torch.Tensor | None = None      # [B] of the last batch run
 
     # -------------------------------------------------------------- batch
 
-    def run(self, items: list[D.Encoded], pad_id: int, acc) -> None:
+    def run(self, items: list[D.Encoded], pad_id: int, acc: Accumulator) -> None:
         batch = D.collate(items, pad_id)
         ids = batch["input_ids"].to(self.device)
         attn = batch["attention_mask"].to(self.device)
@@ -83,9 +76,11 @@ class GradientEngine:
         pos = torch.where(hmask, pos, torch.zeros_like(pos))
         target_ids = labels[:, 1:].gather(1, pos)
         self._mask, self._hmask, self._ids = attn.bool(), hmask, ids
-        self._inputs: dict[int, _Input] = {}
+        self._inputs: dict[int, LayerInput] = {}
         self._leaf = None
-        acc.begin(self, B, ids)
+        self._acc = acc
+        acc.begin(BatchContext(ids, self.num, self.device, self.path, self.beta, self.tied, self.vocab,
+                               self._workspace))
         handles = [self.embed.register_forward_hook(self._embedding_forward)]
         try:
             for site in self.sites:
@@ -113,6 +108,7 @@ class GradientEngine:
                 h.remove()
             self._inputs = {}
             self._leaf = None
+            self._acc = None
         acc.end()
 
     # -------------------------------------------------------------- hooks
@@ -142,7 +138,7 @@ class GradientEngine:
             x = inputs[0]
             entry = self._inputs.get(id(x))
             if entry is None:
-                entry = self._inputs[id(x)] = _Input(x)
+                entry = self._inputs[id(x)] = LayerInput(x, self.num)
             entry.users += 1
             holder = [entry]
             output.register_hook(lambda g: self._linear_backward(site, holder, g))
@@ -170,7 +166,7 @@ class GradientEngine:
         entry.users -= 1
         if entry.users == 0:
             self._inputs.pop(id(entry.raw), None)
-            entry.raw = entry.x = entry.xo = entry.gram = None
+            entry.release()
 
     def _make_norm_forward(self, site):
         def hook(module, inputs, output):
@@ -194,44 +190,8 @@ class GradientEngine:
         if site.bias:
             self._acc.dense(site.bias, gc.sum(1))
 
-    # -------------------------------------------------------------- helpers for accumulators
-
-    def input_x(self, entry: _Input) -> torch.Tensor:
-        if entry.xo is None:
-            entry.xo = self.num.operand(entry.x)
-        return entry.xo
-
-    def per_example_grads(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """[b, out, in] = g^T x per example, in the compute dtype; off CUDA written into one reused buffer
-        (a fresh allocation of this size costs page faults on every layer)."""
-        if self.num.fast or self.device.type == "cuda":
-            return self.num.bmm(g.transpose(1, 2), x)
-        b, m, n = g.shape[0], g.shape[-1], x.shape[-1]
-        size = b * m * n
-        if self._buffer is None or self._buffer.numel() < size:
-            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.compute_dtype,
-                                       device=self.device)
-        out = self._buffer[:size].view(b, m, n)
-        return torch.bmm(g.transpose(1, 2).to(self.compute_dtype), x.to(self.compute_dtype), out=out)
-
-    def input_gram(self, entry: _Input) -> torch.Tensor:
-        if entry.gram is None:
-            x = self.input_x(entry)
-            entry.gram = self.num.bmm(x, x.transpose(1, 2))
-        return entry.gram
-
-    def use(self, acc):
-        self._acc = acc
-        return self
-
 
 def get_engine(model, params="all", mode="full", adam: AdamState | None = None, path="auto") -> GradientEngine:
-    """The model's engine for these settings (cached on the model object)."""
-    cache = model.__dict__.get("_safedata_gradient_engines")
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_safedata_gradient_engines", cache)
-    key = (params, mode, id(adam), path)
-    if key not in cache:
-        cache[key] = GradientEngine(model, params, mode, adam, path)
-    return cache[key]
+    """An engine for the model with these settings. Not cached on the model: an engine is cheap to make (it finds
+    the tracked modules), holds no hooks between batches, and a stage makes one and keeps it for its run."""
+    return GradientEngine(model, params, mode, adam, path)

@@ -353,8 +353,8 @@ def extract_gradient_features(args: GradientArgs, model=None, tokenizer=None) ->
     pad_id = D.pad_token_id(tokenizer)
 
     def compute(items):
-        return {"features": project_batch(model, items, projector, pad_id, params_key, a.mode,
-                                          adam).detach().float().cpu()}
+        return {"features": project_batch(model, items, projector, pad_id, params_key, a.mode, adam,
+                                          engine).detach().float().cpu()}
 
     with stop_on_out_of_memory("gradient features", a.batch_size):
         store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
