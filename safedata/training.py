@@ -33,14 +33,16 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
+import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from . import data as D
@@ -57,7 +59,11 @@ META_NAME = FINETUNE_META
 ADAPTER_DIR = "adapter"
 PRECISIONS = ("auto", "bf16", "pure_bf16", "fp32")
 # Settings that say where and how a run is written, not what it computes: left out of the rerun comparison.
-NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same")
+NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same", "checkpoint_minutes")
+# How often a run saves a checkpoint changes nothing it computes: not recorded in finetune_meta.json's flags.
+NOT_RECORDED = ("checkpoint_minutes",)
+RESUME_FILE = "resume_settings.json"    # OUTPUT_DIR/: the settings the checkpoint-STEP dirs there were made with
+LOSS_SUM_FILE = "loss_sum.json"         # in a checkpoint dir: the sum of the step losses up to it
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -119,6 +125,11 @@ class FinetuneArgs:
                "base model), keep it and exit; one made with other settings is refused, naming the differences "
                "(the SLURM job's reruns use this)")
     field_map: str | None = shared(StageArgs, "field_map")
+    checkpoint_minutes: float = option(
+        30.0, "every this many minutes, a resumable checkpoint (weights, optimizer, lr schedule, RNG, data position) "
+              "in OUTPUT_DIR/checkpoint-STEP, the latest kept; a rerun with the same settings continues from it "
+              "(after a kill, a time limit, a preemption) and ends where an uninterrupted run ends; the checkpoints "
+              "are removed when the run finishes; 0 = never")
 
     def __post_init__(self):
         self.lora_target_modules = module_names(self.lora_target_modules)
@@ -211,11 +222,13 @@ def _make_trainer_class():
     class SafeDataTrainer(Trainer):
         """The Trainer with the paper's per-epoch lr decay and a chosen dtype for saved weights."""
 
-        def __init__(self, *args, lr_decay=0.85, num_epochs=1, save_dtype=None, **kwargs):
+        def __init__(self, *args, lr_decay=0.85, num_epochs=1, save_dtype=None, resumed_loss_sum=0.0, **kwargs):
             self.lr_decay = lr_decay
             self.num_epochs = num_epochs
             self.save_dtype = save_dtype
             self.steps_per_epoch = None
+            self.resumed_loss_sum = resumed_loss_sum     # the step losses before the checkpoint resumed from
+            self._saving_checkpoint = False
             super().__init__(*args, **kwargs)
 
         def create_scheduler(self, num_training_steps, optimizer=None):
@@ -229,7 +242,23 @@ def _make_trainer_class():
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def _save_checkpoint(self, model, trial):
+            # A checkpoint keeps the training weights as they are (no cast: the run resumes from them exactly)
+            # and the sum of the step losses so far (the Trainer's own train loss counts one process's steps).
+            self._saving_checkpoint = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._saving_checkpoint = False
+            if self.args.should_save:
+                directory = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                write_json(directory / LOSS_SUM_FILE, {"step": self.state.global_step,
+                                                       "loss_sum": self.resumed_loss_sum + self._total_loss_scalar})
+                log.info("checkpoint %s (resumable: rerun the same command)", directory)
+
         def _save(self, output_dir=None, state_dict=None):
+            if self._saving_checkpoint:
+                return super()._save(output_dir, state_dict)
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if getattr(unwrapped, "config", None) is not None:
                 unwrapped.config.use_cache = True  # off for training only; generation wants the KV cache
@@ -239,7 +268,57 @@ def _make_trainer_class():
                 state_dict = cast_keeping_ties(state_dict, self.save_dtype)
             super()._save(output_dir, state_dict)
 
-    return SafeDataTrainer
+    class TimedCheckpoints(TrainerCallback):
+        """A checkpoint every `seconds` of training (after the step that crosses it). Under torchrun every process
+        takes rank 0's decision, so that all of them save the same step (saving is collective under FSDP)."""
+
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            due = torch.tensor([float(time.monotonic() - self.last >= self.seconds)], device=args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(due, src=0)
+            if due.item() and state.global_step < state.max_steps:   # the last step saves the model itself
+                control.should_save = True
+                self.last = time.monotonic()
+            return control
+
+    return SafeDataTrainer, TimedCheckpoints
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def checkpoint_to_resume(out: Path, requested: dict) -> Path | None:
+    """The latest complete checkpoint in OUTPUT_DIR made with these settings (its trainer_state.json, written
+    last, marks it complete), or None. Checkpoints made with other settings are removed (by rank 0), never
+    resumed from."""
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()),
+                         key=_checkpoint_step)
+    if not checkpoints:
+        return None
+    recorded = read_json(out / RESUME_FILE) if (out / RESUME_FILE).exists() else None
+    if recorded != json.loads(json.dumps(requested)):
+        log.warning("%s: checkpoints of a run with other settings (%s); starting again", out,
+                    "; ".join(settings_differences({"settings": recorded}, requested)) if recorded else
+                    f"no {RESUME_FILE}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_checkpoints(out)
+        return None
+    complete = [p for p in checkpoints if (p / "trainer_state.json").exists() and (p / LOSS_SUM_FILE).exists()]
+    if not complete:
+        return None
+    log.info("%s: resuming from %s (%d checkpoint(s) there)", out, complete[-1].name, len(checkpoints))
+    return complete[-1]
+
+
+def remove_checkpoints(out: Path) -> None:
+    for path in out.glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    (out / RESUME_FILE).unlink(missing_ok=True)
 
 
 def cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
@@ -330,7 +409,7 @@ FLAG_DEFAULTS = {f.name: f.default for f in fields(FinetuneArgs) if f.default is
 def recorded_flags(config: FinetuneArgs) -> dict:
     """The flags finetune_meta.json records: every field, --field_map only when one was given (as the feature
     stages' meta.json)."""
-    flags = asdict(config)
+    flags = {k: v for k, v in asdict(config).items() if k not in NOT_RECORDED}
     if flags["field_map"] is None:
         del flags["field_map"]
     return flags
@@ -433,6 +512,11 @@ def finetune(config: FinetuneArgs) -> dict:
         except ValueError as err:
             raise UserError(f"--lora_target_modules {','.join(config.lora_target_modules)}: {err}") from None
 
+    resume_from = checkpoint_to_resume(out, requested)
+    resumed_loss_sum = read_json(resume_from / LOSS_SUM_FILE)["loss_sum"] if resume_from else 0.0
+    if config.checkpoint_minutes > 0 and rank == 0:
+        write_json(out / RESUME_FILE, requested)   # before the first checkpoint: what its settings are
+
     fsdp_kwargs = trainer_fsdp_arguments(config, decoder_layer_classes(model) if config.fsdp else [], broadcast_weights)
     args = TrainingArguments(
         output_dir=str(out),
@@ -454,7 +538,8 @@ def finetune(config: FinetuneArgs) -> dict:
         # A batch job's log gets one line per step (the Trainer's own log printer), not progress-bar redraws.
         disable_tqdm=not interactive,
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="no",         # checkpoints by time instead (TimedCheckpoints), the latest one kept
+        save_total_limit=1,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -465,15 +550,21 @@ def finetune(config: FinetuneArgs) -> dict:
         ddp_backend="gloo" if not cuda and processes > 1 else None,
         **fsdp_kwargs,
     )
-    Trainer = _make_trainer_class()
+    Trainer, TimedCheckpoints = _make_trainer_class()
+    callbacks = [TimedCheckpoints(60 * config.checkpoint_minutes)] if config.checkpoint_minutes > 0 else []
     trainer = Trainer(model=model, args=args, train_dataset=SubsetDataset(encoded),
                       data_collator=Collator(D.pad_token_id(tokenizer)), processing_class=tokenizer,
                       lr_decay=config.lr_decay, num_epochs=config.epochs,
-                      save_dtype=None if config.lora else save_dtype)
+                      save_dtype=None if config.lora else save_dtype, resumed_loss_sum=resumed_loss_sum,
+                      callbacks=callbacks)
     log.info("fine-tuning %s on %d example(s) of %s: %d process(es) x %d per device x %d accumulation = %d per step",
              config.model_name, len(encoded), config.data_path, processes, per_device, accumulation,
              processes * per_device * accumulation)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_loss = result.training_loss
+    if resume_from is not None:   # the Trainer's own mean covers the steps this process ran
+        steps_run = trainer.state.global_step - _checkpoint_step(resume_from)
+        train_loss = (resumed_loss_sum + result.training_loss * steps_run) / max(trainer.state.global_step, 1)
 
     save_to = out / ADAPTER_DIR if config.merge_lora else out
     trainer.save_model(str(save_to))
@@ -505,11 +596,12 @@ def finetune(config: FinetuneArgs) -> dict:
                     "weights_broadcast_from_rank0": broadcast_weights},
         "save_dtype": "fp32 (adapter)" if config.lora and not config.merge_lora else str(save_dtype).split(".")[-1],
         "kind": "lora_merged" if config.merge_lora else ("lora_adapter" if config.lora else "full"),
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "final_step_loss": step_losses[-1] if step_losses else None,
         "epoch_losses": _epoch_losses(history, steps_per_epoch, config.epochs),
         "log_history": history,
         "train_runtime_s": result.metrics.get("train_runtime"),
+        **({"resumed_from_step": _checkpoint_step(resume_from)} if resume_from is not None else {}),
     }
     if trainer.args.should_save:
         if not config.lora:
@@ -522,8 +614,9 @@ def finetune(config: FinetuneArgs) -> dict:
         for directory in (out, out / ADAPTER_DIR):
             if directory.is_dir():
                 apply_umask(directory)
+        remove_checkpoints(out)            # the run is complete: nothing left to resume
         write_json(out / META_NAME, meta)  # last: its presence marks a complete checkpoint
-        log.info("wrote %s (train loss %.4f; per epoch %s)", out, result.training_loss,
+        log.info("wrote %s (train loss %.4f; per epoch %s)", out, train_loss,
                  ", ".join(f"{x:.4f}" for x in meta["epoch_losses"]))
     if processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
