@@ -169,11 +169,12 @@ def paper_scores(model, items, pad, tdense, pad_to):
     return torch.stack(inner).double().cpu(), torch.stack(sq).double().cpu()
 
 
-def ours_scores(model, batches, pad, bank):
+def ours_scores(model, batches, pad, bank_and_engine):
     set_requires_grad(model, False)
+    bank, engine = bank_and_engine
     inner, sq = [], []
     for b in batches:
-        i, s = G.score_batch(model, b, bank, pad)
+        i, s = G.score_batch(model, b, bank, pad, engine=engine)
         inner.append(i.detach().double().cpu())
         sq.append(s.detach().double().cpu())
     return torch.cat(inner), torch.cat(sq)
@@ -302,10 +303,10 @@ def measure(method, model, tok, args, targets, device, dtype):
         fn = lambda: paper_scores(model, items, pad, tdense, pad_to)  # noqa: E731
         order = [e.index for e in items]
     elif method in ("ours", "ours64"):
-        bank = G.bank_for(model, targets)
+        bank, engine = G.bank_for(model, targets)
         extra["targets_mib"] = bank.nbytes() / MiB
         extra["densified"] = len(bank.densified)
-        fn = lambda: ours_scores(model, batches, pad, bank)  # noqa: E731
+        fn = lambda: ours_scores(model, batches, pad, (bank, engine))  # noqa: E731
     elif method == "train":
         fn = lambda: train_step(model, batches, pad, device)  # noqa: E731
     elif method == "floor":

@@ -99,11 +99,11 @@ def rel_err(a, b):
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
-def run_batches(model, items, bank, pad, bs):
+def run_batches(model, items, bank, pad, bs, engine=None):
     """Consecutive (not length-bucketed) batches: every batch mixes lengths, so padding is exercised."""
     inner, sq = [], []
     for start in range(0, len(items), bs):
-        i, s = G.score_batch(model, items[start:start + bs], bank, pad)
+        i, s = G.score_batch(model, items[start:start + bs], bank, pad, engine=engine)
         inner.append(i)
         sq.append(s)
     return torch.cat(inner), torch.cat(sq)
@@ -122,7 +122,7 @@ def check_against(r: Reference, params="all", paths=("auto", "ghost", "materiali
         engine = G.get_engine(r.model, params, path=path)
         bank = G.TargetBank([res_a.target, res_b.target], engine)
         for bs in batch_sizes:
-            inner, sq = run_batches(r.model, r.pool.encoded, bank, r.pad, bs)
+            inner, sq = run_batches(r.model, r.pool.encoded, bank, r.pad, bs, engine)
             assert rel_err(sq, r.sq) < TOL, (path, bs)                 # ||G_i||^2
             assert rel_err(inner, r.inner) < TOL, (path, bs)           # <G_i, T_j>
             assert rel_err(inner / sq.sqrt()[:, None], r.scores) < TOL, (path, bs)
@@ -224,8 +224,9 @@ def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
     assert res.target.norm == pytest.approx(float(T.norm()), rel=TOL)
     adam = G.load_adam_state(tmp_path / "optimizer.pt", lm)
     for state_, reference in ((None, gp), (adam, adam_p)):
-        bank = G.TargetBank([res.target], G.get_engine(lm, "lora", "lora", state_))
-        inner, sq = run_batches(lm, pool.encoded, bank, pad, 3)
+        engine = G.get_engine(lm, "lora", "lora", state_)
+        bank = G.TargetBank([res.target], engine)
+        inner, sq = run_batches(lm, pool.encoded, bank, pad, 3, engine)
         assert rel_err(sq, (reference * reference).sum(1)) < TOL
         assert rel_err(inner[:, 0], reference @ T) < TOL
     # Adam-preconditioned anchors too

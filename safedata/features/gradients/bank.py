@@ -54,11 +54,13 @@ class TargetBank:
     """Targets on the device, arranged per parameter for the hooks (all targets of a layer together).
 
     release: empty each Target's parameters as soon as the bank holds them, so that the targets are never
-    held twice (the scoring stage passes targets it loaded for the bank alone)."""
+    held twice (the scoring stage passes targets it loaded for the bank alone). The engine is read while the bank is
+    laid out (the model's parameters, device and dtypes) and not kept: the bank is data, and the caller runs the
+    engine with it (batch.score_batch)."""
 
     def __init__(self, targets: list[Target], engine: GradientEngine, densify: bool = True, release: bool = False):
         self.n = len(targets)
-        self.engine = engine
+        self.param_set, self.mode = engine.params, engine.mode
         self.params: dict[str, _ParamBank] = {}
         dev, compute_dtype, num = engine.device, engine.compute_dtype, engine.num
         for j, target in enumerate(targets):
@@ -104,13 +106,13 @@ class TargetBank:
             del dense, facts, p
         self.densified: list[str] = []
         if densify:
-            self.densify(factored)
+            self.densify(engine, factored)
 
-    def densify(self, factored: dict[str, list[int]]) -> None:
+    def densify(self, engine: GradientEngine, factored: dict[str, list[int]]) -> None:
         """Add a dense copy of the factored targets of the Linear layers where materialising the per-example
         gradient and one GEMM against every target beats factor products (numerics.choose_dense_copies),
         within dense_copy_budget(the model's size)."""
-        e = self.engine
+        e = engine
         linear = {s.weight for s in e.sites if s.kind == "linear" and not s.lora}
         layers = [FactoredLayer(name, *e.shapes[name], self.params[name].K, self.params[name].n_dense_targets,
                                 len(cols))

@@ -13,21 +13,26 @@ from .targets import Target
 
 
 def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None, mode=None,
-                adam: AdamState | None = None, path="auto", with_loss=False) -> tuple[torch.Tensor, ...]:
+                adam: AdamState | None = None, path="auto", with_loss=False,
+                engine: GradientEngine | None = None) -> tuple[torch.Tensor, ...]:
     """(inner [B, n_targets], sqnorm [B]) = (<G_i, T_j>, ||G_i||^2), from one forward + backward
     (with_loss: and each example's mean token loss [B], a third element).
 
-    targets: a TargetBank (made once: `TargetBank(targets, get_engine(model, ...))`; it carries the engine and
-    its settings), a list of Target (moved to the device at each call), or None (norms only).
-    params/mode default to the targets'.
+    targets: a TargetBank (made once, `TargetBank(targets, engine)`, for repeated calls with that engine), a list
+    of Target (moved to the device at each call), or None (norms only). params/mode default to the targets'.
+    engine: the run's engine (made once by the caller: it keeps its workspace between batches); made here if
+    not given.
     """
     if isinstance(targets, Target):
         targets = [targets]
     if isinstance(targets, TargetBank):
-        engine, bank = targets.engine, targets
-        if engine.model is not model or (params or engine.params) != engine.params or \
-                (mode or engine.mode) != engine.mode:
+        bank = targets
+        engine = engine or get_engine(model, bank.param_set, bank.mode, adam, path)
+        if engine.model is not model or (params or bank.param_set) != engine.params or \
+                (mode or bank.mode) != engine.mode or (bank.param_set, bank.mode) != (engine.params, engine.mode):
             raise ValueError("score_batch: the TargetBank was made for another model or settings")
+    elif engine is not None:
+        bank = TargetBank(targets, engine) if targets else None
     else:
         first = targets[0] if targets else None
         params = params or (first.param_set if first else "all")
@@ -39,9 +44,12 @@ def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None
     return (acc.inner, acc.sq, engine.example_loss) if with_loss else (acc.inner, acc.sq)
 
 
-def bank_for(model, targets: list[Target], adam: AdamState | None = None, path="auto") -> TargetBank:
-    """Targets moved to the model's device once, for repeated score_batch calls (what a benchmark wants)."""
-    return TargetBank(targets, get_engine(model, targets[0].param_set, targets[0].mode, adam, path))
+def bank_for(model, targets: list[Target], adam: AdamState | None = None,
+             path="auto") -> tuple[TargetBank, GradientEngine]:
+    """Targets moved to the model's device once, and the engine to score them with, for repeated score_batch
+    calls (what a benchmark wants): `score_batch(model, items, bank, pad_id, engine=engine)`."""
+    engine = get_engine(model, targets[0].param_set, targets[0].mode, adam, path)
+    return TargetBank(targets, engine), engine
 
 
 def project_batch(model, items, projector, pad_id: int, params="all", mode="full", adam=None,

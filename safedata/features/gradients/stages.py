@@ -290,7 +290,8 @@ def score_pool(args: GradientArgs, model=None, tokenizer=None, path="auto") -> b
     n_supervised = torch.tensor([e.n_supervised for e in prepared.encoded], dtype=torch.float64)
 
     def compute(items):
-        inner, sq, loss = score_batch(model, items, bank, pad_id, params_key, a.mode, adam, path, with_loss=True)
+        inner, sq, loss = score_batch(model, items, bank, pad_id, params_key, a.mode, adam, path, with_loss=True,
+                                      engine=engine)
         return {"inner": inner.detach().double().cpu(), "sqnorm": sq.detach().double().cpu(),
                 "loss": loss.detach().double().cpu()}
 
