@@ -14,7 +14,7 @@
 #   commit   the adapter -> $OUT (adapter_config.json, adapter_model.safetensors) + recipe.json (these settings,
 #            sha256, gates, stage wall times); `make smollm2-aligned` rebuilds the merged model from it
 #
-# LoRA, not full fine-tuning: the alignment takes ~20-30 min on 2 cores, and the adapter (19 MB) can be committed,
+# LoRA, not full fine-tuning: the alignment takes ~1-1.5 h on 2 cores, and the adapter (19 MB) can be committed,
 # so a user rebuilds the aligned model in a minute instead of retraining it.
 # Precision fp32: this CPU has no AMX, and bf16 matrix products run slower than fp32 here (docs/REAL_MODEL.md).
 # LoRA dropout 0: on CPU peft's dropout of each adapted module's input cost as much time as all the linear layers
@@ -34,7 +34,7 @@ PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dat
 WORK=${WORK:-runs/real_align}
 OUT=${OUT:-lab/smollm2_aligned}
 SEED=${SEED:-0}
-N_ALIGN=${N_ALIGN:-2400}
+N_ALIGN=${N_ALIGN:-4800}
 N_REFUSALS=${N_REFUSALS:-}          # empty: all 1,139 harmful requests, each with a refusal
 HELPFUL=${HELPFUL:-alpaca}
 DISTILL_TOKENS=${DISTILL_TOKENS:-192}
