@@ -268,7 +268,7 @@ def generate_responses(config: GenerationArgs) -> bool:
         "skipped": skipped,
         "flags": flags,
         # --field_map, when one was given: how the prompts' conversations were read
-        **({"field_map": field_map.describe()} if field_map != D.DEFAULT_FIELD_MAP else {}),
+        **D.recorded_field_map(field_map),
     }
     identity = {k: meta[k] for k in ("model", "template", "data_sha256", "flags", "field_map") if k in meta}
     # A checkpoint retrained in place keeps its path, config and sizes: what its fine-tune was asked and reached

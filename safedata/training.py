@@ -293,8 +293,8 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def checkpoint_to_resume(out: Path, requested: dict) -> Path | None:
-    """The latest complete checkpoint in OUTPUT_DIR made with these settings (its trainer_state.json, written
-    last, marks it complete), or None. Checkpoints made with other settings are removed (by rank 0), never
+    """The latest complete checkpoint in OUTPUT_DIR made with these settings (its loss_sum.json, written after
+    everything the Trainer saves, marks it complete), or None. Checkpoints made with other settings are removed (by rank 0), never
     resumed from."""
     checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()),
                          key=_checkpoint_step)
@@ -308,7 +308,7 @@ def checkpoint_to_resume(out: Path, requested: dict) -> Path | None:
         if int(os.environ.get("RANK", "0")) == 0:
             remove_checkpoints(out)
         return None
-    complete = [p for p in checkpoints if (p / "trainer_state.json").exists() and (p / LOSS_SUM_FILE).exists()]
+    complete = [p for p in checkpoints if (p / LOSS_SUM_FILE).exists()]
     if not complete:
         return None
     log.info("%s: resuming from %s (%d checkpoint(s) there)", out, complete[-1].name, len(checkpoints))

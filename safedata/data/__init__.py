@@ -12,7 +12,7 @@
 
 Stages import what they use from here (`from safedata import data as D`); the names below are the layer's
 public interface."""
-from .conversations import DEFAULT_FIELD_MAP, FieldMap, field_map_of
+from .conversations import DEFAULT_FIELD_MAP, FieldMap, field_map_of, recorded_field_map
 from .encoding import (IGNORE_INDEX, Encoded, check_sizes, collate, encode, encode_examples, length_bucketed_batches,
                        pad_token_id, token_ids)
 from .hashing import file_sha256, record_id

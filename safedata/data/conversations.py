@@ -69,6 +69,12 @@ def field_map_of(spec: str | None) -> FieldMap:
     return FieldMap.parse(spec) if spec else DEFAULT_FIELD_MAP
 
 
+def recorded_field_map(field_map: FieldMap | None) -> dict:
+    """What a meta.json records of the mapping: {"field_map": ...} when one other than the default read the
+    records, else nothing (so that the outputs of default runs keep their bytes)."""
+    return {"field_map": field_map.describe()} if field_map and field_map != DEFAULT_FIELD_MAP else {}
+
+
 def conversation_field(record, field_map: FieldMap = DEFAULT_FIELD_MAP) -> str | None:
     """The record's conversation field under the mapping, if it has one holding a list."""
     if not isinstance(record, dict):

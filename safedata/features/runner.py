@@ -67,7 +67,6 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
 
 def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str, flags: dict) -> dict:
     """What made an output: the next stage checks these before trusting it."""
-    field_map = prepared.field_map
     return {
         "stage": stage,
         "model": model_identity(model_name),
@@ -84,7 +83,7 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
         "n_empty_response": len(prepared.empty_responses),
         "empty_response_indices": prepared.empty_responses,
         # --field_map, when one was given: how the records' conversations were read
-        **({"field_map": field_map.describe()} if field_map != D.DEFAULT_FIELD_MAP else {}),
+        **D.recorded_field_map(prepared.field_map),
     }
 
 

@@ -54,7 +54,6 @@ def score_meta(method: str, model: str, data_path, examples, skipped, flags: dic
                field_map: D.FieldMap | None = None) -> dict:
     """meta.json fields the runner's metadata check and rank.py read (stage, model, template, data_sha256, flags);
     --field_map, when one was given."""
-    mapped = {"field_map": field_map.describe()} if field_map and field_map != D.DEFAULT_FIELD_MAP else {}
     return {
         "stage": "method_scores",
         "method": method,
@@ -68,7 +67,7 @@ def score_meta(method: str, model: str, data_path, examples, skipped, flags: dic
         "indices": [e.index for e in examples],
         "ids": [e.id for e in examples],
         "skipped": list(skipped),
-        **mapped,
+        **D.recorded_field_map(field_map),
     }
 
 

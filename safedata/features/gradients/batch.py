@@ -28,8 +28,8 @@ def score_batch(model, items: list[D.Encoded], targets, pad_id: int, params=None
     if isinstance(targets, TargetBank):
         bank = targets
         engine = engine or get_engine(model, bank.param_set, bank.mode, adam, path)
-        if engine.model is not model or (params or bank.param_set) != engine.params or \
-                (mode or bank.mode) != engine.mode or (bank.param_set, bank.mode) != (engine.params, engine.mode):
+        wanted = (params or bank.param_set, mode or bank.mode)
+        if engine.model is not model or wanted != (bank.param_set, bank.mode) or wanted != (engine.params, engine.mode):
             raise ValueError("score_batch: the TargetBank was made for another model or settings")
     elif engine is not None:
         bank = TargetBank(targets, engine) if targets else None
