@@ -18,6 +18,9 @@ own ru_maxrss, read by a wrapper process that runs nothing else):
 
 and prints, per dtype, scoring / train pass, self-influence / train pass, representations / forward, and per
 command bf16 / fp32 time. All processes get --threads CPU threads (OMP_NUM_THREADS); run it on a quiet machine.
+--repeats R runs the commands R times, interleaved (train, scoring, ..., train, scoring, ...), and reports each
+command's median time and peak: on a virtual machine one process's first touch of fresh memory can cost seconds
+more than the next one's, so single runs of a minute differ by 10-20%.
 
   python bench/bench_real_model.py                       # SmolLM2, 32 records, batch 8, fp32 and bf16
   python bench/bench_real_model.py --n 64 --dtypes fp32 --output bench/results/real_model_fp32.json
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +128,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each command, interleaved; medians reported")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "real_model.json"))
     p.add_argument("--wrap", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plain", nargs=5, default=None, help=argparse.SUPPRESS)
@@ -139,7 +144,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     py = sys.executable
     results: dict = {"model": a.model, "n": a.n, "batch_size": a.batch_size, "threads": a.threads,
-                     "machine": machine(), "rows": [], "target_build_s": {}}
+                     "repeats": a.repeats, "machine": machine(), "runs": [], "rows": [], "target_build_s": {}}
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
         tmp = Path(tmp)
         pool, anchors = prepare(tmp, a.n)
@@ -165,9 +170,19 @@ def main():
                 "representations": [py, "get_representation.py", "--data_path", str(pool), "--output_dir",
                                     str(tmp / f"reps_{dtype}"), "--dtype", dtype, *common],
             }
+            for repeat in range(a.repeats):
+                for name in a.commands:
+                    run = {"dtype": dtype, "command": name, "repeat": repeat, **measured(commands[name], env)}
+                    print(f"  {dtype}: {name} (run {repeat + 1}/{a.repeats}): {run['seconds']:.1f} s, "
+                          f"{run['peak_rss_mib']:.0f} MiB", flush=True)
+                    results["runs"].append(run)
             for name in a.commands:
-                print(f"  {dtype}: {name} ...", flush=True)
-                results["rows"].append({"dtype": dtype, "command": name, **measured(commands[name], env)})
+                runs = [r for r in results["runs"] if r["dtype"] == dtype and r["command"] == name]
+                results["rows"].append({"dtype": dtype, "command": name,
+                                        "seconds": statistics.median(r["seconds"] for r in runs),
+                                        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+                                        "seconds_min": min(r["seconds"] for r in runs),
+                                        "seconds_max": max(r["seconds"] for r in runs)})
     by = {(r["dtype"], r["command"]): r for r in results["rows"]}
     results["ratios"] = {f"{x} / {y} ({d})": by[d, x]["seconds"] / by[d, y]["seconds"]
                          for d in a.dtypes for x, y in RATIOS if (d, x) in by and (d, y) in by}
@@ -176,10 +191,12 @@ def main():
     if len(a.dtypes) == 2:
         results["bf16_over_fp32_time"] = {c: by["bf16", c]["seconds"] / by["fp32", c]["seconds"]
                                           for c in a.commands}
-    print(f"\n{a.model}: {a.n} Alpaca records, batch {a.batch_size}, {a.threads} threads, whole processes")
-    print(f"{'dtype':6} {'command':16} {'seconds':>8} {'peak MiB':>9}")
+    print(f"\n{a.model}: {a.n} Alpaca records, batch {a.batch_size}, {a.threads} threads, whole processes, "
+          f"median of {a.repeats} run(s)")
+    print(f"{'dtype':6} {'command':16} {'seconds':>8} {'min-max':>13} {'peak MiB':>9}")
     for r in results["rows"]:
-        print(f"{r['dtype']:6} {r['command']:16} {r['seconds']:8.1f} {r['peak_rss_mib']:9.0f}")
+        spread = f"{r['seconds_min']:.1f}-{r['seconds_max']:.1f}"
+        print(f"{r['dtype']:6} {r['command']:16} {r['seconds']:8.1f} {spread:>13} {r['peak_rss_mib']:9.0f}")
     for key, value in results["ratios"].items():
         print(f"time   {key}: {value:.2f}x   memory: {results['memory_ratios'][key]:.2f}x")
     for command, value in results.get("bf16_over_fp32_time", {}).items():

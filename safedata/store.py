@@ -206,23 +206,43 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The tensor, or rows start:stop of its first dimension."""
+    def dtype(self, name: str) -> torch.dtype:
         entry = self.entries[name]
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise UserError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, not one this project writes")
-        shape = list(entry["shape"])
+        return SAFETENSORS_DTYPES[entry["dtype"]]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of its first dimension."""
+        shape = list(self.shape(name))
         if shape:
             stop = shape[0] if stop is None else min(stop, shape[0])
             shape[0] = max(0, stop - start)
-        out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        out = torch.empty(shape, dtype=self.dtype(name))
+        self._fill(name, out, start)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """The whole tensor written into `out`, memory the caller laid out (a CPU tensor, contiguous, of the stored
+        dtype and element count; its shape is the caller's): the file's bytes copied once, to where they are used."""
+        numel = 1
+        for size in self.shape(name):
+            numel *= size
+        if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtype(name) \
+                or out.numel() != numel:
+            raise ValueError(f"read_into {name}: need a contiguous CPU {self.dtype(name)} tensor of {numel} "
+                             f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        self._fill(name, out, 0)
+        return out
+
+    def _fill(self, name: str, out: torch.Tensor, start: int) -> None:
         flat = out.reshape(-1).view(torch.uint8)           # the tensor's own bytes, filled in place
-        offset = entry["data_offsets"][0] + (start * flat.numel() // max(1, shape[0]) if shape else 0)
+        row_bytes = flat.numel() // max(1, out.shape[0]) if start else 0
+        offset = self.entries[name]["data_offsets"][0] + start * row_bytes
         with open(self.path, "rb") as handle:
             handle.seek(self.data_start + offset)
             if flat.numel() and handle.readinto(memoryview(flat.numpy())) != flat.numel():
                 raise UserError(f"{self.path}: truncated (tensor {name})")
-        return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
         return {name: self.read(name) for name in self.entries}

@@ -107,3 +107,25 @@ def test_model_identity_follows_the_weights_not_the_trainers_pickle(tiny_model_d
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert model_identity(str(model)) != first
+
+
+def test_read_into_fills_callers_memory_with_the_files_bytes(tmp_path):
+    """SafetensorsReader.read / read_into against safetensors' own loader (the reference), and read_into's checks."""
+    from safetensors.torch import load_file, save_file
+
+    from safedata.store import SafetensorsReader
+    tensors = {"a::dense": torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
+               "b": torch.arange(7, dtype=torch.int64), "c": torch.tensor(2.5, dtype=torch.float64)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    reference = load_file(str(path))
+    reader = SafetensorsReader(path)
+    bank = torch.full((2, 15), float("nan"))
+    reader.read_into("a::dense", bank[1])                               # a row of memory laid out by the caller
+    assert torch.equal(bank[1].view(5, 3), reference["a::dense"])
+    assert bool(bank[0].isnan().all())                                  # nothing written outside the row
+    assert torch.equal(reader.read("a::dense", 2, 4), reference["a::dense"][2:4])
+    assert torch.equal(reader.read("b"), reference["b"]) and torch.equal(reader.read("c"), reference["c"])
+    for wrong in (torch.empty(15, dtype=torch.float64), torch.empty(14), torch.empty(6, 5)[:, :3]):
+        with pytest.raises(ValueError, match="read_into a::dense"):
+            reader.read_into("a::dense", wrong)

@@ -9,7 +9,7 @@ import torch
 
 from ...errors import MetadataMismatch
 from .numerics import FactoredLayer, choose_dense_copies, dense_copy_budget, memory_cost
-from .targets import ParamTarget, Target
+from .targets import ParamTarget, StoredTensor, Target, loaded
 
 if TYPE_CHECKING:
     from .engine import GradientEngine
@@ -83,7 +83,7 @@ class TargetBank:
                 if release:
                     target.params[name] = ParamTarget(p.shape)
                 if p.dense is not None:
-                    dense.append((j, p.dense.to(device=dev, dtype=compute_dtype).reshape(-1)))
+                    dense.append((j, p.dense))
                 if p.rows_ids is not None:
                     lookup = torch.full((p.shape[0],), -1, dtype=torch.long, device=dev)
                     ids = p.rows_ids.to(dev, torch.long)
@@ -102,11 +102,23 @@ class TargetBank:
                     row += p.fact_g.shape[0]
             if dense:
                 bank.dense_cols = torch.tensor([j for j, _ in dense], dtype=torch.long, device=dev)
-                bank.dense_mat = torch.stack([d for _, d in dense])
+                bank.dense_mat = self._stacked([d for _, d in dense], dev, compute_dtype)
             del dense, facts, p
         self.densified: list[str] = []
         if densify:
             self.densify(engine, factored)
+
+    @staticmethod
+    def _stacked(parts: list, device, dtype) -> torch.Tensor:
+        """[len(parts), numel]: the targets' dense parts of one parameter as rows, each written once into place (a
+        StoredTensor already in the bank's dtype is read from its file straight into its row)."""
+        out = torch.empty(len(parts), parts[0].numel(), dtype=dtype, device=device)
+        for row, part in enumerate(parts):
+            if isinstance(part, StoredTensor) and part.dtype == dtype and out.device.type == "cpu":
+                part.read_into(out[row])
+            else:
+                out[row] = loaded(part).to(device=device, dtype=dtype).reshape(-1)
+        return out
 
     def densify(self, engine: GradientEngine, factored: dict[str, list[int]]) -> None:
         """Add a dense copy of the factored targets of the Linear layers where materialising the per-example

@@ -263,7 +263,7 @@ def score_pool(args: GradientArgs, model=None, tokenizer=None, path="auto") -> b
     names = SELF_INFLUENCE_COLUMNS if self_influence else _target_names(target_dirs, a.target_names)
     model, tokenizer, adam, template, prepared = _setup(a, model, tokenizer)
     params_key = _params_key(a.mode, a.params)
-    loaded = [load_target(d) for d in target_dirs]
+    loaded = [load_target(d, defer_dense=True) for d in target_dirs]   # the bank reads the dense parts into place
     targets_info = [{"name": name, "dir": str(Path(d).resolve()), "data_file": tm.get("data_file"),
                      "data_sha256": tm.get("data_sha256"), "n_anchors": tm["target"]["n_anchors"],
                      "norm": tm["target"]["norm"], "renormalized": tm["target"]["renormalized"],

@@ -11,7 +11,7 @@ import torch
 from filelock import FileLock
 
 from ...errors import UserError
-from ...store import META, load_tensors, read_json
+from ...store import META, SafetensorsReader, read_json
 
 TARGET_FILE = "target.safetensors"
 LOCK_FILE = ".target.lock"
@@ -20,12 +20,40 @@ TARGET_VERSION = "1"
 LAYOUTS = ("auto", "factored", "dense")
 
 
+class StoredTensor:
+    """A tensor left in its safetensors file until it is wanted: read whole (`load`) or straight into memory the
+    caller laid out (`read_into`). A scoring run's dense target parts stay on disk until the TargetBank reads each
+    into its row of the bank, so their bytes are copied once (file -> bank), not twice (file -> tensor -> bank)."""
+
+    def __init__(self, reader: SafetensorsReader, key: str):
+        self.reader, self.key = reader, key
+        self.shape = torch.Size(reader.shape(key))
+        self.dtype = reader.dtype(key)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        return self.reader.read(self.key)
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        return self.reader.read_into(self.key, out)
+
+
+def loaded(value):
+    """The tensor itself (a StoredTensor is read)."""
+    return value.load() if isinstance(value, StoredTensor) else value
+
+
 @dataclass
 class ParamTarget:
     """One parameter's part of a target: a sum of a dense part, scaled factors and embedding rows."""
 
     shape: tuple
-    dense: torch.Tensor | None = None
+    dense: torch.Tensor | StoredTensor | None = None   # a StoredTensor until read (load_target(defer_dense=True))
     fact_g: torch.Tensor | None = None      # [K, out]
     fact_x: torch.Tensor | None = None      # [K, in]
     fact_scale: torch.Tensor | None = None  # [K]
@@ -44,7 +72,7 @@ class ParamTarget:
 
     def scale_(self, s: float) -> None:
         if self.dense is not None:
-            self.dense = self.dense * s
+            self.dense = loaded(self.dense) * s
         if self.fact_scale is not None:
             self.fact_scale = self.fact_scale * s
         if self.rows_val is not None:
@@ -53,7 +81,7 @@ class ParamTarget:
     def to_dense(self, dtype, device=None) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=dtype, device=device)
         if self.dense is not None:
-            out += self.dense.to(device=device, dtype=dtype)
+            out += loaded(self.dense).to(device=device, dtype=dtype)
         if self.fact_g is not None:
             g = self.fact_g.to(device=device, dtype=dtype) * self.fact_scale.to(device=device, dtype=dtype)[:, None]
             out += g.T @ self.fact_x.to(device=device, dtype=dtype)
@@ -101,7 +129,9 @@ class Target:
                        "bytes": p.nbytes()} for name, p in self.params.items()}
 
 
-def load_target(directory) -> tuple[Target, dict]:
+def load_target(directory, defer_dense: bool = False) -> tuple[Target, dict]:
+    """The target in DIRECTORY and its meta.json. defer_dense: leave the dense parts in the file as StoredTensor
+    (for a TargetBank, which reads each into place)."""
     directory = Path(directory)
     meta = read_json(directory / META)
     if meta.get("stage") != "gradient_target":
@@ -110,9 +140,11 @@ def load_target(directory) -> tuple[Target, dict]:
     path = directory / TARGET_FILE
     if not path.exists():
         raise UserError(f"{path}: missing (did the anchor run finish?)")
-    tensors, file_meta = load_tensors(path)
-    if file_meta.get("format") != TARGET_FORMAT or file_meta.get("version") != TARGET_VERSION:
+    reader = SafetensorsReader(path)
+    if reader.metadata.get("format") != TARGET_FORMAT or reader.metadata.get("version") != TARGET_VERSION:
         raise UserError(f"{path}: not a version-{TARGET_VERSION} gradient target")
+    tensors = {key: StoredTensor(reader, key) if defer_dense and key.endswith("::dense") else reader.read(key)
+               for key in reader.keys()}
     info = meta["target"]
     flags = meta.get("flags") or {}
     target = Target.from_tensors(tensors, info["layout"], mode=flags.get("mode", "full"),
