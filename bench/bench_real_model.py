@@ -160,19 +160,20 @@ def main():
                                cwd=ROOT, env=env, check=True, capture_output=True)
                 targets.append(str(target))
             results["target_build_s"][dtype] = time.perf_counter() - start
-            commands = {
-                "train pass": [py, __file__, "--plain", "train", a.model, str(pool), dtype, str(a.batch_size)],
-                "scoring": [py, "get_gradients.py", "--targets", *targets, "--data_path", str(pool),
-                            "--output_dir", str(tmp / f"scores_{dtype}"), "--dtype", dtype, *common],
-                "self-influence": [py, "get_gradients.py", "--self_influence", "--data_path", str(pool),
-                                   "--output_dir", str(tmp / f"self_{dtype}"), "--dtype", dtype, *common],
-                "forward": [py, __file__, "--plain", "forward", a.model, str(pool), dtype, str(a.batch_size)],
-                "representations": [py, "get_representation.py", "--data_path", str(pool), "--output_dir",
-                                    str(tmp / f"reps_{dtype}"), "--dtype", dtype, *common],
-            }
+            def commands(repeat: int) -> dict:          # each run writes a new output dir (a finished one is kept)
+                return {
+                    "train pass": [py, __file__, "--plain", "train", a.model, str(pool), dtype, str(a.batch_size)],
+                    "scoring": [py, "get_gradients.py", "--targets", *targets, "--data_path", str(pool),
+                                "--output_dir", str(tmp / f"scores_{dtype}_{repeat}"), "--dtype", dtype, *common],
+                    "self-influence": [py, "get_gradients.py", "--self_influence", "--data_path", str(pool),
+                                       "--output_dir", str(tmp / f"self_{dtype}_{repeat}"), "--dtype", dtype, *common],
+                    "forward": [py, __file__, "--plain", "forward", a.model, str(pool), dtype, str(a.batch_size)],
+                    "representations": [py, "get_representation.py", "--data_path", str(pool), "--output_dir",
+                                        str(tmp / f"reps_{dtype}_{repeat}"), "--dtype", dtype, *common],
+                }
             for repeat in range(a.repeats):
                 for name in a.commands:
-                    run = {"dtype": dtype, "command": name, "repeat": repeat, **measured(commands[name], env)}
+                    run = {"dtype": dtype, "command": name, "repeat": repeat, **measured(commands(repeat)[name], env)}
                     print(f"  {dtype}: {name} (run {repeat + 1}/{a.repeats}): {run['seconds']:.1f} s, "
                           f"{run['peak_rss_mib']:.0f} MiB", flush=True)
                     results["runs"].append(run)

@@ -14,6 +14,7 @@
 #   finetune  every condition x seed: the paper's recipe (5 epochs, AdamW, lr x0.85 an epoch, batch 20, no weight
 #             decay), full fine-tuning of the aligned model; a seed changes the data order (and random's draw)
 #   evaluate  AdvBench (greedy, MAX_NEW_TOKENS), keyword ASR; over-refusal on the held-out prompts; held-out loss
+#             (the aligned model first; then seed by seed, each run right after its fine-tune)
 #   report    lab_real.py report -> $OUT: table.md, per_seed.csv, flags.csv (per-prompt refused flags, no text),
 #             results.json, asr.png, wall times
 #
@@ -133,27 +134,28 @@ if has select; then
 fi
 
 run_dir() { echo "$WORK/ft/$1/seed$2"; }
-if has finetune; then
-  echo "== finetune (lr $LR, $EPOCHS epochs, batch $BATCH) -> $WORK/ft"
-  for condition in $CONDITIONS; do
-    for seed in $SEEDS; do
-      subset=$(subset_of "$condition" "$seed")
-      if [ ! -f "$subset" ]; then echo "skip $condition seed $seed: $subset missing"; continue; fi
-      timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
-        --output_dir "$(run_dir "$condition" "$seed")/model" --template chat --lr "$LR" --epochs "$EPOCHS" \
-        --batch_size "$BATCH" --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS
-    done
-  done
-fi
-
+# Seed-major, each run evaluated as soon as it is fine-tuned (when both stages are asked): a stopped study has
+# complete rows for every condition of the first seeds, and `STAGES=report` tabulates what is there.
 if has evaluate; then
-  echo "== evaluate (greedy, $MAX_NEW_TOKENS new tokens) -> $WORK/ft/*/*"
+  echo "== evaluate the aligned model (greedy, $MAX_NEW_TOKENS new tokens) -> $WORK/aligned"
   timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
-  for condition in $CONDITIONS; do
-    for seed in $SEEDS; do
+fi
+if has finetune || has evaluate; then
+  echo "== finetune (lr $LR, $EPOCHS epochs, batch $BATCH) and evaluate -> $WORK/ft"
+  for seed in $SEEDS; do
+    for condition in $CONDITIONS; do
       dir=$(run_dir "$condition" "$seed")
-      [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
-      timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
+      if has finetune; then
+        subset=$(subset_of "$condition" "$seed")
+        if [ ! -f "$subset" ]; then echo "skip $condition seed $seed: $subset missing"; continue; fi
+        timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
+          --output_dir "$dir/model" --template chat --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" \
+          --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS
+      fi
+      if has evaluate; then
+        [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
+        timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
+      fi
     done
   done
 fi
