@@ -129,3 +129,26 @@ def test_read_into_fills_callers_memory_with_the_files_bytes(tmp_path):
     for wrong in (torch.empty(15, dtype=torch.float64), torch.empty(14), torch.empty(6, 5)[:, :3]):
         with pytest.raises(ValueError, match="read_into a::dense"):
             reader.read_into("a::dense", wrong)
+
+
+def test_a_target_with_dense_parts_left_on_disk_reads_back_the_written_tensors(tmp_path):
+    """load_target(defer_dense=True): dense parts stay in the file until read (whole, or into the caller's memory);
+    every part, read either way, is the tensor that was written."""
+    from safedata.features.gradients.targets import (TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, ParamTarget,
+                                                     StoredTensor, Target, load_target)
+    from safedata.store import META, save_tensors, write_json
+    gen = torch.Generator().manual_seed(1)
+    written = Target({"w": ParamTarget((4, 3), dense=torch.randn(4, 3, generator=gen)),
+                      "v": ParamTarget((2, 5), fact_g=torch.randn(6, 2, generator=gen),
+                                       fact_x=torch.randn(6, 5, generator=gen), fact_scale=torch.rand(6, generator=gen))})
+    save_tensors(tmp_path / TARGET_FILE, written.tensors(), {"format": TARGET_FORMAT, "version": TARGET_VERSION})
+    write_json(tmp_path / META, {"stage": "gradient_target", "target": {"layout": written.layout(), "norm": 1.0}})
+    deferred, _ = load_target(tmp_path, defer_dense=True)
+    assert isinstance(deferred.params["w"].dense, StoredTensor) and deferred.params["w"].form == "dense"
+    assert deferred.params["w"].nbytes() == 4 * 3 * 4
+    row = torch.empty(12)
+    assert torch.equal(deferred.params["w"].dense.read_into(row).view(4, 3), written.params["w"].dense)
+    reread = deferred.tensors()                                         # read whole, as a saver would
+    assert set(reread) == set(written.tensors())
+    assert all(torch.equal(reread[k], v) for k, v in written.tensors().items())
+    assert torch.equal(deferred.params["w"].to_dense(torch.float64), written.params["w"].dense.double())

@@ -107,7 +107,7 @@ class Target:
         out = {}
         for name, p in self.params.items():
             for key in ("dense", "fact_g", "fact_x", "fact_scale", "rows_ids", "rows_val"):
-                value = getattr(p, key)
+                value = loaded(getattr(p, key))
                 if value is not None:
                     out[f"{name}::{key.replace('_', '.', 1)}"] = value
         return out
