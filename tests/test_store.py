@@ -140,7 +140,8 @@ def test_a_target_with_dense_parts_left_on_disk_reads_back_the_written_tensors(t
     gen = torch.Generator().manual_seed(1)
     written = Target({"w": ParamTarget((4, 3), dense=torch.randn(4, 3, generator=gen)),
                       "v": ParamTarget((2, 5), fact_g=torch.randn(6, 2, generator=gen),
-                                       fact_x=torch.randn(6, 5, generator=gen), fact_scale=torch.rand(6, generator=gen))})
+                                       fact_x=torch.randn(6, 5, generator=gen),
+                                       fact_scale=torch.rand(6, generator=gen))})
     save_tensors(tmp_path / TARGET_FILE, written.tensors(), {"format": TARGET_FORMAT, "version": TARGET_VERSION})
     write_json(tmp_path / META, {"stage": "gradient_target", "target": {"layout": written.layout(), "norm": 1.0}})
     deferred, _ = load_target(tmp_path, defer_dense=True)
