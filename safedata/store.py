@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -225,9 +226,7 @@ class SafetensorsReader:
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """The whole tensor written into `out`, memory the caller laid out (a CPU tensor, contiguous, of the stored
         dtype and element count; its shape is the caller's): the file's bytes copied once, to where they are used."""
-        numel = 1
-        for size in self.shape(name):
-            numel *= size
+        numel = math.prod(self.shape(name))
         if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtype(name) \
                 or out.numel() != numel:
             raise ValueError(f"read_into {name}: need a contiguous CPU {self.dtype(name)} tensor of {numel} "
