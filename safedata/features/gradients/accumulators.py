@@ -44,7 +44,7 @@ class ScoreAccumulator(Accumulator):
         self.sq += (v * v).sum(1)
         param_bank = self._param(name)
         if param_bank is not None and param_bank.n_dense_targets:
-            self.inner[:, param_bank.dense_cols] += v @ param_bank.dense_mat.T
+            self.inner[:, param_bank.dense_cols] += self.num.mm(v, param_bank.dense_mat.T)
         self.after_dense(name, v)
 
     def after_dense(self, name, v):
@@ -129,13 +129,13 @@ class ScoreAccumulator(Accumulator):
         for b0, b1 in chunks(B, m * n):
             grads = self.batch.workspace.per_example_grads(g[b0:b1], x[b0:b1])          # [b, out, in]
             flat = grads.view(b1 - b0, -1)
-            self.sq[b0:b1] += torch.linalg.vector_norm(flat, dim=1).square()
+            self.sq[b0:b1] += torch.linalg.vector_norm(flat, dim=1, dtype=self.compute_dtype).square()
             if mat is not None:
-                self.inner[b0:b1, cols] += flat @ mat.T
+                self.inner[b0:b1, cols] += self.num.mm(flat, mat.T)
             if K and via_grad:
-                Xc, Gc = param_bank.X.to(self.compute_dtype), param_bank.G.to(self.compute_dtype)
+                Gc = param_bank.G.to(self.compute_dtype)
                 for k0, k1 in chunks(K, (b1 - b0) * m):
-                    gx = grads @ Xc[k0:k1].T                            # [b, out, k]
+                    gx = self.num.mm(grads.view(-1, n), param_bank.X[k0:k1].T).view(b1 - b0, m, -1)  # [b, out, k]
                     self.inner[b0:b1] += (gx * Gc[k0:k1].T[None]).sum(1) @ param_bank.W[k0:k1]
             elif K:
                 self.inner[b0:b1] += self._factored_by_activations(x[b0:b1], g[b0:b1], param_bank)

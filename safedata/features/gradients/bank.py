@@ -102,7 +102,7 @@ class TargetBank:
                     row += p.fact_g.shape[0]
             if dense:
                 bank.dense_cols = torch.tensor([j for j, _ in dense], dtype=torch.long, device=dev)
-                bank.dense_mat = self._stacked([d for _, d in dense], dev, compute_dtype)
+                bank.dense_mat = self._stacked([d for _, d in dense], dev, num.operand_dtype)
             del dense, facts, p
         self.densified: list[str] = []
         if densify:
@@ -129,13 +129,13 @@ class TargetBank:
         layers = [FactoredLayer(name, *e.shapes[name], self.params[name].K, self.params[name].n_dense_targets,
                                 len(cols))
                   for name, cols in factored.items() if name in linear and len(e.shapes[name]) == 2]
-        size = torch.tensor([], dtype=e.compute_dtype).element_size()
+        size = torch.tensor([], dtype=e.num.operand_dtype).element_size()
         budget = dense_copy_budget(sum(p.numel() * p.element_size() for p in e.model.parameters()))
         for name, _ in choose_dense_copies(layers, memory_cost(e.device), budget, size):
             bank = self.params[name]
             cols = factored[name]
             G, X, W = bank.G.to(e.compute_dtype), bank.X.to(e.compute_dtype), bank.W
-            extra = torch.stack([((G * W[:, j:j + 1]).T @ X).reshape(-1) for j in cols])
+            extra = torch.stack([((G * W[:, j:j + 1]).T @ X).reshape(-1) for j in cols]).to(e.num.operand_dtype)
             if bank.dense_mat is not None:
                 extra = torch.cat([bank.dense_mat, extra])
                 cols = bank.dense_cols.tolist() + cols

@@ -40,8 +40,9 @@ class LayerInput:
 
 
 class Workspace:
-    """Per-example weight gradients [b, out, in] of a Linear layer, in the compute dtype; off CUDA written into one
-    reused buffer (a fresh allocation of this size costs page faults on every layer)."""
+    """Per-example weight gradients [b, out, in] of a Linear layer, in the numerics' operand dtype (the compute
+    dtype, or bf16 for a bf16 model on CPU: one bf16 GEMM, see numerics.py); off CUDA written into one reused
+    buffer (a fresh allocation of this size costs page faults on every layer)."""
 
     def __init__(self, num: Numerics, device: torch.device):
         self.num, self.device, self._buffer = num, device, None
@@ -51,12 +52,11 @@ class Workspace:
             return self.num.bmm(g.transpose(1, 2), x)
         b, m, n = g.shape[0], g.shape[-1], x.shape[-1]
         size = b * m * n
+        dtype = self.num.operand_dtype
         if self._buffer is None or self._buffer.numel() < size:
-            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=self.num.compute_dtype,
-                                       device=self.device)
+            self._buffer = torch.empty(max(size, min(TEMP_ELEMENTS, 4 * size)), dtype=dtype, device=self.device)
         out = self._buffer[:size].view(b, m, n)
-        compute_dtype = self.num.compute_dtype
-        return torch.bmm(g.transpose(1, 2).to(compute_dtype), x.to(compute_dtype), out=out)
+        return torch.bmm(g.transpose(1, 2).to(dtype), x.to(dtype), out=out)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
 """Products in a fixed accumulation dtype, and the cost model that picks how each layer is computed.
 
-Numerics: matmuls accumulated and returned in fp32 (fp64 for fp64 models); on CUDA low-precision operands
-go to fp32-output matmuls (torch.mm(..., out_dtype=float32)), elsewhere they are upcast.
+Numerics: every product is accumulated in fp32 (fp64 for fp64 models), and every sum of products after it too.
+Low-precision (bf16/fp16) operands: on CUDA they go to fp32-output matmuls (torch.mm(..., out_dtype=float32));
+on CPU a bf16 pair goes to one bf16 GEMM (oneDNN accumulates in fp32 inside it) whose output is rounded to bf16
+once and upcast before anything adds it up: torch's CPU backend has no bf16-in/fp32-out matmul, and upcasting
+the operands instead costs 2.5x the bf16 GEMM's time (bench/README.md, "Real model"). That one rounding is
+relative 2^-8 per product entry, far below what the bf16 model's own activations carry (tests/test_gradients.py
+measures both). Other pairs are upcast.
 linear_costs: per-example multiply-adds of the ways to get a Linear layer's ||G||^2 and <G, T_j>.
 """
 from __future__ import annotations
@@ -34,17 +39,28 @@ def _out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Numerics:
-    """Matmuls accumulated and returned in the compute dtype (fp32, or fp64 for fp64 models)."""
+    """Matmuls accumulated in the compute dtype (fp32, or fp64 for fp64 models) and returned in it.
+
+    fast: low-precision operands go to fp32-output matmuls (CUDA); low_out: a bf16 pair goes to a bf16 GEMM whose
+    output is rounded once and upcast (CPU, see the module's docstring). Either way the model's low-precision
+    tensors enter products as they are (operand), and large stored operands (the target bank's dense rows, the
+    per-example gradients) are kept in `operand_dtype`."""
 
     def __init__(self, device: torch.device, model_dtype: torch.dtype):
         self.model_dtype = model_dtype
         self.compute_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
         low = model_dtype in (torch.bfloat16, torch.float16)
         self.fast = low and device.type == "cuda" and _out_dtype_supported(device, model_dtype)
+        self.low_out = model_dtype == torch.bfloat16 and device.type == "cpu"
+
+    @property
+    def operand_dtype(self) -> torch.dtype:
+        return self.model_dtype if self.low_out else self.compute_dtype
 
     def operand(self, t: torch.Tensor) -> torch.Tensor:
-        """The dtype a tensor enters products in: the model's low precision where fp32-output matmuls exist."""
-        if self.fast and t.dtype == self.model_dtype:
+        """The dtype a tensor enters products in: the model's low precision where fp32-output matmuls exist (or
+        the bf16 GEMM, low_out), else the compute dtype."""
+        if (self.fast or self.low_out) and t.dtype == self.model_dtype:
             return t
         return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
@@ -63,6 +79,8 @@ class Numerics:
                 raise       # never retried with fp32 copies (more memory): the stage stops with a clear message
             except RuntimeError as err:
                 self._give_up(err)
+        if self.low_out and a.dtype == b.dtype == self.model_dtype:
+            return op(a, b).to(self.compute_dtype)
         return op(a.to(self.compute_dtype), b.to(self.compute_dtype))
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
