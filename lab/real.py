@@ -448,8 +448,8 @@ def _flag_lines(condition: str, seed, run: Path) -> list[str]:
             for set_name in EVAL_SETS for index, refused in refused_flags(run, set_name)]
 
 
-def collect_runs(run_dir: Path) -> tuple[list[dict], list[str]]:
-    """Every evaluated run under RUN_DIR (aligned, ft/CONDITION/seedN) as per-seed rows and per-prompt flag lines."""
+def _evaluated_runs(run_dir: Path) -> list[tuple]:
+    """(condition, seed, dir) of every evaluated run under RUN_DIR (aligned, ft/CONDITION/seedN)."""
     runs = []
     if (run_dir / "aligned" / "advbench_eval").is_dir():
         runs.append(("aligned", "", run_dir / "aligned"))
@@ -457,11 +457,80 @@ def collect_runs(run_dir: Path) -> tuple[list[dict], list[str]]:
         for seed_dir in sorted(condition_dir.glob("seed*")):
             if (seed_dir / "advbench_eval" / "summary.json").is_file():
                 runs.append((condition_dir.name, int(seed_dir.name[4:]), seed_dir))
+    return runs
+
+
+def _order(condition: str, seed) -> tuple:
     rank = {name: i for i, name in enumerate(CONDITION_ORDER)}
-    runs.sort(key=lambda r: (rank.get(r[0], len(rank)), r[0], r[1] if r[1] != "" else -1))
-    rows = [_run_row(*r) for r in runs]
-    flags = ["condition,seed,set,index,refused"] + [line for r in runs for line in _flag_lines(*r)]
+    return rank.get(condition, len(rank)), condition, seed if seed != "" else -1
+
+
+def collect_runs(run_dir: Path, kept_dir: Path | None = None, settings: str = "") -> tuple[list[dict], list[str]]:
+    """Every evaluated run under RUN_DIR as per-seed rows and per-prompt flag lines, and, from KEPT_DIR, the kept
+    result of every run RUN_DIR lacks (made with the same SETTINGS; see keep_run)."""
+    entries = [(c, s, _run_row(c, s, run), _flag_lines(c, s, run)) for c, s, run in _evaluated_runs(run_dir)]
+    present = {(c, s) for c, s, _, _ in entries}
+    for record in kept_records(kept_dir, settings) if kept_dir else []:
+        condition, seed = record["condition"], record["seed"]
+        if (condition, seed) not in present:
+            entries.append((condition, seed, {"condition": condition, "seed": seed, **record["row"]},
+                            [f"{condition},{seed},{set_name},{index},{refused}"
+                             for set_name in EVAL_SETS for index, refused in record["flags"][set_name]]))
+    entries.sort(key=lambda e: _order(e[0], e[1]))
+    rows = [e[2] for e in entries]
+    flags = ["condition,seed,set,index,refused"] + [line for e in entries for line in e[3]]
     return rows, flags
+
+
+# ----------------------------------------------------------------------------- results kept in git
+#
+# runs/ does not survive from one session to the next, and each fine-tune + evaluation of the study costs about
+# half an hour of the 2 cores. keep_run writes an evaluated run's numbers and per-prompt refused flags (no text)
+# into KEPT_DIR, which is committed, with the identity of what made them: the study's settings and the sha256 of
+# the subset it was fine-tuned on. scripts/lab_real.sh skips a run whose kept result has the same identity, and
+# the report reads kept results for the runs that runs/ no longer holds.
+
+
+def _kept_path(kept_dir: Path, condition: str, seed) -> Path:
+    return Path(kept_dir) / (f"{condition}.json" if seed == "" else f"{condition}_seed{seed}.json")
+
+
+def _identity(settings: str, subset) -> dict:
+    return {"settings": _parse_settings(settings), "subset_sha256": D.file_sha256(subset) if subset else None}
+
+
+def keep_run(run: Path, kept_dir: Path, condition: str, seed, settings: str, subset=None) -> Path:
+    """KEPT_DIR/CONDITION_seedN.json (aligned.json): the run's per-seed row, its per-prompt refused flags per set,
+    and the identity (settings, subset sha256) it was made with."""
+    row = evaluated_run(Path(run))
+    flags = {set_name: [list(pair) for pair in refused_flags(Path(run), set_name)] for set_name in EVAL_SETS}
+    path = _kept_path(kept_dir, condition, seed)
+    write_json(path, {"condition": condition, "seed": seed, "identity": _identity(settings, subset), "row": row,
+                      "flags": flags})
+    return path
+
+
+def kept_run(kept_dir: Path, condition: str, seed, settings: str, subset=None) -> dict | None:
+    """The kept result of (condition, seed) if it was made with these settings and this subset, else None."""
+    path = _kept_path(kept_dir, condition, seed)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record if record.get("identity") == _identity(settings, subset) else None
+
+
+def kept_records(kept_dir: Path, settings: str) -> list[dict]:
+    """Every kept result in KEPT_DIR; one made with other settings stops the report (results are never mixed). The
+    report's `seeds` setting (which seeds the study lists) is not part of a run's identity."""
+    want = {k: v for k, v in _parse_settings(settings).items() if k != "seeds"}
+    records = []
+    for path in sorted(Path(kept_dir).glob("*.json")):
+        record = read_json(path)
+        if record.get("identity", {}).get("settings") != want:
+            raise UserError(f"{path}: kept with settings {record.get('identity', {}).get('settings')}, the report's "
+                            f"are {want}: move it away or report with its settings")
+        records.append(record)
+    return records
 
 
 def recount_asr(flags_csv: str) -> dict[tuple[str, str], float]:
@@ -512,11 +581,12 @@ def plot_asr(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def report(run_dir, output_dir, settings: str = "") -> dict:
-    """table.md, per_seed.csv, flags.csv, results.json and asr.png of an experiment run; the ASR of every row is
-    checked against a recount from the flags before anything is written."""
+def report(run_dir, output_dir, settings: str = "", kept_dir=None) -> dict:
+    """table.md, per_seed.csv, flags.csv, results.json and asr.png of an experiment run (with the kept results of
+    KEPT_DIR for the runs RUN_DIR lacks); the ASR of every row is checked against a recount from the flags before
+    anything is written."""
     run_dir, out = Path(run_dir), Path(output_dir)
-    rows, flags = collect_runs(run_dir)
+    rows, flags = collect_runs(run_dir, Path(kept_dir) if kept_dir else None, settings)
     if not rows:
         raise UserError(f"{run_dir}: no evaluated run (run the evaluate stage first)")
     flags_csv = "\n".join(flags) + "\n"

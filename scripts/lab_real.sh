@@ -17,6 +17,9 @@
 #             (the aligned model first; then seed by seed, each run right after its fine-tune)
 #   report    lab_real.py report -> $OUT: table.md, per_seed.csv, flags.csv (per-prompt refused flags, no text),
 #             results.json, asr.png, wall times
+#   kept      each evaluated run's numbers and per-prompt refused flags (no text) go to $KEPT, which is committed:
+#             a later session whose runs/ is gone skips the runs kept with the same settings and subset, and the
+#             report reads them
 #
 # Every stage skips finished work and resumes stopped work, so the study can be run stage by stage, on different
 # days: STAGES="data scores" bash scripts/lab_real.sh, then STAGES=select ..., and so on (default: all of them).
@@ -54,6 +57,7 @@ ADVBENCH_N=${ADVBENCH_N:-}                      # empty: all 520
 HELDOUT_N=${HELDOUT_N:-}                        # empty: all 200
 DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}   # on a GPU: "--device cuda:0 --dtype bf16"
 FT_FLAGS=${FT_FLAGS:-}                          # e.g. "--precision pure_bf16" on a GPU
+KEPT=${KEPT:-lab/smollm2_study/results}         # each evaluated run's numbers and flags (no text), kept in git
 
 HARMFUL=$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl
 SAFE1=$DATA_DIR/pure-bad-illegal-acticities-selected-10-anchor1.jsonl   # (sic) the paper's file name
@@ -63,6 +67,11 @@ for f in "$DATA_DIR/alpaca_data_no_safety.json" "$DATA_DIR/harmful_behaviors.csv
 done
 source scripts/real_steps.sh
 mkdir -p "$WORK"
+# What a run's result depends on besides its subset (lab_real.py keep/kept compare it; the seeds listed are not
+# part of it): a run kept in $KEPT with these settings and the same subset is not run again.
+RUN_SETTINGS="n_pool=$N_POOL k=$K lr=$LR epochs=$EPOCHS batch=$BATCH lr_decay=$LR_DECAY max_new_tokens=$MAX_NEW_TOKENS"
+RUN_SETTINGS+=" advbench_n=${ADVBENCH_N:-520} heldout_n=${HELDOUT_N:-200} device_flags=${DEVICE_FLAGS// /_}"
+RUN_SETTINGS+=" ft_flags=${FT_FLAGS// /_} adapter_sha256=$(sha256sum "$ADAPTER/adapter_model.safetensors" | cut -c1-16)"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 timed() {  # name command...: appends "name seconds" to $WORK/wall.tsv
   local name=$1 t=$(date +%s); shift; "$@"; printf '%s\t%s\n' "$name" "$(( $(date +%s) - t ))" >> "$WORK/wall.tsv"
@@ -138,16 +147,25 @@ run_dir() { echo "$WORK/ft/$1/seed$2"; }
 # complete rows for every condition of the first seeds, and `STAGES=report` tabulates what is there.
 if has evaluate; then
   echo "== evaluate the aligned model (greedy, $MAX_NEW_TOKENS new tokens) -> $WORK/aligned"
-  timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
+  if "$PYTHON" lab_real.py kept --kept "$KEPT" --condition aligned --settings "$RUN_SETTINGS"; then
+    echo "kept: aligned (its result is in $KEPT)"
+  else
+    timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
+    "$PYTHON" lab_real.py keep --run "$WORK/aligned" --kept "$KEPT" --condition aligned --settings "$RUN_SETTINGS"
+  fi
 fi
 if has finetune || has evaluate; then
   echo "== finetune (lr $LR, $EPOCHS epochs, batch $BATCH) and evaluate -> $WORK/ft"
   for seed in $SEEDS; do
     for condition in $CONDITIONS; do
       dir=$(run_dir "$condition" "$seed")
+      subset=$(subset_of "$condition" "$seed")
+      if [ ! -f "$subset" ]; then echo "skip $condition seed $seed: $subset missing"; continue; fi
+      if "$PYTHON" lab_real.py kept --kept "$KEPT" --condition "$condition" --seed "$seed" --settings "$RUN_SETTINGS" \
+          --subset "$subset"; then
+        echo "kept: $condition seed $seed (its result is in $KEPT)"; continue
+      fi
       if has finetune; then
-        subset=$(subset_of "$condition" "$seed")
-        if [ ! -f "$subset" ]; then echo "skip $condition seed $seed: $subset missing"; continue; fi
         timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
           --output_dir "$dir/model" --template chat --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" \
           --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS
@@ -155,6 +173,8 @@ if has finetune || has evaluate; then
       if has evaluate; then
         [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
         timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
+        "$PYTHON" lab_real.py keep --run "$dir" --kept "$KEPT" --condition "$condition" --seed "$seed" \
+          --settings "$RUN_SETTINGS" --subset "$subset"
       fi
     done
   done
@@ -162,5 +182,6 @@ fi
 
 if has report; then
   echo "== report -> $OUT"
-  "$PYTHON" lab_real.py report --run_dir "$WORK" --output_dir "$OUT" --settings "n_pool=$N_POOL k=$K seeds=$SEEDS lr=$LR epochs=$EPOCHS batch=$BATCH lr_decay=$LR_DECAY max_new_tokens=$MAX_NEW_TOKENS advbench_n=${ADVBENCH_N:-520} heldout_n=${HELDOUT_N:-200}"
+  "$PYTHON" lab_real.py report --run_dir "$WORK" --output_dir "$OUT" --kept "$KEPT" \
+    --settings "$RUN_SETTINGS seeds=${SEEDS// /,}"
 fi

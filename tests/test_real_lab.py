@@ -143,6 +143,37 @@ def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and_subset(tmp_path):
+    """A run kept in git (numbers and flags, no text) is skipped by the study and reported when runs/ is gone:
+    the report from the kept results alone is the report from the runs, line for line; another subset or other
+    settings make the kept result stale, and a kept result with other settings stops the report."""
+    runs, kept, subset = tmp_path / "runs", tmp_path / "kept", tmp_path / "subset.json"
+    subset.write_text(json.dumps([{"instruction": "i", "output": "o"}]))
+    settings = "k=4 lr=1e-4"
+    _fake_run(runs / "aligned", [1, 1, 1, 0], [0, 0], 2.0)
+    _fake_run(runs / "ft" / "grad-top" / "seed1", [0, 1, 1, 0], [0, 1], 2.5)
+    real.keep_run(runs / "aligned", kept, "aligned", "", settings)
+    real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 1, settings, subset)
+    assert real.kept_run(kept, "grad-top", 1, settings, subset)["row"]["advbench_asr"] == 0.5
+    assert real.kept_run(kept, "grad-top", 2, settings, subset) is None            # not kept
+    assert real.kept_run(kept, "grad-top", 1, "k=4 lr=2e-4", subset) is None       # other settings
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": "j", "output": "o"}]))
+    assert real.kept_run(kept, "grad-top", 1, settings, other) is None             # another subset
+    text = json.dumps(json.loads((kept / "grad-top_seed1.json").read_text()))
+    assert '"index"' not in text and "instruction" not in text                     # numbers and flags only
+    real.report(runs, tmp_path / "from_runs", settings + " seeds=1")
+    real.report(tmp_path / "gone", tmp_path / "from_kept", settings + " seeds=1", kept)
+    for name in ("per_seed.csv", "flags.csv", "table.md"):
+        assert (tmp_path / "from_kept" / name).read_text() == (tmp_path / "from_runs" / name).read_text(), name
+    # a run present in runs/ is read from there; its kept copy is not counted twice
+    both = real.report(runs, tmp_path / "both", settings, kept)
+    assert [(r["condition"], r["seed"]) for r in both["rows"]] == [("aligned", ""), ("grad-top", 1)]
+    real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 2, "k=4 lr=2e-4", subset)
+    with pytest.raises(UserError, match="grad-top_seed2.json: kept with settings"):
+        real.report(runs, tmp_path / "mixed", settings, kept)
+
+
 def test_head_keeps_the_csv_header_and_the_first_records(tmp_path):
     csv_file = tmp_path / "a.csv"
     csv_file.write_text("goal,target\nq1,t1\nq2,t2\nq3,t3\n")
