@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,8 +456,13 @@ def _evaluated_runs(run_dir: Path) -> list[tuple]:
         runs.append(("aligned", "", run_dir / "aligned"))
     for condition_dir in sorted((run_dir / "ft").glob("*")):
         for seed_dir in sorted(condition_dir.glob("seed*")):
-            if (seed_dir / "advbench_eval" / "summary.json").is_file():
+            if not (seed_dir / "advbench_eval" / "summary.json").is_file():
+                continue
+            if all((seed_dir / f).is_file() for f in ("heldout_eval/summary.json", "loss.json")):
                 runs.append((condition_dir.name, int(seed_dir.name[4:]), seed_dir))
+            else:   # being evaluated now: reported once its evaluation is complete
+                print(f"{seed_dir}: evaluation not complete (held-out answers or loss missing): not reported yet",
+                      file=sys.stderr)
     return runs
 
 
@@ -475,7 +481,7 @@ def collect_runs(run_dir: Path, kept_dir: Path | None = None, settings: str = ""
         if (condition, seed) not in present:
             entries.append((condition, seed, {"condition": condition, "seed": seed, **record["row"]},
                             [f"{condition},{seed},{set_name},{index},{refused}"
-                             for set_name in EVAL_SETS for index, refused in record["flags"][set_name]]))
+                             for set_name in EVAL_SETS for index, refused in enumerate(record["refused"][set_name])]))
     entries.sort(key=lambda e: _order(e[0], e[1]))
     rows = [e[2] for e in entries]
     flags = ["condition,seed,set,index,refused"] + [line for e in entries for line in e[3]]
@@ -500,13 +506,19 @@ def _identity(settings: str, subset) -> dict:
 
 
 def keep_run(run: Path, kept_dir: Path, condition: str, seed, settings: str, subset=None) -> Path:
-    """KEPT_DIR/CONDITION_seedN.json (aligned.json): the run's per-seed row, its per-prompt refused flags per set,
-    and the identity (settings, subset sha256) it was made with."""
+    """KEPT_DIR/CONDITION_seedN.json (aligned.json): the run's per-seed row, its per-prompt refused flags per set
+    (a string of 0/1, prompt i at position i), and the identity (settings, subset sha256) it was made with."""
     row = evaluated_run(Path(run))
-    flags = {set_name: [list(pair) for pair in refused_flags(Path(run), set_name)] for set_name in EVAL_SETS}
+    refused = {}
+    for set_name in EVAL_SETS:
+        pairs = refused_flags(Path(run), set_name)
+        if [index for index, _ in pairs] != list(range(len(pairs))):
+            raise UserError(f"{run}/{set_name}_eval/results.jsonl: prompt indices are not 0..{len(pairs) - 1} in "
+                            "order (an incomplete evaluation?): not kept")
+        refused[set_name] = "".join(str(flag) for _, flag in pairs)
     path = _kept_path(kept_dir, condition, seed)
     write_json(path, {"condition": condition, "seed": seed, "identity": _identity(settings, subset), "row": row,
-                      "flags": flags})
+                      "refused": refused})
     return path
 
 

@@ -143,7 +143,7 @@ def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and_subset(tmp_path):
+def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and_subset(tmp_path, capsys):
     """A run kept in git (numbers and flags, no text) is skipped by the study and reported when runs/ is gone:
     the report from the kept results alone is the report from the runs, line for line; another subset or other
     settings make the kept result stale, and a kept result with other settings stops the report."""
@@ -160,8 +160,9 @@ def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"instruction": "j", "output": "o"}]))
     assert real.kept_run(kept, "grad-top", 1, settings, other) is None             # another subset
-    text = json.dumps(json.loads((kept / "grad-top_seed1.json").read_text()))
-    assert '"index"' not in text and "instruction" not in text                     # numbers and flags only
+    record = json.loads((kept / "grad-top_seed1.json").read_text())
+    assert record["refused"] == {"advbench": "0110", "heldout": "01"}                # prompt i at position i
+    assert "instruction" not in json.dumps(record)                                  # numbers and flags only
     real.report(runs, tmp_path / "from_runs", settings + " seeds=1")
     real.report(tmp_path / "gone", tmp_path / "from_kept", settings + " seeds=1", kept)
     for name in ("per_seed.csv", "flags.csv", "table.md"):
@@ -169,6 +170,11 @@ def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and
     # a run present in runs/ is read from there; its kept copy is not counted twice
     both = real.report(runs, tmp_path / "both", settings, kept)
     assert [(r["condition"], r["seed"]) for r in both["rows"]] == [("aligned", ""), ("grad-top", 1)]
+    # a run whose evaluation is under way (AdvBench done, held-out not yet) is not reported, and said so
+    _write_eval(runs / "ft" / "random" / "seed1" / "advbench_eval", [1, 1, 0, 0])
+    partial = real.report(runs, tmp_path / "partial", settings, kept)
+    assert [(r["condition"], r["seed"]) for r in partial["rows"]] == [("aligned", ""), ("grad-top", 1)]
+    assert "random/seed1: evaluation not complete" in capsys.readouterr().err
     real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 2, "k=4 lr=2e-4", subset)
     with pytest.raises(UserError, match="grad-top_seed2.json: kept with settings"):
         real.report(runs, tmp_path / "mixed", settings, kept)
