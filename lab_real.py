@@ -87,7 +87,8 @@ def main():
             k.add_argument("--run", required=True, help="the evaluated run's directory")
         k.add_argument("--kept", required=True, help="the kept results' directory (committed)")
         k.add_argument("--condition", required=True)
-        k.add_argument("--seed", default="", help="empty for the aligned model")
+        k.add_argument("--seed", default="", type=lambda text: int(text) if text else "",
+                       help="empty for the aligned model")
         k.add_argument("--settings", required=True, help="the study's settings as KEY=VALUE words")
         k.add_argument("--subset", default=None, help="the subset the run was fine-tuned on (its sha256 is kept)")
     a = parse_args(p)
@@ -110,10 +111,9 @@ def main():
     elif a.command == "report":
         print(real.report(a.run_dir, a.output_dir, a.settings, a.kept)["table"])
     elif a.command == "keep":
-        print(real.keep_run(a.run, a.kept, a.condition, int(a.seed) if a.seed else "", a.settings, a.subset))
+        print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset))
     elif a.command == "kept":
-        sys.exit(0 if real.kept_run(a.kept, a.condition, int(a.seed) if a.seed else "", a.settings, a.subset)
-                 else 1)
+        sys.exit(0 if real.kept_run(a.kept, a.condition, a.seed, a.settings, a.subset) else 1)
     else:
         print(real.build_aligned(a.adapter, a.base, a.output_dir))
 

@@ -444,25 +444,28 @@ def _run_row(condition: str, seed, run: Path) -> dict:
     return {"condition": condition, "seed": seed, **evaluated_run(run)}
 
 
-def _flag_lines(condition: str, seed, run: Path) -> list[str]:
+def _flag_lines(condition: str, seed, refused_by_set: dict) -> list[str]:
+    """flags.csv lines of one run; refused_by_set: set name -> (index, refused 0/1) pairs."""
     return [f"{condition},{seed},{set_name},{index},{refused}"
-            for set_name in EVAL_SETS for index, refused in refused_flags(run, set_name)]
+            for set_name in EVAL_SETS for index, refused in refused_by_set[set_name]]
 
 
 def _evaluated_runs(run_dir: Path) -> list[tuple]:
-    """(condition, seed, dir) of every evaluated run under RUN_DIR (aligned, ft/CONDITION/seedN)."""
-    runs = []
-    if (run_dir / "aligned" / "advbench_eval").is_dir():
-        runs.append(("aligned", "", run_dir / "aligned"))
+    """(condition, seed, dir) of every evaluated run under RUN_DIR (aligned, ft/CONDITION/seedN); a run whose
+    evaluation is under way (AdvBench answered, held-out answers or loss not yet) is named and left out."""
+    candidates = [("aligned", "", run_dir / "aligned")]
     for condition_dir in sorted((run_dir / "ft").glob("*")):
-        for seed_dir in sorted(condition_dir.glob("seed*")):
-            if not (seed_dir / "advbench_eval" / "summary.json").is_file():
-                continue
-            if all((seed_dir / f).is_file() for f in ("heldout_eval/summary.json", "loss.json")):
-                runs.append((condition_dir.name, int(seed_dir.name[4:]), seed_dir))
-            else:   # being evaluated now: reported once its evaluation is complete
-                print(f"{seed_dir}: evaluation not complete (held-out answers or loss missing): not reported yet",
-                      file=sys.stderr)
+        candidates += [(condition_dir.name, int(seed_dir.name[4:]), seed_dir)
+                       for seed_dir in sorted(condition_dir.glob("seed*"))]
+    runs = []
+    for condition, seed, run in candidates:
+        if not (run / "advbench_eval" / "summary.json").is_file():
+            continue
+        if all((run / f).is_file() for f in ("heldout_eval/summary.json", "loss.json")):
+            runs.append((condition, seed, run))
+        else:
+            print(f"{run}: evaluation not complete (held-out answers or loss missing): not reported yet",
+                  file=sys.stderr)
     return runs
 
 
@@ -474,14 +477,15 @@ def _order(condition: str, seed) -> tuple:
 def collect_runs(run_dir: Path, kept_dir: Path | None = None, settings: str = "") -> tuple[list[dict], list[str]]:
     """Every evaluated run under RUN_DIR as per-seed rows and per-prompt flag lines, and, from KEPT_DIR, the kept
     result of every run RUN_DIR lacks (made with the same SETTINGS; see keep_run)."""
-    entries = [(c, s, _run_row(c, s, run), _flag_lines(c, s, run)) for c, s, run in _evaluated_runs(run_dir)]
+    entries = [(c, s, _run_row(c, s, run), _flag_lines(c, s, {n: refused_flags(run, n) for n in EVAL_SETS}))
+               for c, s, run in _evaluated_runs(run_dir)]
     present = {(c, s) for c, s, _, _ in entries}
     for record in kept_records(kept_dir, settings) if kept_dir else []:
         condition, seed = record["condition"], record["seed"]
         if (condition, seed) not in present:
+            refused = {n: enumerate(int(flag) for flag in record["refused"][n]) for n in EVAL_SETS}
             entries.append((condition, seed, {"condition": condition, "seed": seed, **record["row"]},
-                            [f"{condition},{seed},{set_name},{index},{refused}"
-                             for set_name in EVAL_SETS for index, refused in enumerate(record["refused"][set_name])]))
+                            _flag_lines(condition, seed, refused)))
     entries.sort(key=lambda e: _order(e[0], e[1]))
     rows = [e[2] for e in entries]
     flags = ["condition,seed,set,index,refused"] + [line for e in entries for line in e[3]]
