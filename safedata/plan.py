@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from .distributed import launched_world_size
 from .errors import UserError
 from .features.gradients.numerics import FactoredLayer, MEMORY_COST, choose_dense_copies, dense_copy_budget
-from .training import plan_batches
+from .training import plan_batches, precision_name
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 PLAN_KEYS = {"length": int, "nproc": int, "anchors": int, "anchor_tokens": int, "response_tokens": int,
@@ -229,7 +229,7 @@ def plan_finetune(shape: ModelShape, per_device_batch: int, length: int, precisi
                   nproc: int = 1, fsdp: bool = False, lora: bool = False, lora_r: int = 8,
                   lora_modules: tuple = ("q_proj", "v_proj"), gradient_checkpointing: bool = False,
                   accumulation: int = 1) -> Plan:
-    """Per-device memory of one fine-tuning step (precision as finetune.py resolves it on a GPU)."""
+    """Per-device memory of one fine-tuning step (precision: as training.precision_name resolves --precision)."""
     tokens = _tokens(per_device_batch, length)
     compute = 2 if precision in ("bf16", "pure_bf16") else 4
     master = 2 if precision == "pure_bf16" else 4
@@ -387,7 +387,9 @@ def finetune_plan(a, spec: str) -> Plan:
     settings = parse_settings(spec)
     nproc = _nproc(settings)
     per_device, accumulation = plan_batches(a.batch_size, a.per_device_batch_size, nproc)
-    precision = "pure_bf16" if a.precision == "auto" else a.precision
+    # What the run will do: auto is fp32 on CPU, pure bf16 on a GPU. --fsdp shards on GPUs only (on CPU the
+    # processes run DDP), so an --fsdp plan, made on a login node as often as not, is the GPU run's.
+    precision = precision_name(a.precision, cuda=torch.cuda.is_available() or a.fsdp)
     return plan_finetune(model_shape(a.model_name), per_device, settings.get("length") or a.max_length or 512,
                          precision, nproc, a.fsdp, a.lora, a.lora_r, tuple(a.lora_target_modules),
                          a.gradient_checkpointing, accumulation)

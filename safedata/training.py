@@ -195,12 +195,18 @@ def decoder_layer_classes(model) -> list[str]:
     return names
 
 
-def resolve_precision(precision: str, cuda: bool) -> tuple[str, bool]:
-    """(dtype to load the weights in, bf16 autocast?)"""
+def precision_name(precision: str, cuda: bool) -> str:
+    """--precision with auto resolved: the paper's pure bf16 on GPUs, fp32 on CPU."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "pure_bf16" if cuda else "fp32"   # the paper's setting on GPUs
+        return "pure_bf16" if cuda else "fp32"
+    return precision
+
+
+def resolve_precision(precision: str, cuda: bool) -> tuple[str, bool]:
+    """(dtype to load the weights in, bf16 autocast?)"""
+    precision = precision_name(precision, cuda)
     if precision == "bf16":
         return "fp32", True           # fp32 master weights, bf16 compute
     if precision == "pure_bf16":

@@ -57,6 +57,11 @@ ADVBENCH_N=${ADVBENCH_N:-}                      # empty: all 520
 HELDOUT_N=${HELDOUT_N:-}                        # empty: all 200
 DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}   # on a GPU: "--device cuda:0 --dtype bf16"
 FT_FLAGS=${FT_FLAGS:-}                          # e.g. "--precision pure_bf16" on a GPU
+# Flags that change a fine-tune's memory and time, not its weights, so not part of RUN_SETTINGS: activation
+# checkpointing (a batch of 20 at ~500 tokens needs >24 GB in fp32 without it; bit-identical weights,
+# tests/test_training.py) and a resumable checkpoint every 10 minutes (a stopped run ends where an uninterrupted
+# one ends, same test file).
+FT_MEMORY_FLAGS=${FT_MEMORY_FLAGS:-"--gradient_checkpointing --checkpoint_minutes 10"}
 KEPT=${KEPT:-lab/smollm2_study/results}         # each evaluated run's numbers and flags (no text), kept in git
 
 HARMFUL=$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl
@@ -168,7 +173,7 @@ if has finetune || has evaluate; then
       if has finetune; then
         timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
           --output_dir "$dir/model" --template chat --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" \
-          --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS
+          --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS $FT_MEMORY_FLAGS
       fi
       if has evaluate; then
         [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }

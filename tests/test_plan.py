@@ -5,6 +5,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from conftest import ROOT, python
 from safedata import data as D
@@ -50,6 +51,19 @@ def test_llama2_7b_plan_prints_the_readme_figures(llama7b_config):
     assert "precision=pure_bf16" in text and "per-device batch=10" in text
     assert paper["weights"] + paper["gradients"] + paper["AdamW state"] == pytest.approx(108e9 / 4, rel=0.05)
     assert paper["per-device total"] < 80e9 < mixed["per-device total"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans the CPU run: auto precision without a GPU")
+def test_finetune_plan_on_cpu_plans_the_fp32_run_it_will_do(llama7b_config):
+    # finetune.py on CPU resolves --precision auto to fp32 (4-byte weights and gradients, 8 bytes of AdamW
+    # moments); the plan used to print the GPU's pure bf16 (2 + 2 + 4 bytes). --fsdp runs shard on GPUs only, so
+    # their plan stays the GPU run's.
+    rows, text = run_plan("finetune.py", "--model_name", str(llama7b_config), "--plan")
+    assert "precision=fp32" in text
+    assert rows["weights"] == pytest.approx(6.738e9 * 4, rel=0.01)
+    assert rows["weights"] + rows["gradients"] + rows["AdamW state"] == pytest.approx(6.738e9 * 16, rel=0.01)
+    _, fsdp = run_plan("finetune.py", "--model_name", str(llama7b_config), "--fsdp", "--plan", "nproc=2")
+    assert "precision=pure_bf16" in fsdp
 
 
 def test_plan_settings_and_bad_input_are_one_line(llama7b_config, tmp_path):
