@@ -55,13 +55,16 @@ MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}            # docs/REAL_MODEL.md: why 64 is 
 GEN_BATCH=${GEN_BATCH:-16}
 ADVBENCH_N=${ADVBENCH_N:-}                      # empty: all 520
 HELDOUT_N=${HELDOUT_N:-}                        # empty: all 200
-DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}   # on a GPU: "--device cuda:0 --dtype bf16"
-FT_FLAGS=${FT_FLAGS:-}                          # e.g. "--precision pure_bf16" on a GPU
-# Flags that change a fine-tune's memory and time, not its weights, so not part of RUN_SETTINGS: activation
-# checkpointing (a batch of 20 at ~500 tokens needs >24 GB in fp32 without it; bit-identical weights,
-# tests/test_training.py) and a resumable checkpoint every 10 minutes (a stopped run ends where an uninterrupted
-# one ends, same test file).
-FT_MEMORY_FLAGS=${FT_MEMORY_FLAGS:-"--gradient_checkpointing --checkpoint_minutes 10"}
+# Precision (docs/REAL_MODEL.md, "Precision"): exact scores in fp32; fine-tuning in the paper's pure bf16 and
+# generation in bf16, which halve their time on 2 cores and were checked against fp32 runs before the study used them.
+SCORE_FLAGS=${SCORE_FLAGS:-"--device cpu --dtype fp32"}    # on a GPU: "--device cuda:0 --dtype bf16"
+DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype bf16"}  # generation (evaluate_model); on a GPU: --device cuda:0
+FT_FLAGS=${FT_FLAGS:-"--precision pure_bf16"}
+# Flags that change a fine-tune's memory and time, not its weights, so not part of RUN_SETTINGS: a resumable
+# checkpoint every 10 minutes (a stopped run ends where an uninterrupted one ends, tests/test_training.py); add
+# --gradient_checkpointing where memory is short (bit-identical weights, same test file; a fp32 batch of 20 at
+# ~500 tokens needs >24 GB without it).
+FT_MEMORY_FLAGS=${FT_MEMORY_FLAGS:-"--checkpoint_minutes 10"}
 KEPT=${KEPT:-lab/smollm2_study/results}         # each evaluated run's numbers and flags (no text), kept in git
 
 HARMFUL=$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl
@@ -105,15 +108,15 @@ if has scores; then
   for entry in harmful:"$HARMFUL" safe1:"$SAFE1" safe2:"$SAFE2"; do
     timed "target_${entry%%:*}" "$PYTHON" get_gradients.py --anchor --model_name "$MODEL" --template chat \
       --data_path "${entry#*:}" --output_dir "$S/grad/${entry%%:*}" --max_length "$ANCHOR_MAX_LENGTH" \
-      --max_response_length "$ANCHOR_MLEN" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+      --max_response_length "$ANCHOR_MLEN" --batch_size "$SCORE_BATCH" $SCORE_FLAGS
   done
   timed grad_pool "$PYTHON" get_gradients.py --model_name "$MODEL" --template chat --data_path "$POOL" \
     --output_dir "$S/grad/pool" --max_length "$POOL_MAX_LENGTH" --targets "$S/grad/harmful" "$S/grad/safe1" \
-    "$S/grad/safe2" --target_names harmful safe1 safe2 --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+    "$S/grad/safe2" --target_names harmful safe1 safe2 --batch_size "$SCORE_BATCH" $SCORE_FLAGS
   timed reps_harmful "$PYTHON" get_representation.py --model_name "$MODEL" --template chat --data_path "$HARMFUL" \
-    --output_dir "$S/reps/harmful" --max_length "$ANCHOR_MAX_LENGTH" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+    --output_dir "$S/reps/harmful" --max_length "$ANCHOR_MAX_LENGTH" --batch_size "$SCORE_BATCH" $SCORE_FLAGS
   timed reps_pool "$PYTHON" get_representation.py --model_name "$MODEL" --template chat --data_path "$POOL" \
-    --output_dir "$S/reps/pool" --max_length "$POOL_MAX_LENGTH" --batch_size "$SCORE_BATCH" $DEVICE_FLAGS
+    --output_dir "$S/reps/pool" --max_length "$POOL_MAX_LENGTH" --batch_size "$SCORE_BATCH" $SCORE_FLAGS
   timed length "$PYTHON" score.py --method format --feature answer_words --data_path "$POOL" --output_dir "$S/length"
   for seed in $SEEDS; do
     "$PYTHON" score.py --method random --seed "$seed" --data_path "$POOL" --output_dir "$S/random_$seed"
