@@ -80,6 +80,9 @@ def main():
     r.add_argument("--output_dir", default="docs/real_model")
     r.add_argument("--settings", default="", help="the run's settings as KEY=VALUE words")
     r.add_argument("--kept", default=None, help="kept results (keep) to report for the runs RUN_DIR lacks")
+    ag = sub.add_parser("agree", help="runs kept in two folders side by side (ASR, over-refusal, loss, same flags)")
+    ag.add_argument("--kept", required=True)
+    ag.add_argument("--reference", required=True, help="the folder compared against (e.g. the fp32 runs)")
     for name, text in (("keep", "write an evaluated run's numbers and per-prompt flags (no text) into KEPT"),
                        ("kept", "exit 0 if KEPT holds the run's result, made with these settings and subset")):
         k = sub.add_parser(name, help=text)
@@ -110,6 +113,8 @@ def main():
         real.head(a.data, a.n, a.output)
     elif a.command == "report":
         print(real.report(a.run_dir, a.output_dir, a.settings, a.kept)["table"])
+    elif a.command == "agree":
+        print(json.dumps(real.agreement(a.kept, a.reference), indent=1))
     elif a.command == "keep":
         print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset))
     elif a.command == "kept":

@@ -549,6 +549,27 @@ def kept_records(kept_dir: Path, settings: str) -> list[dict]:
     return records
 
 
+def agreement(kept_dir: Path, reference_dir: Path) -> list[dict]:
+    """Runs kept in both folders (same condition and seed; e.g. a precision against fp32): each one's ASR,
+    over-refusal and held-out loss side by side, and the share of prompts with the same refused flag per set."""
+    rows = []
+    for path in sorted(Path(kept_dir).glob("*.json")):
+        reference = Path(reference_dir) / path.name
+        if not reference.is_file():
+            continue
+        run, ref = read_json(path), read_json(reference)
+        row = {"run": path.stem}
+        for key in ("advbench_asr", "over_refusal", "heldout_loss"):
+            row[key], row[f"{key}_reference"] = run["row"][key], ref["row"][key]
+        for set_name in EVAL_SETS:
+            a, b = run["refused"][set_name], ref["refused"][set_name]
+            if len(a) != len(b):
+                raise UserError(f"{path} and {reference}: {len(a)} and {len(b)} {set_name} prompts")
+            row[f"{set_name}_same_flag"] = sum(x == y for x, y in zip(a, b)) / len(a)
+        rows.append(row)
+    return rows
+
+
 def recount_asr(flags_csv: str) -> dict[tuple[str, str], float]:
     """Keyword ASR per (condition, seed) recounted from per-prompt flags: the share of AdvBench prompts not refused."""
     counts: dict[tuple[str, str], list[int]] = {}

@@ -180,6 +180,27 @@ def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and
         real.report(runs, tmp_path / "mixed", settings, kept)
 
 
+def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tmp_path):
+    """lab_real.py agree: the runs kept in both folders, their rates side by side and the share of prompts with the
+    same refused flag (counted here by hand); a run kept in one folder only is left out; unequal prompt counts stop."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    _fake_run(tmp_path / "a32", [1, 1, 1, 0], [0, 0], 2.0)
+    _fake_run(tmp_path / "a16", [1, 0, 1, 0], [0, 1], 2.02)
+    real.keep_run(tmp_path / "a32", fp32, "aligned", "", "k=4")
+    real.keep_run(tmp_path / "a16", bf16, "aligned", "", "k=4")
+    real.keep_run(tmp_path / "a16", bf16, "random", 1, "k=4")                       # no fp32 counterpart
+    [row] = real.agreement(bf16, fp32)
+    assert row["run"] == "aligned"
+    assert (row["advbench_asr"], row["advbench_asr_reference"]) == (0.5, 0.25)
+    assert (row["over_refusal"], row["over_refusal_reference"]) == (0.5, 0.0)
+    assert (row["heldout_loss"], row["heldout_loss_reference"]) == (2.02, 2.0)
+    assert row["advbench_same_flag"] == 3 / 4 and row["heldout_same_flag"] == 1 / 2
+    _fake_run(tmp_path / "short", [1, 1], [0, 0], 2.0)
+    real.keep_run(tmp_path / "short", bf16, "aligned", "", "k=4")
+    with pytest.raises(UserError, match="2 and 4 advbench prompts"):
+        real.agreement(bf16, fp32)
+
+
 def test_head_keeps_the_csv_header_and_the_first_records(tmp_path):
     csv_file = tmp_path / "a.csv"
     csv_file.write_text("goal,target\nq1,t1\nq2,t2\nq3,t3\n")
