@@ -25,22 +25,14 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-
-
-def layer_shapes(config: dict) -> list[tuple[str, int, int]]:
-    """(name, out, in) of a Llama-style decoder layer's Linear weights."""
-    d, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or d // config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-    q = config["num_attention_heads"] * head_dim
-    return [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q),
-            ("gate_proj", inter, d), ("up_proj", inter, d), ("down_proj", d, inter)]
 
 
 def fastest(fn, repeats: int) -> float:
@@ -56,7 +48,7 @@ def fastest(fn, repeats: int) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"),
-                   help="a directory with config.json, or the config.json")
+                   help="a model directory, a config.json or a cached Hub id (only the config is read)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--tokens", type=int, default=137, help="tokens per example (the padded batch length)")
     p.add_argument("--targets", type=int, default=3)
@@ -64,29 +56,25 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "products.json"))
     a = p.parse_args()
-    path = Path(a.model)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise SystemExit(f"{path}: no config there (make smollm2 writes SmolLM2-135M-Instruct)")
-    config = json.loads(path.read_text())
+    from safedata.plan import model_shape
+    shape = model_shape(a.model)       # the decoder's Linear shapes, from the model built on the meta device
     torch.set_num_threads(a.threads)
     B, T, J = a.batch_size, a.tokens, a.targets
-    totals = {"weight grad": 0.0, "per-example": 0.0, "norms": 0.0, "target dots": 0.0}
-    for _, m, n in layer_shapes(config):
+    seconds = {"weight grad": 0.0, "per-example": 0.0, "norms": 0.0, "target dots": 0.0}
+    for (n, m), count in Counter(shape.decoder_linears).items():    # (in, out), and how many Linears have it
         g, x = torch.randn(B, T, m), torch.randn(B, T, n)
         targets = torch.randn(J, m * n)
         grads = torch.empty(B, m, n)
         flat = grads.view(B, -1)
-        totals["weight grad"] += fastest(lambda: torch.mm(g.reshape(B * T, m).T, x.reshape(B * T, n)), a.repeats)
-        totals["per-example"] += fastest(lambda: torch.bmm(g.transpose(1, 2), x, out=grads), a.repeats)
-        totals["norms"] += fastest(lambda: torch.linalg.vector_norm(flat, dim=1).square(), a.repeats)
-        totals["target dots"] += fastest(lambda: torch.mm(flat, targets.T), a.repeats)
-    layers = config["num_hidden_layers"]
-    seconds = {k: v * layers for k, v in totals.items()}
+        seconds["weight grad"] += count * fastest(lambda: torch.mm(g.reshape(B * T, m).T, x.reshape(B * T, n)),
+                                                  a.repeats)
+        seconds["per-example"] += count * fastest(lambda: torch.bmm(g.transpose(1, 2), x, out=grads), a.repeats)
+        seconds["norms"] += count * fastest(lambda: torch.linalg.vector_norm(flat, dim=1).square(), a.repeats)
+        seconds["target dots"] += count * fastest(lambda: torch.mm(flat, targets.T), a.repeats)
     hooks = seconds["per-example"] + seconds["norms"] + seconds["target dots"]
     ratios = {"per-example / weight grad": seconds["per-example"] / seconds["weight grad"],
               "(per-example + norms + target dots) / weight grad": hooks / seconds["weight grad"]}
-    print(f"{path.parent.name}: {layers} decoder layers, batch {B} x {T} tokens, {J} dense targets, "
+    print(f"{Path(a.model).name}: {shape.n_layers} decoder layers, batch {B} x {T} tokens, {J} dense targets, "
           f"{a.threads} threads (seconds per batch, all layers)")
     for name, value in seconds.items():
         print(f"  {name:12s} {value:7.3f} s")
@@ -95,7 +83,7 @@ def main():
     from common import machine
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(path), "batch_size": B, "tokens": T, "targets": J, "threads": a.threads,
+    out.write_text(json.dumps({"model": a.model, "batch_size": B, "tokens": T, "targets": J, "threads": a.threads,
                                "repeats": a.repeats, "seconds": seconds, "ratios": ratios, "machine": machine()},
                               indent=1) + "\n")
     print(f"wrote {out}")

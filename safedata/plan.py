@@ -389,7 +389,7 @@ def finetune_plan(a, spec: str) -> Plan:
     per_device, accumulation = plan_batches(a.batch_size, a.per_device_batch_size, nproc)
     # What the run will do: auto is fp32 on CPU, pure bf16 on a GPU. --fsdp shards on GPUs only (on CPU the
     # processes run DDP), so an --fsdp plan, made on a login node as often as not, is the GPU run's.
-    precision = precision_name(a.precision, cuda=torch.cuda.is_available() or a.fsdp)
+    precision = precision_name(a.precision, cuda=_device_type(None) == "cuda" or a.fsdp)
     return plan_finetune(model_shape(a.model_name), per_device, settings.get("length") or a.max_length or 512,
                          precision, nproc, a.fsdp, a.lora, a.lora_r, tuple(a.lora_target_modules),
                          a.gradient_checkpointing, accumulation)
