@@ -83,6 +83,10 @@ def main():
     ag = sub.add_parser("agree", help="runs kept in two folders side by side (ASR, over-refusal, loss, same flags)")
     ag.add_argument("--kept", required=True)
     ag.add_argument("--reference", required=True, help="the folder compared against (e.g. the fp32 runs)")
+    dr = sub.add_parser("drift", help="||W - W_ref|| / ||W_ref - W_base|| of two fine-tunes of one base")
+    dr.add_argument("--model", required=True)
+    dr.add_argument("--reference", required=True)
+    dr.add_argument("--base", required=True)
     for name, text in (("keep", "write an evaluated run's numbers and per-prompt flags (no text) into KEPT"),
                        ("kept", "exit 0 if KEPT holds the run's result, made with these settings and subset")):
         k = sub.add_parser(name, help=text)
@@ -115,6 +119,8 @@ def main():
         print(real.report(a.run_dir, a.output_dir, a.settings, a.kept)["table"])
     elif a.command == "agree":
         print(json.dumps(real.agreement(a.kept, a.reference), indent=1))
+    elif a.command == "drift":
+        print(json.dumps(real.weight_drift(a.model, a.reference, a.base), indent=1))
     elif a.command == "keep":
         print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset))
     elif a.command == "kept":

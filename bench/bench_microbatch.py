@@ -11,6 +11,10 @@ checkpointing: what scripts/lab_real.sh ran first). The AdamW step is left out: 
 
   python bench/bench_microbatch.py --data runs/lab_real/selections/grad/pool_bottom100.json
   python bench/bench_microbatch.py --data SUBSET --micro 20 4 2 1 --batches 2
+  python bench/bench_microbatch.py --count_only --data runs/lab_real/selections/*/pool_*100.json
+
+--count_only times nothing: for each subset it counts padded / real tokens of whole epochs (--draws seeded
+shuffles) for each micro-batch size.
 """
 from __future__ import annotations
 
@@ -28,10 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def micro_padded(lengths, order, start, micro, batch_size) -> int:
+    """Tokens computed for the micro-batch at `start` of `order`: its records padded to its longest (a micro-batch
+    never spans two effective batches)."""
+    end = min(start + micro, (start // batch_size + 1) * batch_size, len(order))
+    return (end - start) * max(lengths[i] for i in order[start:end])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-aligned"))
-    p.add_argument("--data", required=True, help="a subset of records (as finetune.py --data_path)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="a subset of records (as finetune.py --data_path); with --count_only, several")
+    p.add_argument("--count_only", action="store_true", help="count padded / real tokens only, for every --data")
+    p.add_argument("--draws", type=int, default=50, help="--count_only: seeded shuffles (epochs) counted")
     p.add_argument("--template", default="chat")
     p.add_argument("--batch_size", type=int, default=20, help="the effective batch")
     p.add_argument("--micro", type=int, nargs="+", default=[20, 20, 4, 2, 1],
@@ -47,9 +61,31 @@ def main():
 
     torch.set_num_threads(a.threads)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
-    examples = load_examples(a.data)
-    examples = examples[0] if isinstance(examples, tuple) else examples
-    items = [encode(e, tokenizer, a.template) for e in examples]
+
+    def encoded(path):
+        examples = load_examples(path)
+        examples = examples[0] if isinstance(examples, tuple) else examples
+        return [encode(e, tokenizer, a.template) for e in examples]
+
+    if a.count_only:
+        for path in a.data:
+            lengths = [len(item) for item in encoded(path)]
+            ratios = []
+            for micro in dict.fromkeys(a.micro):
+                padded = 0
+                for draw in range(a.draws):
+                    order = list(range(len(lengths)))
+                    random.Random(draw).shuffle(order)
+                    for batch_start in range(0, len(order), a.batch_size):
+                        for start in range(batch_start, min(batch_start + a.batch_size, len(order)), micro):
+                            padded += micro_padded(lengths, order, start, micro, a.batch_size)
+                ratios.append(f"{micro}: {padded / (a.draws * sum(lengths)):.2f}")
+            print(f"{os.path.relpath(path)}: {len(lengths)} records, mean {sum(lengths) / len(lengths):.0f} tokens, "
+                  f"max {max(lengths)}; padded / real by micro-batch: {', '.join(ratios)}")
+        return
+    if len(a.data) > 1:
+        p.error("timing takes one --data")
+    items = encoded(a.data[0])
     order = list(range(len(items)))
     random.Random(a.seed).shuffle(order)
     batches = [[items[i] for i in order[s:s + a.batch_size]]
@@ -91,7 +127,7 @@ def main():
               f"{seconds / rows[0]['seconds_per_batch']:.2f}x", flush=True)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": os.path.relpath(a.model, ROOT), "data": a.data, "threads": a.threads,
+        Path(a.output).write_text(json.dumps({"model": os.path.relpath(a.model, ROOT), "data": a.data[0], "threads": a.threads,
                                               "batches": a.batches, "real_tokens": real_tokens, "rows": rows},
                                              indent=1) + "\n")
 

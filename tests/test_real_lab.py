@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from lab import real
 from safedata.errors import UserError
@@ -199,6 +200,23 @@ def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tm
     real.keep_run(tmp_path / "short", bf16, "aligned", "", "k=4")
     with pytest.raises(UserError, match="2 and 4 advbench prompts"):
         real.agreement(bf16, fp32)
+
+
+def test_weight_drift_is_the_distance_between_runs_over_the_reference_update(tmp_path):
+    """lab_real.py drift, against hand arithmetic: run - reference = (3, 4) (norm 5; max 4), reference - base =
+    (0, 0, 6, 8) over both tensors (norm 10), so 0.5; a checkpoint with other parameter names stops."""
+    from safetensors.torch import save_file
+    for name, a, b in (("base", [1.0, 1.0], [0.0, 0.0]), ("ref", [1.0, 1.0], [6.0, 8.0]),
+                       ("run", [4.0, 5.0], [6.0, 8.0])):
+        (tmp_path / name).mkdir()
+        save_file({"a": torch.tensor(a), "b": torch.tensor(b)}, str(tmp_path / name / "model.safetensors"))
+    drift = real.weight_drift(tmp_path / "run", tmp_path / "ref", tmp_path / "base")
+    assert drift == {"apart": 5.0, "reference_moved": 10.0, "relative": 0.5, "max_abs_difference": 4.0,
+                     "parameters": 4}
+    (tmp_path / "other").mkdir()
+    save_file({"a": torch.tensor([1.0, 1.0])}, str(tmp_path / "other" / "model.safetensors"))
+    with pytest.raises(UserError, match="different parameter names"):
+        real.weight_drift(tmp_path / "other", tmp_path / "ref", tmp_path / "base")
 
 
 def test_head_keeps_the_csv_header_and_the_first_records(tmp_path):

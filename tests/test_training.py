@@ -108,6 +108,8 @@ def test_same_seed_same_weights_other_seed_differs(tiny_model_dir, subset, seed1
 
 
 def test_micro_batches_and_accumulation_do_not_change_the_result(tiny_model_dir, subset, seed1_run, tmp_path):
+    """The real-model study's fine-tunes rely on it (scripts/lab_real.sh, FT_COMPUTE_FLAGS: micro-batches of one;
+    on SmolLM2 the weights ended 1.5e-5 of the update apart, docs/REAL_MODEL.md)."""
     out1, _ = seed1_run
     meta = finetune(config(tiny_model_dir, subset, tmp_path / "accum", per_device_batch_size=1))
     assert meta["gradient_accumulation_steps"] == 4 and meta["per_device_batch_size"] == 1
@@ -121,8 +123,9 @@ def test_micro_batches_and_accumulation_do_not_change_the_result(tiny_model_dir,
 
 def test_gradient_checkpointing_changes_memory_not_weights(tiny_model_dir, subset, seed1_run, tmp_path, monkeypatch):
     """--gradient_checkpointing recomputes each decoder layer's forward in the backward pass: the same fp32 ops on
-    the same inputs, so the same gradients and weights, bit for bit. (The real-model study relies on it: its kept
-    runs do not depend on the flag, scripts/lab_real.sh.) Counted calls show the recomputation happened."""
+    the same inputs, so the same gradients and weights, bit for bit. (The real-model study relied on it: its kept
+    grad-bottom seed 1 run was fine-tuned with the flag, the others without.) Counted calls show the recomputation
+    happened."""
     from transformers.models.llama import modeling_llama
     out1, meta1 = seed1_run
     calls = []
