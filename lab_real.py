@@ -92,6 +92,8 @@ def main():
         k = sub.add_parser(name, help=text)
         if name == "keep":
             k.add_argument("--run", required=True, help="the evaluated run's directory")
+            k.add_argument("--wall_tsv", default=None,
+                           help="scripts/lab_real.sh's wall.tsv: the run's fine-tune and evaluation seconds are kept")
         k.add_argument("--kept", required=True, help="the kept results' directory (committed)")
         k.add_argument("--condition", required=True)
         k.add_argument("--seed", default="", type=lambda text: int(text) if text else "",
@@ -122,7 +124,7 @@ def main():
     elif a.command == "drift":
         print(json.dumps(real.weight_drift(a.model, a.reference, a.base), indent=1))
     elif a.command == "keep":
-        print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset))
+        print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset, a.wall_tsv))
     elif a.command == "kept":
         sys.exit(0 if real.kept_run(a.kept, a.condition, a.seed, a.settings, a.subset) else 1)
     else:

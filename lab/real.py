@@ -512,9 +512,29 @@ def _identity(settings: str, subset) -> dict:
     return {"settings": _parse_settings(settings), "subset_sha256": D.file_sha256(subset) if subset else None}
 
 
-def keep_run(run: Path, kept_dir: Path, condition: str, seed, settings: str, subset=None) -> Path:
+def stage_seconds(wall_tsv: Path) -> dict[str, int]:
+    """Wall seconds per stage name from scripts/lab_real.sh's wall.tsv ("name<TAB>seconds" lines), summed: a stage
+    stopped and resumed has a line per attempt."""
+    wall: dict[str, int] = {}
+    if Path(wall_tsv).is_file():
+        for line in Path(wall_tsv).read_text().splitlines():
+            name, seconds = line.split("\t")
+            wall[name] = wall.get(name, 0) + int(seconds)
+    return wall
+
+
+def run_stage_names(condition: str, seed) -> list[str]:
+    """The wall.tsv stage names of one run of the study (scripts/lab_real.sh names them so)."""
+    if condition == "aligned":
+        return ["evaluate_aligned"]
+    return [f"finetune_{condition}_{seed}", f"evaluate_{condition}_{seed}"]
+
+
+def keep_run(run: Path, kept_dir: Path, condition: str, seed, settings: str, subset=None, wall_tsv=None) -> Path:
     """KEPT_DIR/CONDITION_seedN.json (aligned.json): the run's per-seed row, its per-prompt refused flags per set
-    (a string of 0/1, prompt i at position i), and the identity (settings, subset sha256) it was made with."""
+    (a string of 0/1, prompt i at position i), the identity (settings, subset sha256) it was made with, and, from
+    WALL_TSV, the wall seconds of its fine-tune and evaluation (so the report can state them when runs/ is gone;
+    not part of the identity)."""
     row = evaluated_run(Path(run))
     refused = {}
     for set_name in EVAL_SETS:
@@ -524,8 +544,12 @@ def keep_run(run: Path, kept_dir: Path, condition: str, seed, settings: str, sub
                             "order (an incomplete evaluation?): not kept")
         refused[set_name] = "".join(str(flag) for _, flag in pairs)
     path = _kept_path(kept_dir, condition, seed)
-    write_json(path, {"condition": condition, "seed": seed, "identity": _identity(settings, subset), "row": row,
-                      "refused": refused})
+    record = {"condition": condition, "seed": seed, "identity": _identity(settings, subset), "row": row,
+              "refused": refused}
+    if wall_tsv is not None:
+        wall = stage_seconds(Path(wall_tsv))
+        record["wall_s"] = {name: wall[name] for name in run_stage_names(condition, seed) if name in wall}
+    write_json(path, record)
     return path
 
 
@@ -674,11 +698,11 @@ def report(run_dir, output_dir, settings: str = "", kept_dir=None) -> dict:
     atomic_write_text(out / "flags.csv", flags_csv)
     table = table_markdown(rows)
     atomic_write_text(out / "table.md", table)
-    wall = {}
-    if (run_dir / "wall.tsv").is_file():
-        for line in (run_dir / "wall.tsv").read_text().splitlines():
-            name, seconds = line.split("\t")
-            wall[name] = wall.get(name, 0) + int(seconds)
+    wall = stage_seconds(run_dir / "wall.tsv")
+    if kept_dir:      # stages that runs/ no longer records: their kept seconds
+        for record in kept_records(Path(kept_dir), settings):
+            for name, seconds in record.get("wall_s", {}).items():
+                wall.setdefault(name, seconds)
     result = {"settings": _parse_settings(settings), "rows": rows, "wall_s": wall}
     write_json(out / "results.json", result)
     plot_asr(rows, out / "asr.png")

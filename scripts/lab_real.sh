@@ -17,9 +17,9 @@
 #             (the aligned model first; then seed by seed, each run right after its fine-tune)
 #   report    lab_real.py report -> $OUT: table.md, per_seed.csv, flags.csv (per-prompt refused flags, no text),
 #             results.json, asr.png, wall times
-#   kept      each evaluated run's numbers and per-prompt refused flags (no text) go to $KEPT, which is committed:
-#             a later session whose runs/ is gone skips the runs kept with the same settings and subset, and the
-#             report reads them
+#   kept      each evaluated run's numbers, per-prompt refused flags (no text) and wall seconds go to $KEPT, which
+#             is committed: a later session whose runs/ is gone skips the runs kept with the same settings and
+#             subset, and the report reads them
 #
 # Every stage skips finished work and resumes stopped work, so the study can be run stage by stage, on different
 # days: STAGES="data scores" bash scripts/lab_real.sh, then STAGES=select ..., and so on (default: all of them).
@@ -162,7 +162,8 @@ if has evaluate; then
     echo "kept: aligned (its result is in $KEPT)"
   else
     timed evaluate_aligned evaluate_model "$MODEL" "$WORK/aligned" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
-    "$PYTHON" lab_real.py keep --run "$WORK/aligned" --kept "$KEPT" --condition aligned --settings "$RUN_SETTINGS"
+    "$PYTHON" lab_real.py keep --run "$WORK/aligned" --kept "$KEPT" --condition aligned --settings "$RUN_SETTINGS" \
+      --wall_tsv "$WORK/wall.tsv"
   fi
 fi
 if has finetune || has evaluate; then
@@ -185,7 +186,7 @@ if has finetune || has evaluate; then
         [ -f "$dir/model/finetune_meta.json" ] || { echo "skip $condition seed $seed: not fine-tuned"; continue; }
         timed "evaluate_${condition}_$seed" evaluate_model "$dir/model" "$dir" "$ADVBENCH" "$HELDOUT" "$POOL_MAX_LENGTH"
         "$PYTHON" lab_real.py keep --run "$dir" --kept "$KEPT" --condition "$condition" --seed "$seed" \
-          --settings "$RUN_SETTINGS" --subset "$subset"
+          --settings "$RUN_SETTINGS" --subset "$subset" --wall_tsv "$WORK/wall.tsv"
       fi
     done
   done

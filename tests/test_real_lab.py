@@ -181,6 +181,27 @@ def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and
         real.report(runs, tmp_path / "mixed", settings, kept)
 
 
+def test_kept_runs_carry_their_wall_seconds_into_a_report_without_runs(tmp_path):
+    """keep --wall_tsv: the run's own fine-tune and evaluation lines of wall.tsv, summed over attempts (a fine-tune
+    stopped and resumed has two lines: 100 + 50), others' lines left out; the identity is unchanged, and a report
+    whose runs/ is gone states the kept seconds."""
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    settings = "k=4 lr=1e-4"
+    _fake_run(runs / "aligned", [1, 1, 1, 0], [0, 0], 2.0)
+    _fake_run(runs / "ft" / "grad-top" / "seed1", [0, 1, 1, 0], [0, 1], 2.5)
+    wall = runs / "wall.tsv"
+    wall.write_text("grad_pool\t3000\nevaluate_aligned\t600\nfinetune_grad-top_1\t100\nfinetune_grad-top_1\t50\n"
+                    "evaluate_grad-top_1\t630\nfinetune_grad-top_2\t999\n")
+    real.keep_run(runs / "aligned", kept, "aligned", "", settings, wall_tsv=wall)
+    real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 1, settings, wall_tsv=wall)
+    record = json.loads((kept / "grad-top_seed1.json").read_text())
+    assert record["wall_s"] == {"finetune_grad-top_1": 150, "evaluate_grad-top_1": 630}
+    assert json.loads((kept / "aligned.json").read_text())["wall_s"] == {"evaluate_aligned": 600}
+    assert real.kept_run(kept, "grad-top", 1, settings) is not None
+    report = real.report(tmp_path / "gone", tmp_path / "out", settings, kept)
+    assert report["wall_s"] == {"evaluate_aligned": 600, "finetune_grad-top_1": 150, "evaluate_grad-top_1": 630}
+
+
 def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tmp_path):
     """lab_real.py agree: the runs kept in both folders, their rates side by side and the share of prompts with the
     same refused flag (counted here by hand); a run kept in one folder only is left out; unequal prompt counts stop."""
