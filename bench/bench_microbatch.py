@@ -55,6 +55,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=None, help="JSON of the figures (default: print only)")
     a = p.parse_args()
+    for micro in a.micro:
+        if micro < 1 or a.batch_size % micro:
+            p.error(f"--micro {micro}: must divide --batch_size {a.batch_size} (as finetune.py requires)")
     from safedata.data import collate, encode, load_examples
     from safedata.data.encoding import pad_token_id
     from transformers import AutoModelForCausalLM, AutoTokenizer

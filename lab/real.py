@@ -514,11 +514,13 @@ def _identity(settings: str, subset) -> dict:
 
 def stage_seconds(wall_tsv: Path) -> dict[str, int]:
     """Wall seconds per stage name from scripts/lab_real.sh's wall.tsv ("name<TAB>seconds" lines), summed: a stage
-    stopped and resumed has a line per attempt."""
+    stopped and resumed has a line per attempt (and a stage re-entered and found done, a line of a few seconds)."""
     wall: dict[str, int] = {}
     if Path(wall_tsv).is_file():
-        for line in Path(wall_tsv).read_text().splitlines():
-            name, seconds = line.split("\t")
+        for number, line in enumerate(Path(wall_tsv).read_text().splitlines(), 1):
+            name, tab, seconds = line.partition("\t")
+            if not tab or not seconds.strip().isdigit():
+                raise UserError(f"{wall_tsv}, line {number}: not 'stage<TAB>seconds': {line!r}")
             wall[name] = wall.get(name, 0) + int(seconds)
     return wall
 

@@ -62,11 +62,12 @@ SCORE_FLAGS=${SCORE_FLAGS:-"--device cpu --dtype fp32"}    # on a GPU: "--device
 DEVICE_FLAGS=${DEVICE_FLAGS:-"--device cpu --dtype fp32"}  # generation (evaluate_model); on a GPU: --device cuda:0
 FT_FLAGS=${FT_FLAGS:-}                                      # on a GPU, the paper's: "--precision pure_bf16"
 # Flags that change a fine-tune's time and memory, not its result, so not part of RUN_SETTINGS: the effective batch
-# of 20 as 20 accumulated micro-batches of one record (no padding: 0.34x the time of one padded batch of 20, and
+# of 20 as 20 accumulated micro-batches of one record (no padding: 0.35x the time of one padded batch of 20, and
 # no need for activation checkpointing; the same mean loss over the batch's supervised tokens, sums in another
 # order: on grad-top seed 1 the weights ended 1.5e-5 of the update apart, docs/REAL_MODEL.md "Micro-batches of
 # one") and a resumable checkpoint every 10 minutes (a stopped run ends where an uninterrupted one ends,
-# tests/test_training.py).
+# tests/test_training.py). finetune.py --reuse_if_same still counts the micro-batch size and activation
+# checkpointing as settings: a fine-tune finished with others but not yet kept is refused (rerun with --overwrite).
 FT_COMPUTE_FLAGS=${FT_COMPUTE_FLAGS:-"--per_device_batch_size 1 --checkpoint_minutes 10"}
 KEPT=${KEPT:-lab/smollm2_study/results}         # each evaluated run's numbers and flags (no text), kept in git
 

@@ -200,6 +200,14 @@ def test_kept_runs_carry_their_wall_seconds_into_a_report_without_runs(tmp_path)
     assert real.kept_run(kept, "grad-top", 1, settings) is not None
     report = real.report(tmp_path / "gone", tmp_path / "out", settings, kept)
     assert report["wall_s"] == {"evaluate_aligned": 600, "finetune_grad-top_1": 150, "evaluate_grad-top_1": 630}
+    # where runs/ still records a stage, its wall.tsv counts (here a later, third attempt of the fine-tune)
+    with wall.open("a") as f:
+        f.write("finetune_grad-top_1\t25\n")
+    both = real.report(runs, tmp_path / "both", settings, kept)
+    assert both["wall_s"]["finetune_grad-top_1"] == 175 and both["wall_s"]["grad_pool"] == 3000
+    wall.write_text("grad_pool 3000\n")
+    with pytest.raises(UserError, match="wall.tsv, line 1: not 'stage<TAB>seconds'"):
+        real.keep_run(runs / "aligned", kept, "aligned", "", settings, wall_tsv=wall)
 
 
 def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tmp_path):
