@@ -32,13 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def micro_padded(lengths, order, start, micro, batch_size) -> int:
-    """Tokens computed for the micro-batch at `start` of `order`: its records padded to its longest (a micro-batch
-    never spans two effective batches)."""
-    end = min(start + micro, (start // batch_size + 1) * batch_size, len(order))
-    return (end - start) * max(lengths[i] for i in order[start:end])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-aligned"))
@@ -58,17 +51,16 @@ def main():
     for micro in a.micro:
         if micro < 1 or a.batch_size % micro:
             p.error(f"--micro {micro}: must divide --batch_size {a.batch_size} (as finetune.py requires)")
-    from safedata.data import collate, encode, load_examples
+    from safedata.data import collate, encode_examples, load_examples
     from safedata.data.encoding import pad_token_id
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(a.threads)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
 
-    def encoded(path):
-        examples = load_examples(path)
-        examples = examples[0] if isinstance(examples, tuple) else examples
-        return [encode(e, tokenizer, a.template) for e in examples]
+    def encoded(path):      # as finetune.py encodes its subset
+        examples, _ = load_examples(path)
+        return encode_examples(examples, tokenizer, a.template)[0]
 
     if a.count_only:
         for path in a.data:
@@ -79,9 +71,10 @@ def main():
                 for draw in range(a.draws):
                     order = list(range(len(lengths)))
                     random.Random(draw).shuffle(order)
-                    for batch_start in range(0, len(order), a.batch_size):
-                        for start in range(batch_start, min(batch_start + a.batch_size, len(order)), micro):
-                            padded += micro_padded(lengths, order, start, micro, a.batch_size)
+                    # micro divides the batch size, so no micro-batch spans two effective batches
+                    for start in range(0, len(order), micro):
+                        micro_batch = [lengths[i] for i in order[start:start + micro]]
+                        padded += len(micro_batch) * max(micro_batch)
                 ratios.append(f"{micro}: {padded / (a.draws * sum(lengths)):.2f}")
             print(f"{os.path.relpath(path)}: {len(lengths)} records, mean {sum(lengths) / len(lengths):.0f} tokens, "
                   f"max {max(lengths)}; padded / real by micro-batch: {', '.join(ratios)}")
@@ -130,9 +123,9 @@ def main():
               f"{seconds / rows[0]['seconds_per_batch']:.2f}x", flush=True)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": os.path.relpath(a.model, ROOT), "data": a.data[0], "threads": a.threads,
-                                              "batches": a.batches, "real_tokens": real_tokens, "rows": rows},
-                                             indent=1) + "\n")
+        Path(a.output).write_text(json.dumps({"model": os.path.relpath(a.model, ROOT), "data": a.data[0],
+                                              "threads": a.threads, "batches": a.batches, "real_tokens": real_tokens,
+                                              "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
