@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, print_table, save
 
 
 def read_answers(path: Path) -> dict[int, str]:
@@ -42,9 +40,8 @@ def main():
     p.add_argument("--reference", default=None,
                    help="a responses.jsonl of the same model (e.g. the study's); its first n answers are compared")
     p.add_argument("--python", default=sys.executable)
-    p.add_argument("--output", default=None, help="JSON of the figures (default: print only)")
+    p.add_argument("--output", default=None, help="JSON of the figures (default: bench/results/generation_batch.json)")
     a = p.parse_args()
-    from safedata.store import now, write_json
     from lab.real import head
 
     reference = read_answers(Path(a.reference)) if a.reference else None
@@ -58,7 +55,9 @@ def main():
                        "--output_dir", str(out), "--template", "chat", "--max_new_tokens", str(a.max_new_tokens),
                        "--batch_size", str(batch_size), "--device", "cpu", "--dtype", "fp32"]
             start = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode:
+                sys.exit(f"error: generate.py at batch {batch_size} failed:\n{done.stderr[-2000:]}")
             seconds = time.perf_counter() - start
             answers[batch_size] = read_answers(out / "responses.jsonl")
             rows.append({"batch_size": batch_size, "prompts": len(answers[batch_size]), "seconds": seconds})
@@ -70,14 +69,9 @@ def main():
         row[f"same answers as batch {first}"] = sum(mine[i] == answers[first][i] for i in mine)
         if reference is not None:
             row["same answers as --reference"] = sum(mine[i] == reference.get(i) for i in mine)
-    columns = list(rows[0])
-    print(f"generate.py on the first {rows[0]['prompts']} prompts of {a.prompts}, {a.max_new_tokens} new tokens, "
-          f"greedy, fp32, CPU, whole processes (model loading included)")
-    print("  ".join(f"{c:>28}" for c in columns))
-    for row in rows:
-        print("  ".join(f"{row[c]:>28.3f}" if isinstance(row[c], float) else f"{row[c]:>28}" for c in columns))
-    if a.output:
-        write_json(Path(a.output), {"args": vars(a), "rows": rows, "date": now(), "threads": os.cpu_count()})
+    print_table(f"generate.py on the first {rows[0]['prompts']} prompts of {a.prompts}, {a.max_new_tokens} new tokens, "
+                f"greedy, fp32, CPU, whole processes (model loading included)", rows, list(rows[0]))
+    save("generation_batch", {"args": vars(a), "rows": rows}, a.output)
 
 
 if __name__ == "__main__":
