@@ -1,10 +1,11 @@
 """Generation batch size on a real model: whole generate.py runs, as the real-model study's evaluation runs them.
 
 The study's evaluation (scripts/real_steps.sh, evaluate_model) answers 520 AdvBench and 200 held-out prompts with
-generate.py, greedy, 64 new tokens, batch 16, and that generation is most of a run's evaluation (~520 of ~630 s).
+generate.py, greedy, 64 new tokens (batch 16, 64 since this benchmark), and that generation is most of a run's
+evaluation (~520 of ~630 s at batch 16).
 This runs generate.py on the same prompts once per --batch_sizes entry, in fresh processes, and prints side by
-side: seconds, prompts/s, the ratio to the first batch size, and how many answers are token for token the same as
-the first batch size's (and, with --reference, as a responses.jsonl the study wrote). Greedy answers depend on the
+side: seconds, prompts/s, the ratio to the first batch size, and how many answers are the same text as the first
+batch size's (and, with --reference, as a responses.jsonl the study wrote). Greedy answers depend on the
 batch only through floating-point rounding (left padding is masked; batches group prompts of similar length), so
 "same" counts what that rounding flips. No answer text is printed or written: only counts.
 
@@ -15,7 +16,6 @@ batch only through floating-point rounding (left padding is masked; batches grou
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -25,9 +25,9 @@ from pathlib import Path
 from common import ROOT, print_table, save
 
 
-def read_answers(path: Path) -> dict[int, str]:
-    with open(path) as f:
-        return {row["index"]: row["response"] for row in map(json.loads, f)}
+def read_answers(path) -> dict[int, str]:
+    from safedata.evaluation import read_responses
+    return {record["index"]: record["response"] for record in read_responses(path)}
 
 
 def main():
@@ -44,7 +44,7 @@ def main():
     a = p.parse_args()
     from lab.real import head
 
-    reference = read_answers(Path(a.reference)) if a.reference else None
+    reference = read_answers(a.reference) if a.reference else None
     rows, answers = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / ("prompts" + Path(a.prompts).suffix)

@@ -52,7 +52,7 @@ ANCHOR_MAX_LENGTH=${ANCHOR_MAX_LENGTH:-480}
 ANCHOR_MLEN=${ANCHOR_MLEN:-10}                  # the paper: first 10 response tokens of each anchor
 SCORE_BATCH=${SCORE_BATCH:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}            # docs/REAL_MODEL.md: why 64 is enough for the keyword metric
-# 64 prompts a generate call: 0.55x the time of 16, and the same greedy answers, token for token, to all 720
+# 64 prompts a generate call: 0.55x the time of 16, and the same greedy answer text to all 720
 # prompts of length-top seed 1 (docs/REAL_MODEL.md, "Generation batch"); runs evaluated before 2026-12-04 17:15 used 16
 GEN_BATCH=${GEN_BATCH:-64}
 ADVBENCH_N=${ADVBENCH_N:-}                      # empty: all 520
