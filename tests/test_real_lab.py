@@ -6,18 +6,16 @@ import csv
 import json
 import math
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from lab import real
 from safedata.errors import UserError
 from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
 from safedata.training import FinetuneArgs, requested_settings, settings_differences
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_reply_the_project_teaches_counts_as_a_refusal():
@@ -318,14 +316,15 @@ def test_committed_real_model_table_recounts_from_its_committed_flags():
     per_seed = {(r["condition"], r["seed"]): r for r in csv.DictReader((root / "per_seed.csv").open())}
     assert len(per_seed) == 19 and sorted({c for c, _ in per_seed}) == sorted(
         ["aligned", "grad-top", "grad-bottom", "reps-top", "length-top", "random", "paper-grad-top"])
+    asr = {}
     for run, row in per_seed.items():
         refused_adv, n_adv = counts[(run, "advbench")]
         refused_held, n_held = counts[(run, "heldout")]
         assert (n_adv, n_held) == (520, 200) == (int(row["advbench_n"]), int(row["heldout_n"]))
-        assert abs(float(row["advbench_asr"]) - (n_adv - refused_adv) / n_adv) < 1e-12, run
+        asr[run] = (n_adv - refused_adv) / n_adv
+        assert abs(float(row["advbench_asr"]) - asr[run]) < 1e-12, run
         assert abs(float(row["over_refusal"]) - refused_held / n_held) < 1e-12, run
-        kept = json.loads((ROOT / "lab" / "smollm2_study" / "results" /
-                           (f"{run[0]}_seed{run[1]}.json" if run[1] else f"{run[0]}.json")).read_text())
+        kept = json.loads(real._kept_path(ROOT / "lab" / "smollm2_study" / "results", *run).read_text())
         kept_flags = kept["refused"]                             # one character "0"/"1" per prompt, in order
         assert kept_flags["advbench"].count("1") == refused_adv and len(kept_flags["advbench"]) == n_adv
         assert kept_flags["heldout"].count("1") == refused_held and len(kept_flags["heldout"]) == n_held
@@ -334,8 +333,7 @@ def test_committed_real_model_table_recounts_from_its_committed_flags():
         cells = [c.strip() for c in line.strip("|").split("|")]
         table[cells[0]] = cells
     for condition in {c for c, _ in per_seed}:
-        values = [(n - r) / n for (c, _), (r, n) in
-                  ((run, counts[(run, "advbench")]) for run in per_seed) if c == condition]
+        values = [v for (c, _), v in asr.items() if c == condition]
         mean = sum(values) / len(values)
         cell = f"{mean:.3f}"
         if len(values) > 1:
