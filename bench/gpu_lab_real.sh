@@ -56,16 +56,18 @@ else
 fi
 
 if (( DRY )); then
-  export N_POOL=16 K=2 BATCH=2 EPOCHS=1 ADVBENCH_N=4 HELDOUT_N=4 MAX_NEW_TOKENS=8 GEN_BATCH=4 CONDITIONS="grad-top random"
-  export SCORE_FLAGS="--device cpu --dtype fp32" DEVICE_FLAGS="--device cpu --dtype fp32" FT_FLAGS="--precision fp32"
+  export N_POOL=16 K=2 BATCH=2 EPOCHS=1 ADVBENCH_N=4 HELDOUT_N=4 MAX_NEW_TOKENS=8 GEN_BATCH=4
+  export CONDITIONS="grad-top random" FT_FLAGS="--precision fp32"
+  export SCORE_FLAGS="--device cpu --dtype fp32" DEVICE_FLAGS="--device cpu --dtype fp32"
 else
   # The study's recipe (5 epochs, batch 20, lr 1e-4, 64 new tokens) on 20 of 200 pool records; two conditions, so
   # that the python processes (about 40, each importing torch) fit in the minutes bench/gpu.sh leaves. The
   # study's fp32 on cuda:0 (scripts/lab_real.sh: pure bf16 fine-tuning does not hold up for this model).
-  export N_POOL=200 K=20 ADVBENCH_N=64 HELDOUT_N=32 CONDITIONS="grad-top random"
-  export SCORE_FLAGS="--device cuda:0 --dtype fp32" DEVICE_FLAGS="--device cuda:0 --dtype fp32" FT_FLAGS="--precision fp32"
+  export N_POOL=200 K=20 ADVBENCH_N=64 HELDOUT_N=32 CONDITIONS="grad-top random" FT_FLAGS="--precision fp32"
+  export SCORE_FLAGS="--device cuda:0 --dtype fp32" DEVICE_FLAGS="--device cuda:0 --dtype fp32"
 fi
 # PAPER_SELECTIONS is left as it is: the real data stage keeps the paper's released records out of its draws.
-SEEDS=1 PYTHON=$PYTHON BASE=$BASE MODEL=$WORK/aligned DATA_DIR=$DATA_DIR WORK=$WORK KEPT=$OUT/kept OUT=$OUT/report bash scripts/lab_real.sh
+SEEDS=1 PYTHON=$PYTHON BASE=$BASE MODEL=$WORK/aligned DATA_DIR=$DATA_DIR WORK=$WORK KEPT=$OUT/kept OUT=$OUT/report \
+  bash scripts/lab_real.sh
 echo "stage wall seconds ($OUT/wall.tsv):"
 cat "$WORK/wall.tsv"

