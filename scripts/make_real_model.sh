@@ -28,9 +28,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 BASE=${BASE:-models/smollm2-135m-instruct}
-WHEELS=${WHEELS:-models/.wheels}
 DATA_DIR=${DATA_DIR:-ft_datasets/data}
-PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}
+# WHEELS, PAPER_SELECTIONS: their defaults are in scripts/real_steps.sh (sourced below), shared with the study
 WORK=${WORK:-runs/real_align}
 OUT=${OUT:-lab/smollm2_aligned}
 SEED=${SEED:-0}

