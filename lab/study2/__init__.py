@@ -1,0 +1,1 @@
+"""Study 2 of the real-model experiment (docs/real_model/PREREG.md): its data splits, as indices."""
