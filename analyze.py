@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 from safedata.analysis import analyze_files, format_table, write_outputs
-from safedata.cli import run
+from safedata.cli import parse_args, run
 
 
 def default_output_dir(subsets, pool) -> Path:
@@ -26,7 +26,7 @@ def main():
                         "runs/analysis/<subset>[+N]_vs_<pool>-<hash>)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     p.add_argument("--title", default=None, help="heading of the markdown table")
-    a = p.parse_args()
+    a = parse_args(p)
     result = analyze_files(a.subset, a.pool, a.name, a.pool_name)
     print(format_table(result))
     paths = write_outputs(result, a.output_dir or default_output_dir(a.subset, a.pool), a.markdown, a.title)

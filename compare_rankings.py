@@ -7,7 +7,7 @@ Reference records are matched to the pool by content. Writes OUTPUT_DIR/agreemen
 import argparse
 import json
 
-from safedata.cli import run
+from safedata.cli import parse_args, run
 from safedata.errors import UserError
 from safedata.methods.agreement import parse_reference, write_sample_pool
 from safedata.methods.study import write_study
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--sample_size", type=int, default=5000, help="with --write_sample: random pool records besides the references")
     p.add_argument("--seed", type=int, default=0, help="with --write_sample: the sample's seed")
     p.add_argument("--title", default="", help="the plot's title (e.g. the pool's name)")
-    a = p.parse_args()
+    a = parse_args(p)
     if a.write_sample:
         tops_and_bottoms = [f for spec in a.reference for f in parse_reference(spec)[1:]]
         print(json.dumps(write_sample_pool(a.data_path, tops_and_bottoms, a.sample_size, a.seed, a.write_sample)))

@@ -11,7 +11,7 @@ import argparse
 import json
 
 from lab import defence
-from safedata.cli import run
+from safedata.cli import parse_args, run
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     r.add_argument("--data_dir", default="ft_datasets/lab", help="the lab data (eval_compliant.jsonl, model/)")
     r.add_argument("--batch_size", type=int, default=16, help="batch size of the loss passes")
     r.add_argument("--output_dir", default=None, help="default: RUN_DIR/report (docs/lab_defence for the docs' copy)")
-    a = p.parse_args()
+    a = parse_args(p)
     if a.command == "mix":
         print(json.dumps(defence.build_mixes(a.pool, a.output_dir, a.n_mix, a.n_heldout, a.n_enrich, a.seed), indent=1))
     else:

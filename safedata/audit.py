@@ -58,7 +58,7 @@ class AuditArgs:
     anchors: list[str] = option(default_factory=list, metavar="FILE",
                                 help="anchor record files, one per anchor set (harmful compliant first, then safe "
                                      "refusals)")
-    weights: list[float] | None = option(None, "one weight per anchor set (default 1 -1 -1 ...: harmful +1, safe -1)")
+    weights: list[float] | None = option(None, "one weight per anchor set (default: 1 -1 -1 ...: harmful +1, safe -1)")
     method: str = option("gradient", "gradient: exact gradient matching (get_gradients.py); representation: "
                                      "last-token hidden states (get_representation.py)", choices=METHODS)
     scores_dir: str | None = option(
@@ -98,6 +98,7 @@ class Scored:
     columns: dict[str, np.ndarray]
     data_sha256: str
     unscored: list[dict] = field(default_factory=list)
+    n_cut: int | None = None        # examples the scoring stage cut at --max_length (None: not recorded)
 
 
 def check_config(cfg: AuditArgs) -> None:
@@ -177,7 +178,8 @@ def _score_representation(cfg: AuditArgs) -> Scored | None:
     unscored = [dict(e, reason=e.get("reason", "excluded")) for e in meta.get("excluded", [])]
     return Scored({"method": "representation", "features": str(features_dir),
                    "anchors": [str(d) for d in anchor_dirs], "avg_n": cfg.avg_n},
-                  np.array(meta["indices"], dtype=np.int64), meta["ids"], columns, meta["data_sha256"], unscored)
+                  np.array(meta["indices"], dtype=np.int64), meta["ids"], columns, meta["data_sha256"], unscored,
+                  meta.get("n_cut"))
 
 
 def _read_scores_dir(directory, data_path, skip_bad=False) -> Scored:
@@ -193,7 +195,7 @@ def _read_scores_dir(directory, data_path, skip_bad=False) -> Scored:
     unscored = [dict(e) for e in meta.get("excluded", [])] + [dict(e) for e in meta.get("nonfinite", [])]
     method = meta.get("method") or {"gradient_scores": "gradient"}.get(meta.get("stage"), meta.get("stage", "scores"))
     source = {"method": method, "scores": str(Path(directory).resolve())}
-    return Scored(source, indices, ids, columns, meta["data_sha256"], unscored)
+    return Scored(source, indices, ids, columns, meta["data_sha256"], unscored, meta.get("n_cut"))
 
 
 def score(cfg: AuditArgs) -> Scored | None:
@@ -280,7 +282,9 @@ def audit(cfg: AuditArgs) -> dict | None:
             raise MetadataMismatch(f"{cfg.data_path}: record {index} is not the one that was scored "
                                    f"(id {scored.ids[position]}); the data changed since")
     meta = {"stage": STAGE, "data_file": str(cfg.data_path), "data_sha256": scored.data_sha256,
-            "method": scored.source, "settings": _settings(cfg, weights), "skipped": skipped}
+            "method": scored.source, "settings": _settings(cfg, weights), "skipped": skipped, "n_cut": scored.n_cut}
+    log.info("scores: %s of %d scored example(s) cut at --max_length by the scoring stage", "an unrecorded number"
+             if scored.n_cut is None else scored.n_cut, len(scored.ids))
     check_existing_audit(output_dir, meta)
 
     rank_of = {int(p): r for r, p in enumerate(flagged_positions)}

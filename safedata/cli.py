@@ -8,6 +8,7 @@ import sys
 from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
 from transformers.utils import logging as hf_logging
 
+from .config import describe
 from .data import check_sizes, field_map_of
 from .errors import UserError
 from .progress import interactive
@@ -35,10 +36,13 @@ SIZE_FLAGS = ("batch_size", "per_device_batch_size", "chunk_size", "max_length",
               "max_seq_length", "max_new_tokens", "proj_dim", "epochs", "lora_r", "tensor_parallel_size")
 
 
-def parse_args(parser):
+def parse_args(parser, argv=None):
     """parser.parse_args(), then what every stage CLI does before any work or file: each size flag it has
-    checked, its --field_map parsed (a bad spec stops here; the stage reads it from its settings)."""
-    args = parser.parse_args()
+    checked, its --field_map parsed (a bad spec stops here; the stage reads it from its settings). Before
+    parsing, every flag's help is given its default or its required marker (config.describe), so no CLI's
+    --help can leave them out."""
+    describe(parser)
+    args = parser.parse_args(argv)
     needed = getattr(args, "needed_unless_plan", ())
     if needed:
         if getattr(args, "plan", None) is None:

@@ -10,12 +10,18 @@ this equivalent keeps argparse's plain switches (`--anchor`, not `--anchor [ANCH
 Options several stages share (the template, the LoRA flags, the per-example stage flags) are declared once here
 and placed into each stage's dataclass with `shared()`, which copies the declaration (type checked by
 tests/test_config.py) and can prefix its help with when it applies (`--lora: rank of the adapter`).
+
+`describe` (called by safedata.cli.parse_args for every CLI, generated or not) writes each flag's default or
+required marker into its help; `option(deprecated=...)` / `value_aliases` keep a renamed flag's old spelling
+working, with one warning line.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass
@@ -24,16 +30,58 @@ from .data import TEMPLATES
 
 _HELP, _FLAGS, _CHOICES, _METAVAR, _NARGS, _GROUP, _CLI = ("help", "flags", "choices", "metavar", "nargs", "group",
                                                             "cli")
+_DEPRECATED, _VALUE_ALIASES = "deprecated", "value_aliases"
 
 
 def option(default=MISSING, help: str = "", *, default_factory=MISSING, flags: tuple = (), choices=None,
-           metavar: str | None = None, nargs: str | None = None, group: str | None = None, cli: bool = True):
+           metavar: str | None = None, nargs: str | None = None, group: str | None = None, cli: bool = True,
+           deprecated: tuple = (), value_aliases: dict | None = None):
     """A dataclass field that is also a command-line flag: `--<name>` (or `flags`, the first naming the field
     when given), its help, choices, metavar and argument group. A field without a default is a required flag.
-    cli=False: a setting for the package's callers only (no flag)."""
+    cli=False: a setting for the package's callers only (no flag). deprecated: old spellings of the flag, still
+    accepted, each use printing one `warning: --old is deprecated; use --new` line on stderr; value_aliases:
+    old values of the flag and the value each stands for ({"none": "keyword"}), the same."""
     metadata = {_HELP: help, _FLAGS: tuple(flags), _CHOICES: choices, _METAVAR: metavar, _NARGS: nargs,
-                _GROUP: group, _CLI: cli}
+                _GROUP: group, _CLI: cli, _DEPRECATED: tuple(deprecated), _VALUE_ALIASES: dict(value_aliases or {})}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def deprecation(old: str, new: str) -> None:
+    """The one line an old spelling prints (stderr), the run going on with the new one."""
+    print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+class _Deprecating:
+    """An argparse action that warns once per use when the flag was spelt with one of its deprecated names."""
+
+    def __init__(self, *args, deprecated=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deprecated = tuple(deprecated)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            deprecation(option_string, self.option_strings[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
+class DeprecatingStore(_Deprecating, argparse._StoreAction):
+    """store, with deprecated spellings."""
+
+
+class DeprecatingSwitch(_Deprecating, argparse._StoreTrueAction):
+    """store_true, with deprecated spellings."""
+
+
+def _aliased(value_type, aliases: dict, flag: str):
+    """argparse type: an old value becomes the one it stands for (one warning line), before choices are checked."""
+    def convert(text):
+        if text in aliases:
+            deprecation(f"{flag} {text}", f"{flag} {aliases[text]}")
+            text = aliases[text]
+        return value_type(text)
+    convert.__name__ = getattr(value_type, "__name__", "value")   # argparse names the type in its errors
+    convert.aliases = dict(aliases)
+    return convert
 
 
 def shared(owner, name: str, purpose: str = "", **changes):
@@ -41,6 +89,8 @@ def shared(owner, name: str, purpose: str = "", **changes):
     prefixes its help ("--lora" -> "--lora: ..."), `changes` replace metadata entries (e.g. group)."""
     original = owner.__dataclass_fields__[name]
     metadata = dict(original.metadata, shared_from=(owner, name))
+    metadata.setdefault(_DEPRECATED, ())
+    metadata.setdefault(_VALUE_ALIASES, {})
     if purpose:
         metadata[_HELP] = f"{purpose}: {metadata[_HELP]}"
     metadata.update(changes)
@@ -78,16 +128,19 @@ def add_options(parser: argparse.ArgumentParser, cls, optional: tuple = ()) -> N
         if meta[_GROUP]:
             target = groups.get(meta[_GROUP]) or parser.add_argument_group(meta[_GROUP])
             groups[meta[_GROUP]] = target
-        names = meta[_FLAGS] or ("--" + f.name,)
-        kwargs = {"dest": f.name, "help": meta[_HELP]}
+        names = (meta[_FLAGS] or ("--" + f.name,)) + meta.get(_DEPRECATED, ())
+        kwargs = {"dest": f.name, "help": meta[_HELP], "deprecated": meta.get(_DEPRECATED, ())}
         value_type, many = _flag_type(annotation)
         has_default = f.default is not MISSING or f.default_factory is not MISSING
         if value_type is bool:
             if f.default is not False:
                 raise TypeError(f"{cls.__name__}.{f.name}: a switch's default must be False")
-            target.add_argument(*names, action="store_true", **kwargs)
+            target.add_argument(*names, action=DeprecatingSwitch, **kwargs)
             continue
+        kwargs["action"] = DeprecatingStore
         kwargs["type"] = value_type
+        if meta.get(_VALUE_ALIASES):
+            kwargs["type"] = _aliased(value_type, meta[_VALUE_ALIASES], names[0])
         if many:
             kwargs["nargs"] = meta[_NARGS] or "+"
         elif meta[_NARGS]:
@@ -102,6 +155,87 @@ def add_options(parser: argparse.ArgumentParser, cls, optional: tuple = ()) -> N
         else:
             kwargs["required"] = True
         target.add_argument(*names, **kwargs)
+
+
+REQUIRED = "(required)"
+REQUIRED_UNLESS_PLAN = "(required unless --plan)"
+_EXPLAINED = re.compile(r"\bdefault:", re.I)
+
+
+def shown_default(action) -> str:
+    """How --help writes a flag's default: off for a switch, none for None or an empty list, a list's items
+    space-separated (as they are typed), else the value."""
+    default = action.default
+    if action.nargs == 0 and default in (False, None):
+        return "off"
+    if default is None or default == [] or default == "":
+        return "none"
+    if isinstance(default, (list, tuple)):
+        return " ".join(str(v) for v in default)
+    return str(default)
+
+
+def _described_formatter(base):
+    """`base` (the parser's formatter class) writing the flags required unless --plan without brackets in usage."""
+    if getattr(base, "described", False):
+        return base
+
+    class Described(base):
+        described = True
+
+        def _format_usage(self, usage, actions, groups, prefix):
+            marked = [a for a in actions if getattr(a, "required_unless_plan", False) and not a.required]
+            for action in marked:
+                action.required = True
+            try:
+                return super()._format_usage(usage, actions, groups, prefix)
+            finally:
+                for action in marked:
+                    action.required = False
+
+    return Described
+
+
+def describe(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Write into every flag's help (this parser's and its sub-commands') its default, `(default: X)`, or that it
+    is required: `(required)`, or `(required unless --plan)` for the flags safedata.plan.add_plan_flag names. A
+    help that already states the default (`(default: 16)`), or explains what no value means (`default: the GPU
+    if any`), is left to say it. Deprecated spellings of a flag are named. Done once per parser (safedata.cli.
+    parse_args calls it for every CLI)."""
+    if getattr(parser, "_described", False):
+        return parser
+    parser._described = True
+    parser.formatter_class = _described_formatter(parser.formatter_class)
+    needed = set(parser._defaults.get("needed_unless_plan", ()))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                describe(sub)
+            continue
+        if (not action.option_strings or action.help == argparse.SUPPRESS or
+                isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            continue
+        text = (action.help or "").rstrip()
+        flat = " ".join(text.split())
+        if action.required:
+            note = REQUIRED
+        elif action.dest in needed:
+            action.required_unless_plan = True
+            note = REQUIRED_UNLESS_PLAN
+        else:
+            shown = shown_default(action)
+            spellings = {shown} | ({str(int(action.default))} if isinstance(action.default, float) and
+                                   action.default.is_integer() else set())    # 60.0 stated as "default: 60"
+            stated = any(re.search(rf"\bdefault:?\s+{re.escape(spelling)}(?![\w.-])", flat, re.I)
+                         for spelling in spellings)
+            note = None if stated or (shown in ("none", "off") and _EXPLAINED.search(flat)) else \
+                f"(default: {shown.replace('%', '%%')})"
+        old = getattr(action, "deprecated", ())
+        parts = [text] if text else []
+        parts += [note] if note else []
+        parts += [f"(deprecated spelling: {', '.join(old)})"] if old else []
+        action.help = " ".join(parts)
+    return parser
 
 
 def from_args(cls, args: argparse.Namespace, **overrides):

@@ -563,17 +563,18 @@ class EvaluateArgs:
 
     responses: str = option(help="generate.py's responses JSONL")
     output_dir: str = option(help="where results.jsonl and summary.json go")
-    judge: str = option("keyword", "none/keyword: keyword ASR only; local: a Llama-Guard-style model; api: an "
+    judge: str = option("keyword", "keyword: keyword ASR only; local: a Llama-Guard-style model; api: an "
                                    "OpenAI-compatible chat API scoring 1-5 with our own rubric, or with "
-                                   "--judge_prompt (default: keyword)", choices=JUDGE_CHOICES)
+                                   "--judge_prompt (default: keyword; 'none', its old name, is deprecated)",
+                        choices=JUDGE_CHOICES[1:], value_aliases={"none": "keyword"})
     judge_prompt: str | None = option(
         None, "api: your judge prompt instead of our rubric (e.g. the paper's GPT-4 judge prompt, which we do not "
               "ship): UTF-8 text with {prompt} and {response} where the request and the answer go, sent as one user "
               "message; summary keys judge_prompt_* (ours: safedata_rubric_*)", metavar="FILE")
     judge_score_regex: str = option(
         PAPER_SCORE_FORMAT, "api with --judge_prompt: where the score 1-5 stands in the reply, as a regular "
-        "expression whose first group is the score; the last match counts (default: the paper's '#thescore: N' "
-        "line)")
+        "expression whose first group is the score; the last match counts (the default matches the paper's "
+        "'#thescore: N' line)")
     judge_model: str | None = option(None, "local: path or Hub id of the guard model; api: the model name")
     judge_base_url: str | None = option(None, "api: base URL, requests go to {base_url}/chat/completions (default: "
                                               "$JUDGE_BASE_URL)")
@@ -586,8 +587,10 @@ class EvaluateArgs:
     max_new_tokens: int = option(10, "local: tokens the guard may generate (default: 10)")
     dtype: str | None = option(None, "local: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     device: str | None = option(None, "local: e.g. cuda:0 or cpu (default: GPU if any)")
-    model: str | None = option(None, "the evaluated model, recorded in the summary (default: 'model' of meta.json "
-                                     "next to --responses)")
+    model: str | None = option(None, "the evaluated model (the one generate.py --model_name answered with), "
+                                     "recorded in the summary, not loaded (default: 'model' of meta.json next to "
+                                     "--responses)", flags=("--model_name",), deprecated=("--model",),
+                               metavar="MODEL_NAME")
 
 
 def evaluate_file(args: EvaluateArgs, judge_instance=None) -> dict:

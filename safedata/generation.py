@@ -27,7 +27,7 @@ from .config import StageArgs, option, shared
 from .errors import UserError
 from .models import load_model, load_tokenizer, model_identity
 from .progress import progress
-from .store import META, atomic_write_text, environment, fingerprint, now, parse_shard, read_json, write_json
+from .store import META, atomic_write_text, environment, fingerprint, model_key, now, parse_shard, read_json, write_json
 from .templates import resolve_template
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class GenerationArgs:
 
     model_name: str = option(help="Hugging Face id, local checkpoint or LoRA adapter directory")
     data_path: str = option(help="prompts: AdvBench CSV (one column without header, or goal,target) or "
-                                 "alpaca-style records", flags=("--data_path", "--prompts"))
+                                 "alpaca-style records", deprecated=("--prompts",))
     output_dir: str = option(help="where responses.jsonl and meta.json go (a rerun with the same flags resumes "
                                   "there)")
     template: str | None = shared(StageArgs, "template")
@@ -265,17 +265,20 @@ def generate_responses(config: GenerationArgs) -> bool:
         "data_file": str(Path(config.data_path).resolve()),
         "data_sha256": D.file_sha256(config.data_path),
         "n": len(examples),
+        "n_cut": 0,         # prompts are read whole: generation has no --max_length (answers stop at max_new_tokens)
         "skipped": skipped,
         "flags": flags,
         # --field_map, when one was given: how the prompts' conversations were read
         **D.recorded_field_map(field_map),
     }
     identity = {k: meta[k] for k in ("model", "template", "data_sha256", "flags", "field_map") if k in meta}
+    identity["model"] = model_key(meta["model"])   # the model's content, not the folder it was read from
     # A checkpoint retrained in place keeps its path, config and sizes: what its fine-tune was asked and reached
     # tells the runs apart (not the whole finetune meta: its times would make every rerun of one recipe new).
     identity["finetune_meta"] = fingerprint({k: finetune_meta.get(k) for k in FINETUNE_IDENTITY}) \
         if finetune_meta else None
     run_fp = fingerprint(identity)
+    log.info("cut 0 of %d prompt(s): prompts are read whole (no --max_length in generation)", len(examples))
     meta["fingerprint"] = run_fp
     if _finished(out, run_fp, config.overwrite):
         return True

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -12,9 +14,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
+from .data.hashing import file_sha256
 from .distributed import local_rank
 from .errors import UserError
-from .store import read_json
+from .store import read_json, write_json
 
 log = logging.getLogger(__name__)
 # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a FutureWarning on
@@ -93,25 +96,117 @@ def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.
     return model, load_tokenizer(name_or_path)
 
 
+# The files of a model directory that decide its numbers: the config, the weights (*.safetensors, *.bin, their
+# index), the tokenizer (token ids; the chat template) and the generation defaults. Not finetune_meta.json (its
+# times) nor a Trainer's training_args.bin (a pickle holding a logging dir named by the time): two fine-tunes with
+# the same weights are the same model.
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                  "chat_template.json")
+HASH_CACHE_ENV = "SAFEDATA_HASH_CACHE"     # a file for the weights' hashes ("off": none); default under ~/.cache
+_HASHES: dict[str, str] = {}                # this process's: stat key -> sha256
+# A file changed less than this long before it was hashed is not remembered: on a file system with coarse
+# timestamps (1 s, some NFS) a second write in the same tick would keep the stat key ("racy git").
+RACY_S = 2.0
+
+
+def identity_files(path: Path) -> list[Path]:
+    """The files of model directory `path` whose bytes make its identity (IDENTITY_FILES, sorted by name)."""
+    weights = [f for f in path.iterdir() if f.is_file() and f.name != TRAINING_ARGS_FILE
+               and (f.suffix in (".safetensors", ".bin") or f.name.endswith((".safetensors.index.json",
+                                                                             ".bin.index.json")))]
+    return sorted({*weights, *(path / name for name in IDENTITY_FILES if (path / name).is_file())},
+                  key=lambda f: f.name)
+
+
+def _stat_key(path: Path) -> str:
+    """What the hash cache trusts: a file with the same device, inode, size, mtime and ctime (ns) holds the same
+    bytes. Any write, truncation, replacement (a new inode) or chmod moves one of them, and ctime cannot be set
+    from user space (touch resets mtime, not ctime); copying a model elsewhere gives new inodes, so a copy is
+    hashed again."""
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _cache_path() -> Path | None:
+    value = os.environ.get(HASH_CACHE_ENV)
+    if value == "off":
+        return None
+    if value:
+        return Path(value)
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:     # no home directory: this process's memory only
+        return None
+    return base / "safedata" / "file_sha256.json"
+
+
+def _read_cache(path: Path | None) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")) if path else {}
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_file_sha256(path) -> str:
+    """The sha256 of a file's bytes (data.file_sha256, every byte read), remembered by the file's stat key (_stat_key)
+    in this process and in a per-user cache file ($SAFEDATA_HASH_CACHE, "off" for none): a 13.5 GB model is read
+    once (about 7 s at sha256's 1.9 GB/s, or the disk's speed), not by every stage. A file that changed while it
+    was read, or within RACY_S before, is not remembered."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key in _HASHES:
+        return _HASHES[key]
+    cache_file = _cache_path()
+    digest = _read_cache(cache_file).get(key)
+    if not (isinstance(digest, str) and len(digest) == 64):
+        started = time.time()
+        digest = file_sha256(path)
+        st = path.stat()
+        if _stat_key(path) != key or started - max(st.st_mtime, st.st_ctime) < RACY_S:
+            return digest
+        if cache_file is not None:
+            cache = _read_cache(cache_file)
+            cache[key] = digest
+            try:
+                write_json(cache_file, dict(list(cache.items())[-4096:]))
+            except OSError as err:   # a read-only home: the process's own memory still holds it
+                log.debug("hash cache %s not written (%s)", cache_file, err)
+    _HASHES[key] = digest
+    return digest
+
+
+def model_content_id(path) -> str:
+    """sha256:<16 hex>, a hash of the names and full bytes of a model directory's identity_files: the same for every
+    copy of the model wherever it lies, another for any changed byte of its config, weights or tokenizer."""
+    digest = hashlib.sha256()
+    for file in identity_files(Path(path)):
+        digest.update(f"{file.name}\t{cached_file_sha256(file)}\n".encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def model_identity(name_or_path: str) -> str:
-    """What metadata records as the model: the id, or a local dir with its config hash."""
+    """What metadata records as the model: a Hub id as given; a local model directory as `<resolved path>#<content
+    id>` (model_content_id). The path is there for a person; only the content id decides whether two outputs were
+    made by the same model (store.model_key: chunk fingerprints and every check that compares metas), so moving a
+    model, a checkout or a run tree keeps finished work."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
-        digest = hashlib.sha256((path / "config.json").read_bytes())
-        # Size plus the first and last MiB of each weights file: a retrained checkpoint in the same
-        # directory gets a new identity without hashing 14 GB.
-        # Weights only: a Trainer's training_args.bin (a pickle holding a logging dir named by the time) would give
-        # the same weights a new identity on every run.
-        for weights in sorted(w for w in list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-                              if w.name != TRAINING_ARGS_FILE):
-            size = weights.stat().st_size
-            digest.update(f"{weights.name}:{size}".encode())
-            with open(weights, "rb") as handle:
-                digest.update(handle.read(1 << 20))
-                handle.seek(max(0, size - (1 << 20)))
-                digest.update(handle.read(1 << 20))
-        return f"{path.resolve()}#{digest.hexdigest()[:12]}"
+        return f"{path.resolve()}#{model_content_id(path)}"
     return name_or_path
+
+
+def folder_key(name_or_path: str) -> str:
+    """The name a model's output folders go under (the recipes' MODEL_NAME): a Hub id with '/' as '--'; a local
+    model directory as its name and the first 8 hex digits of its content id, so that two checkpoints in folders both
+    named hf/ never share outputs and a moved or copied model keeps its finished work."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").exists():
+        return f"{path.resolve().name}-{model_content_id(path).removeprefix('sha256:')[:8]}"
+    if path.is_dir():
+        raise UserError(f"{name_or_path}: a directory without config.json is not a model")
+    return name_or_path.replace("/", "--")
 
 
 # ----------------------------------------------------------------------------- tiny model

@@ -38,13 +38,17 @@ from .features.gradients.numerics import FactoredLayer, MEMORY_COST, choose_dens
 from .training import plan_batches, precision_name
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
-PLAN_KEYS = {"length": int, "nproc": int, "anchors": int, "anchor_tokens": int, "response_tokens": int,
-             "targets": int}
+PLAN_DEVICES = ("cuda", "cpu")
+PLAN_KEYS = {"device": str, "length": int, "nproc": int, "anchors": int, "anchor_tokens": int,
+             "response_tokens": int, "targets": int}
 PLAN_HELP = ("print the memory plan (weights, targets, activations, optimizer state, per-device total) from the "
-             "model's config alone and exit; --model_name may be a directory, a config.json or a cached Hub id. "
-             "Optional KEY=VALUE,... settings: length (tokens per example; default --max_length, else 512), "
-             "nproc (processes/GPUs; default $WORLD_SIZE or 1); for gradients also anchors (10), anchor_tokens (tokens "
-             "per anchor, 100), response_tokens (supervised per anchor: --max_response_length, else 10), targets "
+             "model's config alone and exit (default: off, the run itself); --model_name may be a directory, a "
+             "config.json or a cached Hub id; its first line names the device and dtype planned for. Optional "
+             "KEY=VALUE settings, comma- or space-separated: device (cuda or cpu: the machine the run will use, "
+             "which need not be this one; default --device, else cuda with --fsdp, else cuda where a GPU is "
+             "visible here, else cpu), length (tokens per example; default --max_length, else 512), nproc "
+             "(processes/GPUs; default $WORLD_SIZE or 1); for gradients also anchors (10), anchor_tokens (tokens per "
+             "anchor, 100), response_tokens (supervised per anchor: --max_response_length, else 10), targets "
              "(default: how many --targets, else 3)")
 GB = 1e9
 KEY_VALUE_NAMES = ("k_proj", "v_proj", "key", "value", "wk", "wv")
@@ -199,6 +203,7 @@ class Plan:
     title: str
     settings: dict
     rows: list[tuple[str, float, str]] = field(default_factory=list)   # (what, bytes per device, how)
+    target: str = ""     # the first line: the device and dtype planned for, and why that device
 
     def add(self, what: str, nbytes: float, how: str) -> None:
         self.rows.append((what, float(nbytes), how))
@@ -212,7 +217,8 @@ class Plan:
 
     def text(self) -> str:
         width = max(len(w) for w, _, _ in self.rows + [("per-device total", 0, "")])
-        lines = [self.title, "  " + ", ".join(f"{k}={v}" for k, v in self.settings.items())]
+        lines = ([self.target] if self.target else []) + [
+            self.title, "  " + ", ".join(f"{k}={v}" for k, v in self.settings.items())]
         lines += [f"  {w:<{width}}  {b / GB:9.3f} GB  {how}" for w, b, how in self.rows]
         lines.append(f"  {'per-device total':<{width}}  {self.total / GB:9.3f} GB  (+ CUDA context and allocator "
                      "slack, ~1 GB on a GPU)")
@@ -314,8 +320,10 @@ def plan_representations(shape: ModelShape, batch: int, length: int, dtype_bytes
 # ----------------------------------------------------------------------------- the CLI side
 
 
-def parse_settings(spec: str | None) -> dict:
-    """'length=512,nproc=2' -> {'length': 512, 'nproc': 2}."""
+def parse_settings(spec: str | list | None) -> dict:
+    """'length=512,nproc=2' (or ['device=cuda', 'nproc=2'], --plan's words) -> {'length': 512, 'nproc': 2}."""
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(spec)
     settings = {}
     for part in (spec or "").split(","):
         if not part.strip():
@@ -328,6 +336,10 @@ def parse_settings(spec: str | None) -> dict:
             settings[key] = PLAN_KEYS[key](value.strip())
         except ValueError:
             raise UserError(f"--plan {spec!r}: {key} must be a number") from None
+    if "device" in settings:
+        settings["device"] = settings["device"].split(":")[0]
+        if settings["device"] not in PLAN_DEVICES:
+            raise UserError(f"--plan {spec!r}: device must be one of {', '.join(PLAN_DEVICES)}")
     return settings
 
 
@@ -337,7 +349,7 @@ NEEDED_UNLESS_PLAN = ("data_path", "output_dir")   # a plan needs the model alon
 def add_plan_flag(parser, needed=NEEDED_UNLESS_PLAN) -> None:
     """Add --plan. The flags in `needed` are declared optional and required by safedata.cli.parse_args unless
     --plan was given: a plan needs the model alone."""
-    parser.add_argument("--plan", nargs="?", const="", default=None, metavar="KEY=VALUE,...", help=PLAN_HELP)
+    parser.add_argument("--plan", nargs="*", default=None, metavar="KEY=VALUE", help=PLAN_HELP)
     parser.set_defaults(needed_unless_plan=tuple(needed))
 
 
@@ -345,19 +357,36 @@ def _nproc(settings: dict) -> int:
     return settings.get("nproc") or launched_world_size()
 
 
-def _device_type(device: str | None) -> str:
-    """The device the run would use: --device, else a GPU where one is visible (as models.default_device)."""
+def _planned_device(settings: dict, device: str | None = None, fsdp: bool = False) -> tuple[str, str]:
+    """(device type, why): --plan device=..., else --device, else cuda for --fsdp (it shards on GPUs only), else
+    a GPU where one is visible here (as models.default_device). A plan made on a login node is the CPU run's
+    unless told otherwise, and says so."""
+    if settings.get("device"):
+        return settings["device"], "--plan device=" + settings["device"]
     if device:
-        return device.split(":")[0]
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return device.split(":")[0], "--device " + device
+    if fsdp:
+        return "cuda", "--fsdp shards on GPUs only"
+    if torch.cuda.is_available():
+        return "cuda", "a GPU is visible here"
+    return "cpu", "no GPU visible here; --plan device=cuda plans the GPU run"
+
+
+def _dtype_name(name: str | None, device: str) -> str:
+    """--dtype as the run resolves it (auto: bf16 on a GPU, fp32 on CPU, as models.resolve_dtype)."""
+    if name in (None, "auto"):
+        return "bf16" if device == "cuda" else "fp32"
+    if name not in DTYPE_BYTES:
+        raise UserError(f"--dtype {name!r}: choose from auto, {', '.join(sorted(DTYPE_BYTES))}")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(name, name)
 
 
 def _dtype_bytes(name: str | None, device: str) -> int:
-    if name in (None, "auto"):
-        return 2 if device == "cuda" else 4    # as models.resolve_dtype: bf16 on a GPU, fp32 on CPU
-    if name not in DTYPE_BYTES:
-        raise UserError(f"--dtype {name!r}: choose from auto, {', '.join(sorted(DTYPE_BYTES))}")
-    return DTYPE_BYTES[name]
+    return DTYPE_BYTES[_dtype_name(name, device)]
+
+
+def _target_line(device: str, why: str, dtype: str) -> str:
+    return f"plan for device={device}, dtype={dtype}; device: {why}"
 
 
 def gradient_plan(a, spec: str) -> Plan:
@@ -366,20 +395,24 @@ def gradient_plan(a, spec: str) -> Plan:
     length = settings.get("length") or a.max_length or 512
     anchor_tokens = settings.get("anchor_tokens") or min(length, 100)
     response = settings.get("response_tokens") or a.max_response_length or min(anchor_tokens, 10)
-    device = _device_type(a.device)
-    return plan_gradients(model_shape(a.model_name), a.batch_size, length, _dtype_bytes(a.dtype, device),
+    device, why = _planned_device(settings, a.device)
+    plan = plan_gradients(model_shape(a.model_name), a.batch_size, length, _dtype_bytes(a.dtype, device),
                           n_targets=settings.get("targets") or len(a.targets or []) or 3,
                           anchors=settings.get("anchors") or 10, anchor_tokens=anchor_tokens,
                           response_tokens=response, nproc=_nproc(settings), building_target=bool(a.anchor),
                           device=device)
+    plan.target = _target_line(device, why, _dtype_name(a.dtype, device))
+    return plan
 
 
 def representation_plan(a, spec: str) -> Plan:
     """The plan of a get_representation.py run (a: its RepresentationArgs)."""
     settings = parse_settings(spec)
-    device = _device_type(a.device)
-    return plan_representations(model_shape(a.model_name), a.batch_size, settings.get("length") or a.max_length or 512,
+    device, why = _planned_device(settings, a.device)
+    plan = plan_representations(model_shape(a.model_name), a.batch_size, settings.get("length") or a.max_length or 512,
                                 _dtype_bytes(a.dtype, device), _nproc(settings), device)
+    plan.target = _target_line(device, why, _dtype_name(a.dtype, device))
+    return plan
 
 
 def finetune_plan(a, spec: str) -> Plan:
@@ -389,10 +422,17 @@ def finetune_plan(a, spec: str) -> Plan:
     per_device, accumulation = plan_batches(a.batch_size, a.per_device_batch_size, nproc)
     # What the run will do: auto is fp32 on CPU, pure bf16 on a GPU. --fsdp shards on GPUs only (on CPU the
     # processes run DDP), so an --fsdp plan, made on a login node as often as not, is the GPU run's.
-    precision = precision_name(a.precision, cuda=_device_type(None) == "cuda" or a.fsdp)
-    return plan_finetune(model_shape(a.model_name), per_device, settings.get("length") or a.max_length or 512,
-                         precision, nproc, a.fsdp, a.lora, a.lora_r, tuple(a.lora_target_modules),
+    device, why = _planned_device(settings, getattr(a, "device", None), a.fsdp)
+    precision = precision_name(a.precision, cuda=device == "cuda")
+    plan = plan_finetune(model_shape(a.model_name), per_device, settings.get("length") or a.max_length or 512,
+                         precision, nproc, a.fsdp and device == "cuda", a.lora, a.lora_r, tuple(a.lora_target_modules),
                          a.gradient_checkpointing, accumulation)
+    dtype = {"pure_bf16": "bf16 (pure bf16: weights, gradients and AdamW state)",
+             "bf16": "bf16 autocast over fp32 master weights", "fp32": "fp32"}[precision]
+    if a.fsdp and device != "cuda":
+        why += " (--fsdp shards on GPUs only: on cpu the processes run DDP, each holding the whole model)"
+    plan.target = _target_line(device, why, dtype)
+    return plan
 
 
 def print_plan(plan: Plan) -> None:

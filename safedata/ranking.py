@@ -176,7 +176,8 @@ class RankArgs:
     k: int = option(100, "how many examples to select with --type top/bottom (default: 100)")
     range_start: int | None = option(None, "with --type range: first rank (0-based, descending)")
     range_end: int | None = option(None, "with --type range: rank after the last")
-    write_to: str = option(help="output folder")
+    write_to: str = option(help="where the subset and its index CSV go", flags=("--output_dir",),
+                           deprecated=("--write_to",), metavar="OUTPUT_DIR")
     name: str | None = option(None, "file name prefix (default: the pool file's stem)")
     field_map: str | None = shared(StageArgs, "field_map")
 
@@ -190,7 +191,7 @@ def rank(args: RankArgs) -> dict:
     if (pool_features is None) == (scores_dir is None):
         raise UserError("give either --pool_features with --anchor_features, or --scores")
     input_data(data_path, "--data_path")
-    output_dir(write_to, "--write_to")
+    output_dir(write_to, "--output_dir")
     avg_n = parse_avg_n(avg_n)
     if kind not in KINDS:
         raise UserError(f"--type {kind!r}: choose top, bottom or range")

@@ -2,8 +2,9 @@
 
 A stage splits its examples (file order) into fixed-size chunks. Each chunk is one
 safetensors file, written atomically and stamped with the run's fingerprint (a hash
-of everything that determines its numbers), so a killed run resumes at the first
-missing chunk and a stale chunk from other flags is never merged.
+of everything that determines its numbers: contents, never paths), so a killed run
+resumes at the first missing chunk, a run tree or model moved elsewhere keeps its
+finished chunks, and a stale chunk from other flags or bytes is never merged.
 """
 from __future__ import annotations
 
@@ -269,12 +270,34 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def model_key(identity):
+    """What of a recorded model (models.model_identity) decides the numbers: a local model's content id, the part
+    after the last '#' of `<path>#sha256:<hex>` (the path is for a person), or a Hub id as given. A meta.json written
+    before content ids (`<path>#<12 hex>`, a hash of the config and the weights' first and last MiB) gives its old
+    hash, never equal to a content id: its outputs are not proved to come from the same bytes."""
+    if not isinstance(identity, str):
+        return identity
+    return identity.rpartition("#")[2] if "#" in identity else identity
+
+
+def _old_model_id(identity) -> bool:
+    """A local model recorded the old way (`<path>#<12 hex>`, before content ids)."""
+    return isinstance(identity, str) and "#" in identity and not model_key(identity).startswith("sha256:")
+
+
+def _comparable(key: str, value):
+    return model_key(value) if key == "model" else value
+
+
 def require_same(mine: dict, theirs: dict, keys, mine_name: str, theirs_name: str) -> None:
-    """Refuse to combine outputs made differently, naming the first difference."""
+    """Refuse to combine outputs made differently, naming the first difference (the model by its content, not its
+    path: model_key)."""
     for key in keys:
-        if mine.get(key) != theirs.get(key):
+        if _comparable(key, mine.get(key)) != _comparable(key, theirs.get(key)):
             raise MetadataMismatch(f"{theirs_name} was made with {key}={theirs.get(key)!r}, "
-                                   f"but {mine_name} has {key}={mine.get(key)!r}")
+                                   f"but {mine_name} has {key}={mine.get(key)!r}"
+                                   + (" (recorded before models were identified by their content: remake it)"
+                                      if key == "model" and _old_model_id(theirs.get(key)) else ""))
 
 
 def refuse_foreign_output(output_dir, meta: dict, keys, this: str = "this run", earlier: str = "an earlier run",

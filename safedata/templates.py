@@ -5,7 +5,12 @@
      Mistral's), since a model prompted in another model's format answers badly or echoes the format;
   3. Llama-2-chat's own template (its <<SYS>> block) and a tokenizer without one: `paper`, the paper's Llama-2
      wrapper (for Llama-2-chat the two agree on the format; the paper's body and system prompt are what it used).
-The choice is logged in one line and recorded in each stage's meta.json; the paper's recipes pass --template paper.
+The choice is logged in one line and recorded in each stage's meta.json; the paper's recipes (scripts/*.sh) pass no
+--template unless TEMPLATE is set, so they follow the same rule.
+
+`paper` chosen explicitly for a model whose tokenizer has a chat template of its own that is not Llama-2's (a ChatML
+model, say) prompts that model in another model's format: it is allowed (the paper did so for its other models) but
+warned about in one line naming both templates (`warn_if_foreign`).
 """
 from __future__ import annotations
 
@@ -33,6 +38,26 @@ def model_default_template(tokenizer) -> tuple[str, str]:
     return "chat", "the tokenizer's own chat template"
 
 
+def warn_if_foreign(model_name: str, template: str, tokenizer=None) -> bool:
+    """One warning line when `template` is `paper` (Llama-2's [INST] wrapper) while the model's own default is `chat`
+    (its tokenizer has a chat template that is not Llama-2's). A checkpoint fine-tuned here is left to its
+    finetune_meta.json (resolve_template checks it); a tokenizer that cannot be read only skips the warning.
+    Returns whether it warned."""
+    if template != "paper" or (Path(model_name).is_dir() and read_finetune_meta(model_name)):
+        return False
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(model_name)
+        except Exception:  # noqa: BLE001 - a warning never stops a run; the stage reports an unreadable model itself
+            return False
+    own, _ = model_default_template(tokenizer)
+    if own == "paper":
+        return False
+    log.warning("template paper (Llama-2's [INST] wrapper) chosen for %s, whose tokenizer has its own chat "
+                "template: its default is template %s (leave --template / TEMPLATE unset to use it)", model_name, own)
+    return True
+
+
 def _check_known(template: str) -> None:
     if template not in D.TEMPLATES:
         raise UserError(f"unknown template {template!r}; choose from {', '.join(D.TEMPLATES)}")
@@ -51,6 +76,8 @@ def resolve_template(model_name: str, template: str | None, tokenizer=None,
         log.info("template %s: %s (--template chooses another)", template, why)
         return template, meta
     _check_known(template)
+    if not trained:
+        warn_if_foreign(model_name, template, tokenizer)
     if trained and template != trained:
         if not allow_mismatch:
             raise UserError(f"--template {template}: {model_name} was fine-tuned with template {trained!r} "
@@ -65,5 +92,6 @@ def choose_template(model_name: str, template: str | None, tokenizer=None) -> st
     """resolve_template's template, for the stages that take no --allow_template_mismatch (the explicit choice wins)."""
     if template is not None:
         _check_known(template)
+        warn_if_foreign(model_name, template, tokenizer)
         return template
     return resolve_template(model_name, None, tokenizer)[0]

@@ -50,7 +50,7 @@ from .config import LoraArgs, StageArgs, module_names, option, shared
 from .distributed import launched_world_size
 from .errors import UserError
 from .models import DTYPES, FINETUNE_META, load_model, load_tokenizer, model_identity, read_finetune_meta
-from .store import apply_umask, environment, now, read_json, write_json
+from .store import apply_umask, environment, model_key, now, read_json, write_json
 from .templates import choose_template
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def checkpoint_to_resume(out: Path, requested: dict) -> Path | None:
     if not checkpoints:
         return None
     recorded = read_json(out / RESUME_FILE) if (out / RESUME_FILE).exists() else None
-    if recorded != json.loads(json.dumps(requested)):
+    if recorded is None or settings_differences({"settings": recorded}, json.loads(json.dumps(requested))):
         log.warning("%s: checkpoints of a run with other settings (%s); starting again", out,
                     "; ".join(settings_differences({"settings": recorded}, requested)) if recorded else
                     f"no {RESUME_FILE}")
@@ -427,6 +427,11 @@ def requested_settings(config: FinetuneArgs, data_sha256: str, base_model: str) 
     return {"flags": flags, "data_sha256": data_sha256, "base_model": base_model}
 
 
+def _settings_value(key: str, value):
+    """A setting as compared: the base model by its content (store.model_key), not the path it was read from."""
+    return model_key(value) if key == "base_model" else value
+
+
 def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
     """'name: recorded X, requested Y' for every setting a finished run was made with differently."""
     recorded = recorded_meta.get("settings") or {
@@ -439,7 +444,7 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
         if old != new:
             differences.append(f"{key}: recorded {old!r}, requested {new!r}")
     for key, what in (("data_sha256", "subset content (sha256)"), ("base_model", "base model")):
-        if recorded.get(key) != requested[key]:
+        if _settings_value(key, recorded.get(key)) != _settings_value(key, requested[key]):
             differences.append(f"{what}: recorded {recorded.get(key)}, requested {requested[key]}")
     return differences
 
@@ -490,7 +495,7 @@ def finetune(config: FinetuneArgs) -> dict:
     template = choose_template(base_name, config.template, tokenizer)
     examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad,
                                         field_map=D.field_map_of(config.field_map))
-    encoded, excluded = D.encode_examples(examples, tokenizer, template, config.max_length)
+    encoded, excluded = encoding = D.encode_examples(examples, tokenizer, template, config.max_length)  # logs the cut
     if not encoded:
         raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
     if len(encoded) < config.batch_size:
@@ -588,6 +593,7 @@ def finetune(config: FinetuneArgs) -> dict:
         "indices": [e.index for e in encoded],
         "ids": [e.id for e in encoded],
         "excluded": [vars(e) for e in excluded],
+        "n_cut": encoding.n_cut,                 # examples --max_length cut
         "skipped": skipped,
         "flags": recorded_flags(config),
         "settings": requested,

@@ -75,7 +75,7 @@ score_method() {  # score_method NAME SCORE_DIR WEIGHTS CMD...: CMD writes SCORE
   local name=$1 dir=$2 weights=$3; shift 3
   [ -f "$dir/scores.csv" ] || step "$name.score" "$@" --output_dir "$dir"
   step "$name.rank_top" "$PYTHON" rank.py --data_path "$POOL" --scores "$dir" --weights $weights --type top --k "$K" \
-    --write_to "$OUT/selections/$name"
+    --output_dir "$OUT/selections/$name"
 }
 for method in $METHODS; do
   [ "${COSTS:-0}" = 1 ] && COST_DIR="$OUT/costs/$method"   # scripts/lab_methods.sh: each selection step timed
@@ -89,7 +89,7 @@ for method in $METHODS; do
     done
     for type in top bottom; do
       step "reps.rank_$type" "$PYTHON" rank.py --data_path "$POOL" --pool_features "$OUT/features/pool" \
-        --anchor_features "${ANCHOR_DIRS_REPS[@]}" --weights $WEIGHTS --type $type --k "$K" --write_to "$OUT/selections/reps"
+        --anchor_features "${ANCHOR_DIRS_REPS[@]}" --weights $WEIGHTS --type $type --k "$K" --output_dir "$OUT/selections/reps"
     done
   elif [ "$method" = grad ]; then
     if [ ! -f get_gradients.py ]; then
@@ -107,7 +107,7 @@ for method in $METHODS; do
       --template "$TEMPLATE" --batch_size 16
     for type in top bottom; do
       step "grad.rank_$type" "$PYTHON" rank.py --data_path "$POOL" --scores "$OUT/grad/scores" --weights $WEIGHTS \
-        --type $type --k "$K" --write_to "$OUT/selections/grad"
+        --type $type --k "$K" --output_dir "$OUT/selections/grad"
     done
   else
     bar "$method: score the pool (score.py), rank top-$K"
@@ -129,7 +129,7 @@ done
 bar "random-$K subsets, one draw per seed"
 for seed in $SEEDS; do
   step "random.seed$seed" "$PYTHON" lab_report.py random --data_path "$POOL" --k "$K" --seed "$seed" \
-    --write_to "$OUT/selections/random/seed$seed"
+    --output_dir "$OUT/selections/random/seed$seed"
 done
 tick random
 

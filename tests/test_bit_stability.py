@@ -1,4 +1,4 @@
-"""What is and is not bit-stable in gradient scores (README, "Determinism"), one test per statement:
+"""What is and is not bit-stable in gradient scores (docs/RELIABILITY.md, "Determinism"), one test per statement:
 
 * `--shard` never changes the bytes: every example is scored in the same batch whichever shard runs it;
 * `--chunk_size` and `--batch_size` decide which examples share a (padded) batch, and so the last bits: fp32

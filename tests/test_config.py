@@ -1,9 +1,14 @@
 """The stage settings dataclasses and the CLIs generated from them (safedata/config.py): a flag's type, default
 and help are the dataclass field's, every flag of every generated CLI has a help text, and an option shared by
-several stages has one type everywhere."""
+several stages has one type everywhere. Every root CLI's --help, parsed, names each flag's default or that it is
+required; an old spelling of a flag still works and prints one deprecation line."""
 import argparse
 import dataclasses
 import importlib
+import json
+import os
+import re
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -127,3 +132,246 @@ def test_every_flag_of_every_generated_cli_has_a_help_text(script, monkeypatch):
 def test_stage_args_hold_the_shared_declarations():
     assert [f.name for f, _ in option_fields(LoraArgs)] == ["lora_r", "lora_alpha", "lora_target_modules"]
     assert "template" in {f.name for f, _ in option_fields(StageArgs)}
+
+
+# ----------------------------------------------------------------------------- --help: defaults, required, old names
+
+# The root CLIs that are not generated from a dataclass, with their sub-commands ([] = no sub-command): their
+# flags' defaults are argparse's own.
+OTHER_CLIS = {"compare_rankings": [None], "analyze": [None], "prepare_model": [None],
+              "lab_defence": ["mix", "report"], "lab_report": ["report", "metrics", "methods", "random"],
+              "lab_real": ["data", "distill", "loss", "gates", "commit", "build", "head", "same_selections",
+                           "stand_in", "report", "agree", "drift", "keep", "kept"]}
+
+
+def cli_module(script):
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def cli_parser(script, monkeypatch):
+    """The parser a CLI's main() builds, captured where it would be parsed."""
+    module = cli_module(script)
+    captured = {}
+
+    def capture(parser, *args):
+        captured["parser"] = parser
+        raise Parsed
+
+    with monkeypatch.context() as patch:       # undone on return: the CLI parses for real afterwards
+        patch.setattr(module, "parse_args", capture)
+        patch.setattr(sys, "argv", [script + ".py"])
+        with pytest.raises(Parsed):
+            module.main()
+    return captured["parser"]
+
+
+def help_text(script, argv, monkeypatch, capsys):
+    """What `script.py *argv --help` prints, run in-process through the CLI's own main()."""
+    module = cli_module(script)
+    monkeypatch.setattr(sys, "argv", [script + ".py", *argv, "--help"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text) -> dict:
+    """--help's option entries: {first option string: its help, whitespace flattened}."""
+    entries, current, started = {}, None, False
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):      # "options:", a group's title
+            started, current = True, None
+            continue
+        if not started:
+            continue
+        match = re.match(r"^  (-\S+?),? ", line + " ")
+        if match:
+            parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            current = match.group(1)
+            entries[current] = parts[1] if len(parts) > 1 else ""
+        elif current and line.startswith("      "):
+            entries[current] += " " + line.strip()
+    return {flag: " ".join(words.split()) for flag, words in entries.items()}
+
+
+def expected_default(value) -> list[str]:
+    """How a default may be written: the value itself (60.0 also as 60); None, [] and '' as 'none'."""
+    if value is None or value == [] or value == "":
+        return ["none"]
+    if isinstance(value, bool):
+        return ["off"] if value is False else ["on"]
+    if isinstance(value, (list, tuple)):
+        return [" ".join(map(str, value))]
+    if isinstance(value, float) and value.is_integer():
+        return [str(value), str(int(value))]
+    return [str(value)]
+
+
+def check_help(name, parser, entries, defaults: dict):
+    """Every flag of `parser` has an entry whose help names its default (defaults: dest -> value, else argparse's
+    default), or that it is required."""
+    needed = set(parser._defaults.get("needed_unless_plan", ()))
+    problems = []
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        text = entries.get(flag)
+        if text is None:
+            problems.append(f"{flag}: not in --help")
+        elif action.required:
+            if "(required)" not in text:
+                problems.append(f"{flag}: required, not marked (required): {text!r}")
+        elif action.dest in needed:
+            if "(required unless --plan)" not in text:
+                problems.append(f"{flag}: not marked (required unless --plan): {text!r}")
+        else:
+            value = defaults.get(action.dest, action.default)
+            spellings = expected_default(value)
+            shown = any(re.search(rf"\bdefault:?\s+{re.escape(s)}(?![\w.-])", text, re.I) for s in spellings)
+            # No value (None, a switch off) may be told in words instead: "(default: the GPU if any)".
+            explained = spellings in (["none"], ["off"]) and re.search(r"\bdefault:", text, re.I)
+            if not (shown or explained):
+                problems.append(f"{flag}: default {value!r} not in its help: {text!r}")
+    assert not problems, f"{name} --help:\n" + "\n".join(problems)
+
+
+def dataclass_defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f, _ in option_fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+@pytest.mark.parametrize("script", CLIS)
+def test_every_generated_cli_help_shows_each_default_and_what_is_required(script, monkeypatch, capsys):
+    """`--help` of each generated CLI, parsed: each flag's help names the dataclass's default (a switch: off),
+    or (required) / (required unless --plan); the usage line writes what is required without brackets."""
+    text = help_text(script, [], monkeypatch, capsys)
+    parser = cli_parser(script, monkeypatch)
+    check_help(script, parser, help_entries(text), dataclass_defaults(CLIS[script]))
+    usage = " ".join(text.split("\n\n")[0].split())
+    for action in parser._actions:
+        if action.required or action.dest in parser._defaults.get("needed_unless_plan", ()):
+            assert f"[{action.option_strings[0]} " not in usage, (script, action.option_strings[0], usage)
+
+
+@pytest.mark.parametrize("script", OTHER_CLIS)
+def test_every_other_cli_help_shows_each_default_and_what_is_required(script, monkeypatch, capsys):
+    parser = cli_parser(script, monkeypatch)
+    subs = {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+    assert sorted(subs) == sorted(c for c in OTHER_CLIS[script] if c), script   # every sub-command is listed
+    for command in OTHER_CLIS[script]:
+        argv = [command] if command else []
+        text = help_text(script, argv, monkeypatch, capsys)
+        check_help(" ".join([script, *argv]), subs[command] if command else parser, help_entries(text), {})
+
+
+def test_the_help_check_reads_what_it_should():
+    """The parsing above on a hand-written help: a default found, one missing, a required flag unmarked."""
+    text = ("usage: x\n\noptions:\n  -h, --help  show\n  --batch_size BATCH_SIZE\n                        examples per "
+            "pass (default:\n                        8)\n  --seed SEED  the seed\n  --name NAME  a name\n")
+    entries = help_entries(text)
+    assert entries == {"-h": "show", "--batch_size": "examples per pass (default: 8)", "--seed": "the seed",
+                       "--name": "a name"}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch_size", type=int, default=8, help="h")
+    parser.add_argument("--seed", type=int, default=42, help="h")
+    parser.add_argument("--name", required=True, help="h")
+    with pytest.raises(AssertionError) as failed:
+        check_help("x", parser, entries, {})
+    assert "--batch_size" not in str(failed.value)
+    assert "--seed: default 42 not in its help" in str(failed.value) and "--name: required" in str(failed.value)
+
+
+# (script, sub-command, old argv, new argv, dest, value, the one warning line)
+DEPRECATED = [
+    ("rank", None, ["--write_to", "SEL"], ["--output_dir", "SEL"], "write_to", "SEL",
+     "warning: --write_to is deprecated; use --output_dir"),
+    ("evaluate", None, ["--model", "M"], ["--model_name", "M"], "model", "M",
+     "warning: --model is deprecated; use --model_name"),
+    ("evaluate", None, ["--judge", "none"], ["--judge", "keyword"], "judge", "keyword",
+     "warning: --judge none is deprecated; use --judge keyword"),
+    ("generate", None, ["--prompts", "P"], ["--data_path", "P"], "data_path", "P",
+     "warning: --prompts is deprecated; use --data_path"),
+    ("lab_report", "random", ["--write_to", "D"], ["--output_dir", "D"], "output_dir", "D",
+     "warning: --write_to is deprecated; use --output_dir"),
+    ("lab_real", "loss", ["--model", "M"], ["--model_name", "M"], "model_name", "M",
+     "warning: --model is deprecated; use --model_name"),
+    ("lab_real", "loss", ["--data", "F"], ["--data_path", "F"], "data_path", "F",
+     "warning: --data is deprecated; use --data_path"),
+    ("lab_real", "head", ["--data", "F"], ["--data_path", "F"], "data_path", "F",
+     "warning: --data is deprecated; use --data_path"),
+    ("lab_real", "drift", ["--model", "M"], ["--model_name", "M"], "model_name", "M",
+     "warning: --model is deprecated; use --model_name"),
+]
+# a whole command line's required flags; the flag under test (either spelling) is taken out of it
+REQUIRED_FLAGS = {("rank", None): ["--data_path", "P", "--scores", "S", "--output_dir", "SEL"],
+                  ("evaluate", None): ["--responses", "R", "--output_dir", "O"],
+                  ("generate", None): ["--model_name", "M", "--output_dir", "O", "--data_path", "P"],
+                  ("lab_report", "random"): ["--data_path", "P", "--output_dir", "D"],
+                  ("lab_real", "loss"): ["--output", "O", "--model_name", "M", "--data_path", "F"],
+                  ("lab_real", "head"): ["--n", "1", "--output", "O", "--data_path", "F"],
+                  ("lab_real", "drift"): ["--reference", "R", "--base", "B", "--model_name", "M"]}
+
+
+@pytest.mark.parametrize("case", DEPRECATED, ids=lambda c: " ".join(filter(None, [c[0], c[1], *c[2][:1]])) + (
+    f" {c[2][1]}" if c[2][0] == "--judge" else ""))
+def test_a_deprecated_spelling_works_and_prints_one_warning_line(case, monkeypatch, capsys):
+    from safedata.cli import parse_args as real_parse_args
+    script, command, old, new, dest, value, warning = case
+    parser = cli_parser(script, monkeypatch)
+    prefix = [command] if command else []
+    rest = list(REQUIRED_FLAGS[(script, command)])
+    # the rest of the line without the flag under test (its other spelling may be required)
+    for flag in (old[0], new[0]):
+        if flag in rest:
+            i = rest.index(flag)
+            del rest[i:i + 2]
+    capsys.readouterr()
+    got_old = real_parse_args(parser, prefix + rest + old)
+    err = capsys.readouterr().err
+    assert getattr(got_old, dest) == value
+    assert [line for line in err.splitlines() if line.strip()] == [warning]
+    got_new = real_parse_args(parser, prefix + rest + new)
+    assert capsys.readouterr().err == ""                       # the new spelling: no warning
+    assert vars(got_old) == vars(got_new)
+
+
+def test_every_deprecated_spelling_is_tried(monkeypatch):
+    """DEPRECATED lists every old spelling the CLIs accept (a new one needs a row there)."""
+    found = set()
+    for script in [*CLIS, *OTHER_CLIS]:
+        parser = cli_parser(script, monkeypatch)
+        parsers = [(None, parser)] + [(name, sub) for action in parser._actions
+                                      if isinstance(action, argparse._SubParsersAction)
+                                      for name, sub in action.choices.items()]
+        for command, each in parsers:
+            for action in each._actions:
+                found |= {(script, command, old) for old in getattr(action, "deprecated", ())}
+                found |= {(script, command, f"{action.option_strings[0]} {old}")
+                          for old in getattr(action.type, "aliases", {})}
+    tried = {(s, c, " ".join(old) if old[0] == "--judge" else old[0]) for s, c, old, *_ in DEPRECATED}
+    assert found == tried
+
+
+def test_an_old_spelling_still_runs_end_to_end(tmp_path):
+    """lab_report.py random --write_to: the subset written where the new --output_dir would write it."""
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps([{"instruction": f"Q{i}", "input": "", "output": f"A{i}."} for i in range(10)]))
+    runs = {}
+    for flag in ("--write_to", "--output_dir"):
+        runs[flag] = subprocess.run([sys.executable, str(ROOT / "lab_report.py"), "random", "--data_path", str(pool),
+                                     "--k", "3", flag, str(tmp_path / flag.strip("-"))], capture_output=True,
+                                    text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert runs[flag].returncode == 0, runs[flag].stderr
+    assert (tmp_path / "write_to" / "pool_random3.json").read_bytes() == \
+        (tmp_path / "output_dir" / "pool_random3.json").read_bytes()
+    lines = lambda run: [line for line in run.stderr.splitlines() if " INFO " not in line and line.strip()]
+    assert lines(runs["--write_to"]) == ["warning: --write_to is deprecated; use --output_dir"]
+    assert lines(runs["--output_dir"]) == []

@@ -582,7 +582,7 @@ def test_cli_local_judge_from_a_path(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([python(), str(ROOT / "evaluate.py"), "--responses", str(responses), "--output_dir", str(out),
                            "--judge", "local", "--judge_model", tiny_model_dir, "--batch_size", "2",
-                           "--max_new_tokens", "3", "--device", "cpu", "--model", "m0"],
+                           "--max_new_tokens", "3", "--device", "cpu", "--model_name", "m0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())

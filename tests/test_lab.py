@@ -239,11 +239,11 @@ def test_cli_metrics_and_random(tmp_path):
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps([{"instruction": f"Q{i}", "input": "", "output": f"A{i}."} for i in range(20)]))
     out = subprocess.run([python(), "lab_report.py", "random", "--data_path", str(pool), "--k", "5", "--seed", "1",
-                          "--write_to", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
+                          "--output_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["k"] == 5 and (tmp_path / "r" / "pool_random5.json").exists()
     bad = subprocess.run([python(), "lab_report.py", "random", "--data_path", str(pool), "--k", "50",
-                          "--write_to", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
+                          "--output_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --k 50")
 
 

@@ -1,8 +1,11 @@
-"""--plan: memory from the config alone, against the README's 7B figures and against measured peaks on CPU."""
+"""--plan: memory from the config alone, against docs/MEMORY.md's 7B figures and against measured peaks on CPU."""
+import functools
+import importlib
 import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def run_plan(script, *args):
 
 
 def test_llama2_7b_plan_prints_the_readme_figures(llama7b_config):
-    # README, "What a 7B model needs": 13.5 GB of bf16 weights; ~5 GB per factored target for the paper's
+    # docs/MEMORY.md, "What a 7B model needs": 13.5 GB of bf16 weights; ~5 GB per factored target for the paper's
     # 10 anchors (~100 tokens each, 10 supervised), ~15 GB for three targets.
     rows, text = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--targets", "h", "s1", "s2",
                           "--batch_size", "2", "--device", "cuda", "--plan")
@@ -44,7 +47,7 @@ def test_llama2_7b_plan_prints_the_readme_figures(llama7b_config):
     one, _ = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--anchor", "--device", "cuda", "--plan")
     assert one["targets"] == pytest.approx(5e9, rel=0.05)
     # Full fine-tuning with fp32 master weights (+ fp32 gradients and AdamW's two moments): 16 bytes a parameter,
-    # ~108 GB before activations (README, fine-tuning). The paper's pure bf16 halves it, FSDP over 2 GPUs halves again.
+    # ~108 GB before activations (docs/PIPELINE.md, fine-tuning). The paper's pure bf16 halves it, FSDP over 2 GPUs halves again.
     mixed, _ = run_plan("finetune.py", "--model_name", str(llama7b_config.parent), "--precision", "bf16", "--plan")
     assert mixed["weights"] + mixed["gradients"] + mixed["AdamW state"] == pytest.approx(108e9, rel=0.05)
     paper, text = run_plan("finetune.py", "--model_name", str(llama7b_config), "--fsdp", "--plan", "nproc=2")
@@ -66,9 +69,53 @@ def test_finetune_plan_on_cpu_plans_the_fp32_run_it_will_do(llama7b_config):
     assert "precision=pure_bf16" in fsdp
 
 
+def plan_in_process(script, *args, monkeypatch, capsys):
+    """run_plan's rows and text, from the CLI's main() in this process (no interpreter start: seconds less)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "argv", [script, *args])
+        module.main()
+    text = capsys.readouterr().out
+    rows = dict(re.findall(r"^  (\S.*?)\s+(\d+\.\d+) GB", text, flags=re.M))
+    return {k.strip(): float(v) * 1e9 for k, v in rows.items()}, text
+
+
+def test_plan_names_its_device_and_dtype_and_plans_a_gpu_run_from_a_machine_without_one(llama7b_config, monkeypatch,
+                                                                                       capsys):
+    run_plan = functools.partial(plan_in_process, monkeypatch=monkeypatch, capsys=capsys)
+    # --plan device=cuda (words, as on a login node) gives the GPU run's figures whether or not a GPU is visible
+    # here: pure bf16, 8 bytes a parameter, FSDP shards them over 2 (108 GB / 4 for weights + gradients + AdamW).
+    rows, text = run_plan("finetune.py", "--model_name", str(llama7b_config), "--plan", "device=cuda", "nproc=2",
+                          "--fsdp")
+    first = text.splitlines()[0]
+    assert "device=cuda" in first and "dtype=bf16" in first, first
+    assert "precision=pure_bf16" in text and "fsdp=True" in text
+    assert rows["weights"] == pytest.approx(13.5e9 / 2, rel=0.05)
+    assert rows["weights"] + rows["gradients"] + rows["AdamW state"] == pytest.approx(108e9 / 4, rel=0.05)
+    one, text = run_plan("finetune.py", "--model_name", str(llama7b_config), "--plan", "device=cuda")
+    assert one["weights"] == pytest.approx(13.5e9, rel=0.05)      # docs/MEMORY.md: 13.5 GB of bf16 weights
+    grads, text = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--plan", "device=cuda,nproc=2")
+    assert text.splitlines()[0].startswith("plan for device=cuda, dtype=bf16")
+    assert grads["weights"] == pytest.approx(13.5e9, rel=0.05)
+    reps, text = run_plan("get_representation.py", "--model_name", str(llama7b_config), "--device", "cuda", "--plan")
+    assert text.splitlines()[0].startswith("plan for device=cuda, dtype=bf16; device: --device cuda")
+    assert reps["weights"] == pytest.approx(13.5e9, rel=0.05)
+    if not torch.cuda.is_available():     # plain --plan here plans the CPU run, and says so on its first line
+        cpu, text = run_plan("finetune.py", "--model_name", str(llama7b_config), "--plan")
+        first = text.splitlines()[0]
+        assert "device=cpu" in first and "dtype=fp32" in first and "--plan device=cuda" in first, first
+        assert cpu["weights"] == pytest.approx(6.738e9 * 4, rel=0.01)
+        cpu, text = run_plan("get_gradients.py", "--model_name", str(llama7b_config), "--plan")
+        assert text.splitlines()[0].startswith("plan for device=cpu, dtype=fp32")
+        assert cpu["weights"] == pytest.approx(6.738e9 * 4, rel=0.01)
+
+
 def test_plan_settings_and_bad_input_are_one_line(llama7b_config, tmp_path):
     for args, message in ((["--plan", "colour=3"], "expected KEY=VALUE with KEY one of"),
-                          (["--plan", "length=abc"], "length must be a number")):
+                          (["--plan", "length=abc"], "length must be a number"),
+                          (["--plan", "device=tpu"], "device must be one of cuda, cpu")):
         run = subprocess.run([python(), str(ROOT / "get_representation.py"), "--model_name", str(llama7b_config),
                               *args], capture_output=True, text=True)
         assert run.returncode == 2 and "Traceback" not in run.stderr and message in run.stderr

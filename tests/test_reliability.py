@@ -153,7 +153,7 @@ def test_same_command_twice_is_byte_identical(tiny_model_dir, tmp_path):
         subprocess.run(rep_cmd(tiny_model_dir, anchors, d / "anchors", "--max_length", "480"), check=True,
                        capture_output=True)
         subprocess.run([python(), str(ROOT / "rank.py"), "--data_path", str(pool), "--pool_features", str(d / "pool"),
-                        "--anchor_features", str(d / "anchors"), "--k", "3", "--write_to", str(d / "sel")],
+                        "--anchor_features", str(d / "anchors"), "--k", "3", "--output_dir", str(d / "sel")],
                        check=True, capture_output=True)
         outputs.append([(d / "pool" / "features.safetensors").read_bytes(),
                         (d / "sel" / "pool_top3.json").read_bytes(), (d / "sel" / "pool_top3_index.csv").read_bytes()])

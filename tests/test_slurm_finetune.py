@@ -1,6 +1,7 @@
 """finetune_evaluation.slurm reruns under the real slurmctld: the documented command as written (log in logs/),
 a rerun with the same settings keeps the run, one with another learning rate stops naming the difference, and
-OVERWRITE=1 retrains (the recorded settings show the new value). Never the old model under new settings."""
+OVERWRITE=1 retrains (the recorded settings show the new value). Never the old model under new settings. BASE=0:
+no base model is answered, and the summary has no base row value."""
 import csv
 import json
 import re
@@ -13,7 +14,7 @@ from test_slurm_pipeline import PROMPTS, workdir, write_subset  # noqa: F401 (wo
 
 
 def sbatch_as_documented(env: dict) -> tuple[str, Path]:
-    """`sbatch finetune_evaluation.slurm` in the project root, with the README's resource overrides for a node
+    """`sbatch finetune_evaluation.slurm` in the project root, with docs/PIPELINE.md's resource overrides for a node
     without GPUs and nothing else: the script's own #SBATCH --output (logs/) is used."""
     cmd = ["sbatch", "--parsable", "--export=ALL", "--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=20:00",
            "finetune_evaluation.slurm"]
@@ -31,7 +32,7 @@ def test_rerun_keeps_same_settings_refuses_other_lr_and_overwrite_retrains(workd
     env = {"MODEL": str(workdir / "model"), "SUBSET": str(subset), "SAVE_NAME": "rerun", "SEEDS": "1",
            "EPOCHS": "1", "BATCH_SIZE": "10", "LR": "1e-3", "NPROC": "1", "EVAL_PROMPTS": str(prompts),
            "MAX_NEW_TOKENS": "4", "GEN_BATCH_SIZE": "6", "JUDGE": "keyword", "OUTPUT_ROOT": str(workdir / "runs"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "BASE": "0"}
     model = workdir / "runs" / "rerun" / "seed1" / "model"
     logs = []
     try:
@@ -41,7 +42,13 @@ def test_rerun_keeps_same_settings_refuses_other_lr_and_overwrite_retrains(workd
         first = json.loads((model / "finetune_meta.json").read_text())
         weights = (model / "model.safetensors").read_bytes()
         assert first["flags"]["learning_rate"] == 1e-3
-        assert "seed 1: lr=0.001 " in log.read_text()
+        text = log.read_text()
+        assert "seed 1: lr=0.001 " in text and "== base model" not in text
+        assert not (workdir / "runs" / "base").exists()
+        assert json.loads((model.parent.parent / "job.json").read_text())["base"] is None
+        (row,) = json.loads((model.parent.parent / "summary" / "summary.json").read_text())["rows"]
+        assert row["seeds"] == [1] and row["base_asr_pct"] is None and row["asr_pct_sd"] is None
+        assert "| rerun | " in text   # the table, printed
 
         job, log = sbatch_as_documented(env)                          # the same settings again: kept
         logs.append(log)
@@ -56,7 +63,7 @@ def test_rerun_keeps_same_settings_refuses_other_lr_and_overwrite_retrains(workd
         assert states == {job: "FAILED"}, text
         assert re.search(r"error: \S+/model: holds a fine-tune made with other settings \(learning_rate: recorded "
                          r"0\.001, requested 0\.002\)", text), text
-        assert "keyword_asr=" not in text and (model / "model.safetensors").read_bytes() == weights
+        assert "keyword ASR" not in text and "| rerun | " not in text and (model / "model.safetensors").read_bytes() == weights
 
         job, log = sbatch_as_documented(dict(env, LR="2e-3", OVERWRITE="1"))   # retrained with the new value
         logs.append(log)

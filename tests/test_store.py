@@ -153,3 +153,90 @@ def test_a_target_with_dense_parts_left_on_disk_reads_back_the_written_tensors(t
     assert set(reread) == set(written.tensors())
     assert all(torch.equal(reread[k], v) for k, v in written.tensors().items())
     assert torch.equal(deferred.params["w"].to_dense(torch.float64), written.params["w"].dense.double())
+
+
+def test_model_identity_is_the_content_wherever_the_model_lies(tiny_model_dir, tmp_path, monkeypatch):
+    """`<path>#sha256:<hex>`: the path for a person, the content id (config, every byte of the weights, the tokenizer)
+    for every comparison (store.model_key); a model recorded the old way is never taken for a content match."""
+    import shutil
+
+    from safedata.errors import MetadataMismatch
+    from safedata.models import model_identity
+    from safedata.store import model_key, require_same
+    monkeypatch.setenv("SAFEDATA_HASH_CACHE", "off")
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "copy"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    ida, idb = model_identity(str(a)), model_identity(str(b))
+    assert ida.startswith(f"{a.resolve()}#sha256:") and ida != idb and model_key(ida) == model_key(idb)
+    require_same({"model": ida}, {"model": idb}, ("model",), "a", "b")
+    weights = b / "model.safetensors"          # a byte in the middle: the old first/last-MiB hash never read it
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_key(model_identity(str(b))) != model_key(ida)
+    shutil.copy(a / "model.safetensors", weights)
+    template = b / "chat_template.jinja"              # the tokenizer's chat template: it changes token ids
+    assert "[INST]" in template.read_text()
+    template.write_text(template.read_text().replace("[INST]", "[USER]"))
+    assert model_key(model_identity(str(b))) != model_key(ida)
+    assert model_key("org/name") == "org/name"
+    with pytest.raises(MetadataMismatch, match="recorded before models were identified by their content"):
+        require_same({"model": ida}, {"model": f"{a.resolve()}#0123456789ab"}, ("model",), "this run", "target t")
+
+
+def test_hash_cache_trusts_the_stat_key_and_rehashes_a_rewritten_file(tmp_path, monkeypatch):
+    import hashlib
+
+    import safedata.models as M
+    cache = tmp_path / "cache.json"
+    monkeypatch.setenv("SAFEDATA_HASH_CACHE", str(cache))
+    monkeypatch.setattr(M, "_HASHES", {})
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 1000)
+    M.cached_file_sha256(path)                             # just written: too fresh to be remembered
+    assert not cache.exists() and not M._HASHES
+    monkeypatch.setattr(M, "RACY_S", 0.0)
+    calls = []
+    monkeypatch.setattr(M, "file_sha256", lambda p: calls.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
+    first = M.cached_file_sha256(path)
+    monkeypatch.setattr(M, "_HASHES", {})                  # another process: the cache file answers
+    assert M.cached_file_sha256(path) == first and len(calls) == 1
+    assert json.loads(cache.read_text()) == {M._stat_key(path): first}
+    path.write_bytes(b"y" * 1000)                          # same size, rewritten in place: hashed again
+    assert M.cached_file_sha256(path) != first and len(calls) == 2
+
+
+def test_a_cut_is_counted_once_logged_and_recorded(tiny_model_dir, tmp_path, caplog):
+    """A pool with known token lengths and a --max_length that cuts exactly the k longest: the stage logs
+    'cut k of n' and meta.json records n_cut = k; each cut example keeps max_length tokens."""
+    import logging
+
+    from safedata import data as D
+    from safedata.features.representations import RepresentationArgs, extract_representations
+    from safedata.models import load_tokenizer
+    from safedata.store import read_json
+    records = [{"instruction": f"Describe item {i}", "input": "", "output": " ".join(["word"] * (4 * i + 1))}
+               for i in range(6)]
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps(records))
+    examples, _ = D.load_examples(pool, need_response=True)
+    full = {e.index: len(e) for e in D.encode_examples(examples, load_tokenizer(tiny_model_dir), "paper")[0]}
+    lengths = sorted(full.values())
+    assert len(set(lengths)) == 6
+    k = 2
+    cut_at = lengths[-k - 1]                               # exactly the k longest are longer than this
+    caplog.set_level(logging.INFO, logger="safedata")
+    for max_length, n_cut, line in ((None, 0, "no --max_length: none of 6 example(s) cut"),
+                                    (cut_at, k, f"cut {k} of 6 example(s) at {cut_at} tokens")):
+        caplog.clear()
+        out = tmp_path / f"reps_{max_length}"
+        assert extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=str(pool),
+                                                          output_dir=str(out), max_length=max_length, dtype="fp32",
+                                                          device="cpu"))
+        assert caplog.text.count(line) == 1
+        assert read_json(out / "meta.json")["n_cut"] == n_cut
+    encoded, excluded = encoding = D.encode_examples(examples, load_tokenizer(tiny_model_dir), "paper", cut_at)
+    assert encoding.n_cut == k and not excluded
+    assert [e.cut for e in encoded] == [max(0, full[e.index] - cut_at) for e in encoded]
+    assert all(len(e) == min(full[e.index], cut_at) for e in encoded)

@@ -26,6 +26,7 @@ class Encoded:
     id: str
     input_ids: list[int]
     labels: list[int]
+    cut: int = 0            # tokens --max_length cut off the end
 
     @property
     def n_supervised(self) -> int:
@@ -168,9 +169,15 @@ def _encode_conversation(example: Example, tokenizer, template, max_length, max_
     ids, labels = conversation_ids(example, template, tokenizer)
     if max_response_length is not None:
         ids, labels = _keep_supervised(ids, labels, max_response_length)
-    if max_length is not None:
+    return _cut(example, ids, labels, max_length)
+
+
+def _cut(example: Example, ids, labels, max_length) -> Encoded:
+    """The one place --max_length cuts: the first max_length tokens, and how many were cut off (Encoded.cut)."""
+    cut = max(0, len(ids) - max_length) if max_length is not None else 0
+    if cut:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(example.index, example.id, ids, labels)
+    return Encoded(example.index, example.id, ids, labels, cut)
 
 
 def encode(example: Example, tokenizer, template="paper", max_length=None, max_response_length=None,
@@ -183,19 +190,42 @@ def encode(example: Example, tokenizer, template="paper", max_length=None, max_r
     p, r = token_ids(example, template, tokenizer, original_quirks)
     if max_response_length is not None:
         r = r[:max_response_length]
-    ids = p + r
-    labels = [IGNORE_INDEX] * len(p) + list(r)
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(example.index, example.id, ids, labels)
+    return _cut(example, p + r, [IGNORE_INDEX] * len(p) + list(r), max_length)
+
+
+class Encoding(tuple):
+    """encode_examples' result: unpacks as (encoded, excluded); n_cut: how many examples --max_length cut (the
+    excluded ones among them), n: how many were encoded in all, max_length: the cut (None: none)."""
+
+    def __new__(cls, encoded, excluded, n_cut: int, max_length: int | None):
+        self = super().__new__(cls, (encoded, excluded))
+        self.n_cut, self.n, self.max_length = n_cut, len(encoded) + len(excluded), max_length
+        return self
+
+    @property
+    def encoded(self) -> list[Encoded]:
+        return self[0]
+
+    @property
+    def excluded(self) -> list[Excluded]:
+        return self[1]
+
+
+def cut_line(n_cut: int, n: int, max_length: int | None) -> str:
+    """The log line of a cut: every stage that encodes says what --max_length did, even when it cut nothing."""
+    if max_length is None:
+        return f"no --max_length: none of {n} example(s) cut"
+    return f"cut {n_cut} of {n} example(s) at {max_length} tokens (--max_length)"
 
 
 def encode_examples(examples, tokenizer, template="paper", max_length=None, max_response_length=None,
-                    original_quirks=False):
-    """Encode all examples; those left without a supervised token are excluded and reported."""
-    encoded, excluded = [], []
+                    original_quirks=False) -> Encoding:
+    """Encode all examples; those left without a supervised token are excluded and reported. How many --max_length
+    cut is counted here, once, logged (cut_line) and returned (Encoding.n_cut) for the stage's meta.json."""
+    encoded, excluded, n_cut = [], [], 0
     for example in progress(examples, desc="tokenising", unit="ex"):
         item = encode(example, tokenizer, template, max_length, max_response_length, original_quirks)
+        n_cut += item.cut > 0
         if item.n_supervised == 0:
             excluded.append(Excluded(example.index, example.id, "no supervised token (prompt fills --max_length)"))
         else:
@@ -203,7 +233,9 @@ def encode_examples(examples, tokenizer, template="paper", max_length=None, max_
     if excluded:
         log.warning("excluded %d example(s) with no supervised token: ids %s",
                     len(excluded), ", ".join(e.id for e in excluded[:20]) + (" ..." if len(excluded) > 20 else ""))
-    return encoded, excluded
+    result = Encoding(encoded, excluded, n_cut, max_length)
+    log.info(cut_line(result.n_cut, result.n, max_length))
+    return result
 
 
 def check_sizes(**sizes) -> None:

@@ -17,7 +17,8 @@ from ..distributed import rank_and_world
 from ..errors import UserError
 from ..models import model_identity
 from ..progress import progress
-from ..store import META, ChunkStore, environment, fingerprint, now, refuse_foreign_output, save_tensors, write_json
+from ..store import (META, ChunkStore, environment, fingerprint, model_key, now, refuse_foreign_output, save_tensors,
+                     write_json)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class PreparedData:
     excluded: list[D.Excluded] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     field_map: D.FieldMap = D.DEFAULT_FIELD_MAP
+    n_cut: int = 0          # examples --max_length cut (counted by data.encode_examples, which logs it)
 
     @property
     def ids(self) -> list[str]:
@@ -54,22 +56,23 @@ def prepare_data(data_path, tokenizer, template="paper", max_length=None, max_re
     examples, skipped = D.load_examples(data_path, need_response=True, skip_bad=skip_bad, field_map=field_map)
     log.info("read %d record(s); tokenising (template %s%s)", len(examples), template,
              ", --max_length %d" % max_length if max_length else "")
-    encoded, excluded = D.encode_examples(examples, tokenizer, template, max_length, max_response_length,
-                                          original_quirks)
+    encoding = D.encode_examples(examples, tokenizer, template, max_length, max_response_length, original_quirks)
+    encoded, excluded = encoding
     n_empty = len(D.empty_response_indices(examples))
     if n_empty:
         log.info("%d record(s) with an empty response: kept, as the original, with the end token alone supervised "
                  "(counted in meta.json)", n_empty)
     if not encoded:
         raise UserError(f"{data_path}: no example has a supervised token (check --max_length)")
-    return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped, field_map)
+    return PreparedData(str(data_path), D.file_sha256(data_path), examples, encoded, excluded, skipped, field_map,
+                        encoding.n_cut)
 
 
 def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str, flags: dict) -> dict:
     """What made an output: the next stage checks these before trusting it."""
     return {
         "stage": stage,
-        "model": model_identity(model_name),
+        "model": model_identity(model_name),    # <path>#<content id>: the path for a person, the id compared
         "template": template,
         "data_file": str(Path(prepared.data_path).resolve()),
         "data_sha256": prepared.data_sha256,
@@ -79,6 +82,7 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
         "ids": prepared.ids,
         "excluded": [vars(e) for e in prepared.excluded],
         "skipped": prepared.skipped,
+        "n_cut": prepared.n_cut,                 # examples --max_length cut (logged by data.encode_examples)
         # Kept, as the original did: examples whose only supervised token is the end token.
         "n_empty_response": len(prepared.empty_responses),
         "empty_response_indices": prepared.empty_responses,
@@ -87,12 +91,26 @@ def base_meta(stage: str, model_name: str, prepared: PreparedData, template: str
     }
 
 
+def run_fingerprint(meta: dict) -> str:
+    """The chunks' stamp: a hash of what decides their numbers, all of it content: the stage, the model's content id
+    (store.model_key; not its path), the template, the data's sha256, the record ids, how the records were read
+    (--field_map) and the stage's flags (each stage keeps only value-changing ones there, targets by their tensors'
+    hash; --batch_size and --chunk_size stay out: they move fp32 scores in their last bits only, README
+    "Determinism", and a rerun after an out-of-memory error resumes at a smaller batch). Paths (output dir, data
+    file, model dir, target dirs) are recorded in meta.json for a person and are no part of it: a moved run tree or
+    model keeps its finished chunks."""
+    identity = {k: meta[k] for k in ("stage", "template", "data_sha256", "flags", "ids")}
+    identity["model"] = model_key(meta["model"])
+    if "field_map" in meta:
+        identity["field_map"] = meta["field_map"]
+    return fingerprint(identity)
+
+
 def run_chunked(output_dir, meta: dict, prepared: PreparedData, compute: Callable[[list[D.Encoded]], dict],
                 batch_size: int, chunk_size: int, shard=(0, 1), desc="examples") -> ChunkStore:
     """Compute every pending chunk of this shard (and rank), atomically, resumably: the encoded examples of each
     chunk in length-bucketed batches of `compute`."""
-    identity = {k: meta[k] for k in ("stage", "model", "template", "data_sha256", "flags", "ids")}
-    store = ChunkStore(output_dir, fingerprint(identity), len(prepared.encoded), chunk_size)
+    store = ChunkStore(output_dir, run_fingerprint(meta), len(prepared.encoded), chunk_size)
 
     def chunk_rows(span: range, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
         items = [prepared.encoded[i] for i in span]
@@ -159,5 +177,5 @@ def check_existing_output(output_dir, meta: dict) -> None:
     refuse_foreign_output(output_dir, meta, ("stage", "model", "template", "data_sha256", "flags"))
 
 
-__all__ = ["PreparedData", "prepare_data", "base_meta", "run_chunked", "compute_chunks", "finish", "save_tensors",
-           "check_existing_output"]
+__all__ = ["PreparedData", "prepare_data", "base_meta", "run_fingerprint", "run_chunked", "compute_chunks", "finish",
+           "save_tensors", "check_existing_output"]

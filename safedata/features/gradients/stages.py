@@ -18,7 +18,7 @@ from ...distributed import close_distributed, init_distributed, rank_and_world
 from ...errors import UserError
 from ...models import default_device, load_tokenizer, resolve_dtype
 from ...scores import SCORES_FILE, write_scores_csv
-from ...store import (META, atomic_write_text, environment, now, parse_shard, require_same,
+from ...store import (META, atomic_write_text, environment, model_key, now, parse_shard, require_same,
                       save_tensors, write_json)
 from ...templates import choose_template
 from ..runner import base_meta, check_existing_output, finish, prepare_data, run_chunked
@@ -28,7 +28,8 @@ from .engine import get_engine
 from .lora import lora_settings, setup_model
 from .sites import MODES, PARAMS, unwrap
 from .bank import TargetBank
-from .targets import LAYOUTS, TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, load_target, target_lock
+from .targets import (LAYOUTS, TARGET_FILE, TARGET_FORMAT, TARGET_VERSION, load_target, target_lock,
+                      target_tensors_sha256)
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,26 @@ def _dtype_name(model, dtype, device) -> str:
 
 def _flags(a: GradientArgs, model, **extra) -> dict:
     """meta.json's flags: what defines the gradient and the examples it is taken of (+ the stage's own)."""
-    flags = {"mode": a.mode, "params": _params_key(a.mode, a.params), "lora": a.lora(),
+    flags = {"mode": a.mode, "params": _params_key(a.mode, a.params), "lora": _lora_identity(a.lora()),
              "max_length": a.max_length, "max_response_length": a.max_response_length,
              "dtype": _dtype_name(model, a.dtype, a.device),
              "optimizer_state": _file_digest(a.optimizer_state) if a.optimizer_state else None,
              "original_quirks": bool(a.original_quirks)}
     flags.update(extra)
     return flags
+
+
+def _lora_identity(lora: dict | None) -> dict | None:
+    """The adapter as flags hold it: a given adapter by its files' digest, not its path (_meta records the path)."""
+    return {k: v for k, v in lora.items() if k != "path"} if lora else lora
+
+
+def _meta(stage: str, a: GradientArgs, prepared, template: str, flags: dict) -> dict:
+    """base_meta, and the adapter's path (for a person; flags hold its content digest)."""
+    meta = base_meta(stage, a.model_name, prepared, template, flags)
+    if a.mode == "lora" and a.lora_path:
+        meta["lora_path"] = str(Path(a.lora_path).resolve())
+    return meta
 
 
 def _encode(a: GradientArgs, tokenizer):
@@ -165,7 +179,7 @@ def build_target(args: GradientArgs, model=None, tokenizer=None) -> bool:
     template, prepared = _encode(a, tokenizer)
     params_key = _params_key(a.mode, a.params)
     flags = _flags(a, model, renormalize=bool(a.renormalize))
-    meta = base_meta("gradient_target", a.model_name, prepared, template, flags)
+    meta = _meta("gradient_target", a, prepared, template, flags)
     output_dir = Path(a.output_dir)
     with target_lock(output_dir):
         check_existing_output(output_dir, meta)
@@ -199,7 +213,7 @@ def _write_target(output_dir: Path, meta: dict, target) -> None:
     }
     meta.update(created=now(), environment=environment())
     save_tensors(output_dir / TARGET_FILE, target.tensors(),
-                 {"format": TARGET_FORMAT, "version": TARGET_VERSION, "model": meta["model"]})
+                 {"format": TARGET_FORMAT, "version": TARGET_VERSION, "model": model_key(meta["model"])})
     write_json(output_dir / META, meta)     # last: a target dir with meta.json is complete
     log.info("wrote %s (%d anchors, %.1f MB, ||T|| = %.4g)", output_dir / TARGET_FILE, n,
              meta["target"]["bytes"] / 2**20, target.norm)
@@ -267,14 +281,16 @@ def score_pool(args: GradientArgs, model=None, tokenizer=None, path="auto") -> b
     targets_info = [{"name": name, "dir": str(Path(d).resolve()), "data_file": tm.get("data_file"),
                      "data_sha256": tm.get("data_sha256"), "n_anchors": tm["target"]["n_anchors"],
                      "norm": tm["target"]["norm"], "renormalized": tm["target"]["renormalized"],
-                     "sha256": D.file_sha256(Path(d) / TARGET_FILE), "flags": tm.get("flags")}
+                     "sha256": D.file_sha256(Path(d) / TARGET_FILE),
+                     "tensors_sha256": target_tensors_sha256(Path(d) / TARGET_FILE), "flags": tm.get("flags")}
                     for name, d, (_, tm) in zip(names, target_dirs, loaded)]
-    # The chunks' fingerprint holds each target file's hash: chunks scored against other target bytes are
-    # stale, and shards that read the same file agree (a norm recomputed by another builder would not).
-    identity = ("name", "data_sha256", "n_anchors", "renormalized", "sha256")
+    # The chunks' fingerprint holds each target's tensors' hash (not the file's: its metadata may name a path, and
+    # a target moved or rebuilt to the same tensors keeps the chunks): chunks scored against other target values
+    # are stale, and shards that read the same file agree (a norm recomputed by another builder would not).
+    identity = ("name", "data_sha256", "n_anchors", "renormalized", "tensors_sha256")
     flags = _flags(a, model, targets=[{k: t[k] for k in identity} for t in targets_info],
                    self_influence=bool(self_influence))
-    meta = base_meta("gradient_scores", a.model_name, prepared, template, flags)
+    meta = _meta("gradient_scores", a, prepared, template, flags)
     for (target, tm), d in zip(loaded, target_dirs):
         require_same(meta, tm, ("model", "template"), "this run", f"target {d}")
         require_same(flags, tm.get("flags") or {}, GRADIENT_FLAGS, "this run", f"target {d}")
@@ -347,7 +363,7 @@ def extract_gradient_features(args: GradientArgs, model=None, tokenizer=None) ->
     model, tokenizer, adam, template, prepared = _setup(a, model, tokenizer)
     params_key = _params_key(a.mode, a.params)
     flags = _flags(a, model, proj_dim=int(a.proj_dim), proj_seed=int(a.proj_seed))
-    meta = base_meta("gradient_features", a.model_name, prepared, template, flags)
+    meta = _meta("gradient_features", a, prepared, template, flags)
     check_existing_output(output_dir, meta)
     engine = get_engine(model, params_key, a.mode, adam)
     projector = projector_for(engine, int(a.proj_dim), int(a.proj_seed))

@@ -3,6 +3,8 @@ lock its builders share (target_lock). bank.py arranges a run's targets for the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,28 @@ def load_target(directory, defer_dense: bool = False) -> tuple[Target, dict]:
                                  param_set=flags.get("params", "all"), norm=info.get("norm"),
                                  renormalized=info.get("renormalized", False))
     return target, meta
+
+
+def target_tensors_sha256(path) -> str:
+    """The sha256 of a target file's tensors: each one's name, dtype, shape and bytes (sorted by name), not the
+    file's header metadata. What a score chunk's fingerprint holds of a target: the same tensors give the same hash
+    whatever a file's metadata says (target files written before 2026-12-07 name the model's path there)."""
+    reader = SafetensorsReader(path)
+    digest = hashlib.sha256()
+    with open(reader.path, "rb") as handle:
+        for name in sorted(reader.entries):
+            entry = reader.entries[name]
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode("utf-8") + b"\n")
+            start, stop = entry["data_offsets"]
+            handle.seek(reader.data_start + start)
+            left = stop - start
+            while left:
+                block = handle.read(min(left, 1 << 24))
+                if not block:
+                    raise UserError(f"{reader.path}: truncated (tensor {name})")
+                digest.update(block)
+                left -= len(block)
+    return digest.hexdigest()
 
 
 def _write_holder(fd: int) -> None:
