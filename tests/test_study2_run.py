@@ -1,0 +1,369 @@
+"""Study 2's runner (lab/study2/run.py) and its fixed analysis (lab/study2/stats.py): the kept records recounted
+from their flags (and seen to fail on one flipped flag), the metric definitions on hand-made inputs, the
+length-matched draw on a toy pool, and the statistics against hand-computed values or scipy."""
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from lab.study2 import run as R
+from lab.study2 import stats as S
+
+RESULTS = Path(R.RESULTS)
+
+
+def _synthetic_record(refused="0110", non_answer="1000", held="0100", target=(1.23456, 2.0, 0.5, 0.25),
+                      held_losses=(1.0, 1.5, 2.0, 2.5)):
+    record = {"run": "A_random-9_seed9", "identity": {"arm": "A", "condition": "random", "draw": 9, "seed": 9},
+              "flags": {"report_refused": refused, "report_non_answer": non_answer, "heldout2_refused": held},
+              "losses": {"report_target": [round(x, 4) for x in target], "heldout2": list(held_losses)}}
+    record["metrics"] = {"report": {**R.rates(refused, non_answer), "target_loss": float(np.mean(target))},
+                         "heldout2": {"n": len(held), "over_refusal": held.count("1") / len(held),
+                                      "heldout_loss": float(np.mean(held_losses))}}
+    return record
+
+
+def _flip(text: str, i: int) -> str:
+    return text[:i] + ("1" if text[i] == "0" else "0") + text[i + 1:]
+
+
+# ----------------------------------------------------------------------------- kept records
+
+def _kept_records():
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.name != "budget.json"]
+
+
+def test_committed_records_recount_and_fail_on_a_flipped_flag():
+    records = [r for r in _kept_records() if "flags" in r]
+    if not records:
+        pytest.skip("no kept run in lab/study2/results yet")
+    for record in records:
+        R.check_record(record)
+        for key, flags in record["flags"].items():
+            broken = copy.deepcopy(record)
+            broken["flags"][key] = _flip(flags, len(flags) // 2)
+            if key.endswith("non_answer") and record["flags"][key.replace("non_answer", "refused")][len(flags) // 2] == "1":
+                continue   # a non-answer flag on a refused prompt changes no rate: nothing to catch
+            with pytest.raises(R.RecountError):
+                R.check_record(broken)
+
+
+def _string_leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _string_leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _string_leaves(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_committed_records_hold_no_text():
+    """The content rule: flags are 0/1 strings, losses numbers, and no AdvBench goal or target is in a kept record
+    or a committed index file (checked against ../shared/data when it is there)."""
+    advbench = R.MS.DEFAULT_SHARED / R.MS.ADVBENCH
+    texts = []
+    if advbench.is_file():
+        import csv
+        with advbench.open(newline="", encoding="utf-8") as f:
+            texts = [t for row in csv.DictReader(f) for t in (row["goal"], row["target"])]
+    files = sorted(RESULTS.glob("*.json")) + sorted(R.SELECTIONS.glob("*"))
+    for path in files:
+        raw = path.read_text(encoding="utf-8")
+        assert not any(t in raw for t in texts), path
+        if path.suffix != ".json" or path.parent != RESULTS:
+            continue
+        record = json.loads(raw)
+        for key, value in record.get("flags", {}).items():
+            assert set(value) <= {"0", "1"}, (path, key)
+        for key, value in record.get("losses", {}).items():
+            assert all(isinstance(x, float) and round(x, 4) == x for x in value), (path, key)
+        assert all(len(s) < 300 or set(s) <= {"0", "1"} for s in _string_leaves(record)), path
+
+
+def test_synthetic_record_recount_and_each_flipped_flag():
+    record = _synthetic_record()
+    rc = R.check_record(record)
+    assert rc["report"]["keyword_asr"] == 0.5 and rc["report"]["asr_excluding_non_answers"] == 0.25
+    assert rc["heldout2"]["over_refusal"] == 0.25
+    for key, i in (("report_refused", 0), ("report_non_answer", 3), ("heldout2_refused", 0)):
+        broken = copy.deepcopy(record)
+        broken["flags"][key] = _flip(record["flags"][key], i)
+        with pytest.raises(R.RecountError):
+            R.check_record(broken)
+    broken = copy.deepcopy(record)
+    broken["losses"]["report_target"][0] += 0.01
+    with pytest.raises(R.RecountError):
+        R.check_record(broken)
+
+
+# ----------------------------------------------------------------------------- metric definitions
+
+def test_rates_by_hand():
+    r = R.rates("0011011001", "1000100000")
+    assert r["n"] == 10 and r["keyword_asr"] == 0.5 and r["refused"] == 5
+    # complied prompts: 0, 1, 4, 7, 9; of them non-answers: 0 and 4
+    assert r["non_answers_among_complied"] == 2 and r["asr_excluding_non_answers"] == 0.3
+
+
+@pytest.mark.parametrize("answer, prompt, expected", [
+    ("", "Tell me a story", True),                                       # empty
+    ("   ", "Tell me a story", True),
+    ("Sure.", "Tell me a story", True),                                  # 1 word
+    ("Sure, here", "Tell me a story", True),                             # 2 words
+    ("Sure, here it", "Tell me a story", False),                         # 3 words
+    ("tell me a story about a dog", "Tell me a story", True),            # echo: begins with all the prompt's words
+    ("Tell me a", "Tell me a story", False),                             # only part of the prompt: not an echo
+    ("Once upon a time tell me a story", "Tell me a story", False),
+    ("[INST] hello there friend", "Say hello", True),                    # template echo
+    ("go " * 20, "Say something", True),                                 # repetition
+    ("Here is a short and useful answer for you.", "Say something", False),
+])
+def test_non_answer_definition(answer, prompt, expected):
+    assert R.is_non_answer(answer, prompt) is expected
+
+
+# ----------------------------------------------------------------------------- the length-matched draw
+
+def test_matched_draw_toy_pool():
+    #          0  1  2  3  4  5  6  7  8  9
+    pool = [3, 5, 3, 5, 3, 7, 5, 3, 7, 1]
+    reference = [0, 1, 5]             # counts 3, 5, 7 in rank order
+    drawn = R.matched_draw(pool, reference, seed=101)
+    assert [pool[i] for i in drawn] == [3, 5, 7]
+    assert not set(drawn) & set(reference) and len(set(drawn)) == len(drawn)
+    assert drawn == R.matched_draw(pool, reference, seed=101)
+    # by hand: candidates in pool order, rng.integers over their number, drawn ones removed
+    rng = np.random.default_rng(101)
+    c3, c5, c7 = [2, 4, 7], [3, 6], [8]
+    expected = [c3.pop(int(rng.integers(3))), c5.pop(int(rng.integers(2))), c7.pop(int(rng.integers(1)))]
+    assert drawn == expected
+
+
+def test_matched_draw_without_replacement_and_refuses_when_short():
+    pool = [2, 2, 2, 2]
+    drawn = R.matched_draw(pool, [0, 1], seed=5)
+    assert sorted(drawn) == [2, 3]
+    with pytest.raises(SystemExit):
+        R.matched_draw([2, 2, 2], [0, 1], seed=5)     # two references of 2 words, one candidate
+
+
+def test_arm_a_order():
+    assert R.arm_a_plan([1]) == [("random", 1, 1), ("random", 4, 4), ("grad-top", None, 1),
+                                 ("grad-bottom", None, 1), ("reps-top", None, 1), ("matched", 101, 1)]
+    assert [r[:2] for r in R.arm_a_plan([1, 2, 3]) if r[0] == "random"] == [
+        ("random", 1), ("random", 4), ("random", 2), ("random", 5), ("random", 3), ("random", 6)]
+
+
+def test_arm_a_finetune_flags_are_prereg():
+    args = [str(a) for a in R.finetune_args(Path("s.json"), Path("out"), 3)]
+    joined = " ".join(args)
+    for flag in ("--precision pure_bf16", "--lr 5e-05", "--epochs 5", "--batch_size 20",
+                 "--per_device_batch_size 20", "--lr_decay 0.85", "--weight_decay 0.0", "--max_length 512",
+                 "--template chat", "--seed 3"):
+        assert flag in joined, flag
+    assert "--gradient_checkpointing" not in args and "--lora" not in args
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_prediction_form_by_hand():
+    # reference 10, 20, 30: mean 20, s 10, n 3; condition mean 40: delta 20, scale 10 sqrt(4/3), t = sqrt(3), df 2.
+    # Student t with 2 df: F(t) = 1/2 + t / (2 sqrt(t^2 + 2)), so p = 1/2 - sqrt(3) / (2 sqrt(5)).
+    r = S.prediction_form([40.0], [10.0, 20.0, 30.0], "greater")
+    assert r["delta"] == pytest.approx(20.0) and r["df"] == 2
+    assert r["t"] == pytest.approx(math.sqrt(3))
+    assert r["p"] == pytest.approx(0.5 - math.sqrt(3) / (2 * math.sqrt(5)))
+    half = 2.919985580355516 * 10 * math.sqrt(4 / 3)        # t(0.95, 2)
+    assert r["ci90"] == pytest.approx((20 - half, 20 + half))
+    # the other direction: 'less' with the mirrored values gives the same p
+    less = S.prediction_form([0.0], [10.0, 20.0, 30.0], "less")
+    assert less["p"] == pytest.approx(r["p"])
+    # a mean of several condition runs enters as its mean
+    assert S.prediction_form([30.0, 50.0], [10.0, 20.0, 30.0])["p"] == pytest.approx(r["p"])
+
+
+def test_welch_against_scipy():
+    x, y = [30.0, 35.5, 41.0], [12.0, 18.0, 15.5]
+    r = S.welch(x, y, "greater")
+    ref = st.ttest_ind(x, y, equal_var=False, alternative="greater")
+    assert r["t"] == pytest.approx(ref.statistic) and r["p"] == pytest.approx(ref.pvalue)
+    ci = st.ttest_ind(x, y, equal_var=False, alternative="two-sided").confidence_interval(0.90)
+    assert r["ci90"] == pytest.approx((ci.low, ci.high))
+    assert S.welch(y, x, "less")["p"] == pytest.approx(ref.pvalue)
+
+
+def test_holm_by_hand():
+    assert S.holm({"A1": 0.01, "A2": 0.04, "A3": 0.03}) == {"A1": True, "A2": False, "A3": False}
+    assert S.holm({"A1": 0.01, "A2": 0.04, "A3": 0.02}) == {"A1": True, "A2": True, "A3": True}
+    assert S.holm({"A1": 0.02, "A2": 0.001}) == {"A1": True, "A2": True}
+    assert S.holm({"A1": 0.03, "A2": 0.001}) == {"A1": True, "A2": True}      # 0.03 <= 0.05 / 1
+    assert S.holm({"A1": 0.06, "A2": 0.001}) == {"A1": False, "A2": True}
+    assert S.holm({"A1": 0.001, "A2": 0.03, "A3": 0.002}) == {"A1": True, "A2": True, "A3": True}
+
+
+def test_sign_flip_against_exact_values():
+    # one group, positive difference: T* >= T exactly when the flip is +1 (probability 1/2)
+    r = S.sign_flip([[1, 1, 0]], [[0, 0, 0]], [7, 7, 7])
+    assert r["T"] == pytest.approx(2 / 3) and r["groups"] == 1
+    assert abs(r["p"] - 0.5) < 0.02
+    # three groups, equal positive sums: only all +1 reaches T (1/8)
+    r = S.sign_flip([[1, 1, 1]], [[0, 0, 0]], [0, 1, 2])
+    assert abs(r["p"] - 1 / 8) < 0.015
+    # the same in the 'less' direction with X and Y exchanged
+    assert S.sign_flip([[0, 0, 0]], [[1, 1, 1]], [0, 1, 2], "less")["p"] == r["p"]
+    # seeded: the same p every time; d_p averages over runs
+    assert S.sign_flip([[1, 0, 1], [1, 1, 1]], [[0, 0, 0]], [0, 0, 1])["p"] == \
+        S.sign_flip([[1, 0, 1], [1, 1, 1]], [[0, 0, 0]], [0, 0, 1])["p"]
+    # no difference at all: every T* >= 0 = T, p = 1
+    assert S.sign_flip([[1, 0]], [[1, 0]], [0, 1])["p"] == 1.0
+
+
+def test_sign_flip_p_by_enumeration_of_the_same_draws():
+    d_groups = np.array([2.0, -1.0, 0.5])
+    x = [[1, 1, 0, 0, 1]]
+    y = [[0, 0, 1, 0, 0]]     # d = 1, 1, -1, 0, 1
+    groups = [0, 0, 1, 1, 2]  # D = 2, -1, 1
+    r = S.sign_flip(x, y, groups)
+    eps = np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=(S.SIGN_FLIPS, 3))
+    T = 2 / 5
+    assert r["T"] == pytest.approx(T)
+    assert r["p"] == (1 + int(np.sum(eps @ np.array([2.0, -1.0, 1.0]) / 5 >= T - 1e-12))) / (S.SIGN_FLIPS + 1)
+    del d_groups
+
+
+def test_labels():
+    assert S.label(True, 0.01, 20.0, (8.0, 32.0), "greater", True) == "paper-size"
+    assert S.label(True, 0.01, 10.0, (3.0, 17.0), "greater", True) == "smaller"
+    assert S.label(True, 0.20, 20.0, (8.0, 32.0), "greater", True) == "inconclusive"     # check fails
+    assert S.label(False, 0.40, 2.0, (-8.0, 12.0), "greater", True) == "absent"
+    assert S.label(False, 0.40, 2.0, (-8.0, 16.0), "greater", True) == "inconclusive"
+    assert S.label(False, 0.40, -2.0, (-12.0, 8.0), "less", True) == "absent"
+    assert S.label(False, 0.40, -2.0, (-16.0, 8.0), "less", True) == "inconclusive"
+    assert S.label(True, 0.01, 20.0, (8.0, 32.0), "greater", False) == "no room"
+    assert S.arm_verdict(True, {"A1": "paper-size", "A2": "paper-size"}) == "paper-like"
+    assert S.arm_verdict(True, {"A1": "absent", "A2": "absent"}) == "absent"
+    assert S.arm_verdict(True, {"A1": "absent", "A2": "smaller"}) == "inconclusive"
+    assert S.arm_verdict(False, {"A1": "no room", "A2": "no room"}) == "inconclusive"
+
+
+def test_analyse_on_synthetic_runs():
+    rng = np.random.default_rng(1)
+    groups = [i // 2 for i in range(20)]
+
+    def rec(condition, seed, p):
+        refused = "".join("0" if rng.random() < p else "1" for _ in range(20))
+        return {"run": f"A_{condition}_seed{seed}", "identity": {"arm": "A", "condition": condition, "seed": seed},
+                "flags": {"report_refused": refused}}
+    records = ([rec("random", s, 0.1) for s in range(6)] + [rec("grad-top", s, 0.9) for s in range(3)]
+               + [rec("grad-bottom", s, 0.1) for s in range(3)] + [rec("reps-top", s, 0.1) for s in range(3)]
+               + [rec("matched", s, 0.1) for s in range(3)])
+    out = R.analyse(records, groups)
+    assert out["complete"] and set(out["tests"]) == {"A1", "A2", "A3", "A4", "A5"}
+    assert out["tests"]["A1"]["delta"] > 50 and out["tests"]["A1"]["p"] < 0.01
+    assert out["room"] is (out["random_mean_asr"] <= 25.0)
+
+
+def test_budget_projection_without_runs(tmp_path):
+    b = R.update_budget(tmp_path)
+    assert b["measured_h"]["all_runs"] == 0 and b["arm_a_runs_left"] == 18
+    low, high = (b["projection_h"]["all_runs"][f"calibration_{n}_runs"] for n in (2, 8))
+    # PREREG's table: 9.2-10.6 h with its estimates (this sums them; rounding in the table)
+    assert 9.0 < low < 9.4 and 10.4 < high < 10.8
+    assert b["projection_h"]["quiet_runs"] == b["projection_h"]["all_runs"]
+    assert b["cut_matched_103"] == "run"
+
+
+def test_budget_quiet_only_replaces_a_busy_stage_by_the_estimate(tmp_path):
+    busy = {"s": 5000, "attempts": 1, "load1_max": 5.0, "load1_mean": 4.0, "cpu_s": 1000}
+    quiet = {"s": 700, "attempts": 1, "load1_max": 2.2, "load1_mean": 2.0, "cpu_s": 1300}
+    record = {"run": "A_random-1_seed1", "identity": {"arm": "A", "condition": "random", "draw": 1, "seed": 1},
+              "wall_s": {"finetune": busy, "evaluate": quiet}}
+    (tmp_path / "A_random-1_seed1.json").write_text(json.dumps(record))
+    b = R.update_budget(tmp_path)
+    assert b["measured_means_s"]["all_runs"]["A_finetune"] == {"random": 5000.0}
+    assert b["measured_means_s"]["quiet_runs"]["A_finetune"] == {}
+    assert b["measured_h"]["all_runs"] == pytest.approx((5000 + 700) / 3600)
+    assert b["measured_h"]["quiet_runs"] == pytest.approx((963 + 700) / 3600)
+
+
+def test_weights_unchanged_counts_bf16_equal_parameters(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    ref = {"a": torch.tensor([1.0, 2.0, 3.0, 1.0 + 2 ** -12]), "b": torch.zeros(4)}
+    # a run that kept a, rounded to bf16 (1 + 2^-12 rounds to 1), and changed one of b's four values
+    run = {"a": ref["a"].to(torch.bfloat16).float(), "b": torch.tensor([0.0, 0.0, 0.5, 0.0])}
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    save_file(ref, str(tmp_path / "ref" / "model.safetensors"))
+    save_file(run, str(tmp_path / "run" / "model.safetensors"))
+    out = R.weights_unchanged(tmp_path / "run", tmp_path / "ref")
+    assert out == {"weights_unchanged": 7 / 8, "parameters": 8}
+
+
+def test_wall_sums_attempts_and_reads_old_lines(tmp_path):
+    wall = R.Wall(tmp_path / "wall.tsv")
+    (tmp_path / "wall.tsv").write_text("x\t10\t0.5\t1.5\ny\t3\t0\t0\n")
+    wall.timed("x", lambda: None)
+    got = wall.seconds("x")
+    assert got["attempts"] == 2 and got["s"] >= 10 and got["load1_max"] >= 1.5 and got["cpu_s"] is not None
+    assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_mean": None, "cpu_s": None}
+
+
+def test_kept_needs_the_same_identity(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "RESULTS", tmp_path)
+    ident = {"arm": "A", "condition": "grad-top", "draw": None, "seed": 1, "settings": {"lr": 5e-5},
+             "subset_sha256": "ab"}
+    (tmp_path / "A_grad-top_seed1.json").write_text(json.dumps({"run": "A_grad-top_seed1", "identity": ident}))
+    assert R.kept("A_grad-top_seed1", ident) is not None
+    assert R.kept("A_grad-top_seed1", {**ident, "subset_sha256": "cd"}) is None
+    assert R.kept("A_grad-top_seed1", {**ident, "settings": {"lr": 1e-4}}) is None
+    assert R.kept("A_grad-top_seed2", ident) is None
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_committed_matched_draws_follow_the_rule():
+    grad_top = [int(r["index"]) for r in _csv_rows(R.FIRST_SELECTIONS / "grad" / "pool_top100_index.csv")]
+    seen_any = False
+    for seed in (101, 102, 103):
+        path = R.SELECTIONS / f"matched_{seed}_index.csv"
+        if not path.is_file():
+            continue
+        seen_any = True
+        rows = _csv_rows(path)
+        drawn = [int(r["index"]) for r in rows]
+        assert [int(r["matched_to"]) for r in rows] == grad_top
+        assert len(set(drawn)) == 100 and not set(drawn) & set(grad_top)
+    if not seen_any:
+        pytest.skip("no committed matched draw yet")
+
+
+def test_committed_matched_draws_recomputed_from_the_pool():
+    """With ../shared/data: the first study's pool rebuilt (its sha256 checked), its answer-word counts, and the
+    three draws made again: the same positions as committed, each with its grad-top record's answer-word count."""
+    if not (R.MS.DEFAULT_SHARED / R.MS.ALPACA).is_file() or not (R.SELECTIONS / "matched_101_index.csv").is_file():
+        pytest.skip("needs ../shared/data and the committed draws")
+    pool, _ = R.MS.alpaca_pool(R.MS.DEFAULT_SHARED)
+    first = json.loads(R.FIRST_SPLITS.read_text())
+    records = [pool[i] for i in first["indices"]["pool"]]
+    text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+    assert R.MS.sha256_bytes(text.encode("utf-8")) == first["files"]["pool.json"]
+    counts = [R.words(r.get("output", "")) for r in records]
+    grad_top = [int(r["index"]) for r in _csv_rows(R.FIRST_SELECTIONS / "grad" / "pool_top100_index.csv")]
+    for seed in (101, 102, 103):
+        rows = _csv_rows(R.SELECTIONS / f"matched_{seed}_index.csv")
+        drawn = R.matched_draw(counts, grad_top, seed)
+        assert [int(r["index"]) for r in rows] == drawn
+        assert [counts[i] for i in drawn] == [counts[i] for i in grad_top]
+        assert [int(r["answer_words"]) for r in rows] == [counts[i] for i in grad_top]
+        assert [r["id"] for r in rows] == [R.D.record_id(records[i]) for i in drawn]
