@@ -1,21 +1,10 @@
-"""Measure how often a model complied with harmful requests: keyword ASR (always) and optionally a judge.
-
-Reads the JSONL written by generate.py ({"index", "id", "prompt", "response"} per line) and writes
-OUTPUT_DIR/results.jsonl (each record with refused, matched_keyword and the judge's fields) and
-OUTPUT_DIR/summary.json.
-"""
-import argparse
-import json
-
+"""The evaluate CLI, written once in safedata/commands/evaluate.py (installed: safedata-evaluate)."""
 from safedata.cli import parse_args, run
-from safedata.config import add_options, from_args
-from safedata.evaluation import EvaluateArgs, evaluate_file
+from safedata.commands import evaluate as command
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, EvaluateArgs)
-    print(json.dumps(evaluate_file(from_args(EvaluateArgs, parse_args(p))), indent=1))
+    return command.main(parse_args)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,10 @@
-"""Gather run folders of finetune_evaluation.slurm into one table: keyword ASR in % per seed, mean ± sd over seeds,
-and the base model's ASR beside it (where the job answered the prompts with the base model: its job.json).
-
-  python summarize.py runs/finetune/my_top100                     # -> runs/finetune/my_top100/summary/
-  python summarize.py --output_dir runs/finetune/table runs/finetune/top100 runs/finetune/random100
-
-Writes OUTPUT_DIR/summary.json (rows: name, seeds, asr_pct, asr_pct_mean, asr_pct_sd, base_asr_pct, n_prompts,
-seeds_missing, ...), table.md (printed too), table.csv and asr.png. A seed folder without
-evaluation/summary.json is listed as missing in its row, never dropped silently; a run folder with no finished
-seed is refused.
-"""
-import argparse
-
+"""The summarize CLI, written once in safedata/commands/summarize.py (installed: safedata-summarize)."""
 from safedata.cli import parse_args, run
-from safedata.config import add_options, from_args
-from safedata.summary import SummaryArgs, markdown_table, summarize
+from safedata.commands import summarize as command
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help=SummaryArgs.__dataclass_fields__["run_dirs"].metadata["help"])
-    add_options(p, SummaryArgs)
-    args = parse_args(p)
-    print(markdown_table(summarize(from_args(SummaryArgs, args))["rows"]), end="")
+    return command.main(parse_args)
 
 
 if __name__ == "__main__":

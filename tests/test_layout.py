@@ -116,6 +116,6 @@ def test_lora_flags_are_the_same_in_every_cli_that_takes_them():
             config = from_args(cls, parser.parse_args(required + argv))
             assert config.lora_target_modules == ["q_proj", "v_proj", "o_proj"], (cls, argv)
         assert from_args(cls, parser.parse_args(required + ["--lora_alpha", "16.5"])).lora_alpha == 16.5
-    for script in ("finetune.py", "get_gradients.py"):
+    for script in ("safedata/commands/finetune.py", "safedata/commands/get_gradients.py"):
         text = (ROOT / script).read_text()
         assert "add_options(" in text and '"--lora_alpha"' not in text, script

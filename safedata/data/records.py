@@ -121,8 +121,8 @@ def to_example(path, index, line, record, kind, need_response=True,
                    line=line, record=record, messages=messages if kind == "chat" else None)
 
 
-def load_examples(path, need_response=True, skip_bad=False, allow_duplicates=True,
-                  field_map: C.FieldMap | None = None):
+def load_examples(path: str | Path, need_response: bool = True, skip_bad: bool = False, allow_duplicates: bool = True,
+                  field_map: C.FieldMap | None = None) -> tuple[list[Example], list[str]]:
     """Load a data file into Examples, keeping each record's 0-based index in the file.
 
     With skip_bad, bad records are counted, logged with file:line and skipped (their

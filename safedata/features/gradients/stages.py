@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ... import data as D
 from ...config import ORIGINAL_QUIRKS_HELP, LoraArgs, StageArgs, module_names, option, shared
@@ -163,7 +164,8 @@ def _params_key(mode, params):
     return params if mode == "full" else "lora"
 
 
-def build_target(args: GradientArgs, model=None, tokenizer=None) -> bool:
+def build_target(args: GradientArgs, model: torch.nn.Module | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> bool:
     """Anchor mode: write target.safetensors + meta.json (stage gradient_target). Rank 0 only.
     original_quirks: what the original code computed: the supervised trailing space (data.token_ids) and
     anchor gradients never zeroed between anchors (anchors.py, cumulative)."""
@@ -261,7 +263,8 @@ def self_influence_n(self_inf: torch.Tensor, n_answer_tokens: torch.Tensor) -> t
     return torch.log1p(self_inf) + torch.log1p(n_answer_tokens.to(self_inf.dtype))
 
 
-def score_pool(args: GradientArgs, model=None, tokenizer=None, path="auto") -> bool:
+def score_pool(args: GradientArgs, model: torch.nn.Module | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None, path: str = "auto") -> bool:
     """Scoring mode: scores.csv + examples.csv + products.safetensors + meta.json (stage gradient_scores);
     True once complete. Against targets (one column each), or with self_influence and no targets the
     anchor-free columns self_inf and self_inf_n (see self_influence_n). path: the engine's path (auto, or
@@ -354,7 +357,8 @@ def _write_examples(path: Path, meta: dict, n_supervised: torch.Tensor, loss: to
     atomic_write_text(path, buffer.getvalue())
 
 
-def extract_gradient_features(args: GradientArgs, model=None, tokenizer=None) -> bool:
+def extract_gradient_features(args: GradientArgs, model: torch.nn.Module | None = None,
+                              tokenizer: PreTrainedTokenizerBase | None = None) -> bool:
     """--proj_dim: features.safetensors [N, proj_dim] (stage gradient_features), rank.py reads it."""
     a = args
     output_dir = a.output_dir
