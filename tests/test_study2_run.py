@@ -272,16 +272,26 @@ def test_analyse_on_synthetic_runs():
 def test_budget_projection_without_runs(tmp_path):
     b = R.update_budget(tmp_path)
     assert b["measured_h"]["all_runs"] == 0 and b["arm_a_runs_left"] == 18
-    low, high = (b["projection_h"]["all_runs"][f"calibration_{n}_runs"] for n in (2, 8))
+    low, high = (b["projection_h_variants"]["all_runs"][f"calibration_{n}_runs"] for n in (2, 8))
     # PREREG's table: 9.2-10.6 h with its estimates (this sums them; rounding in the table)
     assert 9.0 < low < 9.4 and 10.4 < high < 10.8
-    assert b["projection_h"]["quiet_runs"] == b["projection_h"]["all_runs"]
+    # amendment 1 (b): calibration counted at 8 runs until it runs
+    assert b["projection_h"] == pytest.approx(high)
+    assert b["projection_h_variants"]["quiet_runs"] == b["projection_h_variants"]["all_runs"]
+    # 10.6 h minus cuts (1)-(2) (3 x 350 s + 2 x (689 + 320) s = 0.85 h) is under 10.0 h
+    assert b["cuts_1_2_h"] == pytest.approx((3 * 350 + 2 * (689 + 320)) / 3600)
     assert b["cut_matched_103"] == "run"
 
 
-def test_budget_quiet_only_replaces_a_busy_stage_by_the_estimate(tmp_path):
-    busy = {"s": 5000, "attempts": 1, "load1_max": 5.0, "load1_mean": 4.0, "cpu_s": 1000}
-    quiet = {"s": 700, "attempts": 1, "load1_max": 2.2, "load1_mean": 2.0, "cpu_s": 1300}
+def stage(s, start_end, mean):
+    return {"s": s, "attempts": 1, "load1_max": 5.0, "load1_start_end": start_end, "load1_mean": mean,
+            "cpu_s": 1000}
+
+
+def test_budget_quiet_is_the_start_end_load_mean(tmp_path):
+    # amendment 1 (a): quiet = start/end 1-min load mean <= 2.5, whatever the load sampled in between
+    busy = stage(5000, 2.6, 2.0)
+    quiet = stage(700, 2.5, 4.0)
     record = {"run": "A_random-1_seed1", "identity": {"arm": "A", "condition": "random", "draw": 1, "seed": 1},
               "wall_s": {"finetune": busy, "evaluate": quiet}}
     (tmp_path / "A_random-1_seed1.json").write_text(json.dumps(record))
@@ -289,7 +299,35 @@ def test_budget_quiet_only_replaces_a_busy_stage_by_the_estimate(tmp_path):
     assert b["measured_means_s"]["all_runs"]["A_finetune"] == {"random": 5000.0}
     assert b["measured_means_s"]["quiet_runs"]["A_finetune"] == {}
     assert b["measured_h"]["all_runs"] == pytest.approx((5000 + 700) / 3600)
+    # the busy fine-tune costs PREREG's estimate (963 s), the quiet evaluation its 700 s
     assert b["measured_h"]["quiet_runs"] == pytest.approx((963 + 700) / 3600)
+    # and the rest of Arm A's 17 evaluations at the quiet mean (700 s), not the estimate (320 s)
+    rest = sum(R.ESTIMATE_S["A_finetune"][c] + 700 for c, d, s in R.arm_a_plan((1, 2, 3))
+               if (c, d, s) != ("random", 1, 1))
+    assert b["projection_h"] > (963 + 700 + R.ESTIMATE_S["aligned"] + rest) / 3600
+
+
+def test_budget_cuts_matched_103_when_the_quiet_projection_is_over(tmp_path):
+    # quiet fine-tunes of 3,000 s: 18 x 3,000 s alone exceed 10 h after cuts (1)-(2)
+    for draw in (1, 4):
+        name = f"A_random-{draw}_seed{draw}"
+        record = {"run": name, "identity": {"arm": "A", "condition": "random", "draw": draw, "seed": draw},
+                  "wall_s": {"finetune": stage(3000, 1.0, 1.0), "evaluate": stage(300, 1.0, 1.0)}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    for condition in ("grad-top", "grad-bottom", "reps-top", "matched"):
+        name = f"A_{condition}_seed1"
+        draw = 101 if condition == "matched" else None
+        record = {"run": name, "identity": {"arm": "A", "condition": condition, "draw": draw, "seed": 1},
+                  "wall_s": {"finetune": stage(3000, 1.0, 1.0), "evaluate": stage(300, 1.0, 1.0)}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    b = R.update_budget(tmp_path)
+    assert b["projection_h"] - b["cuts_1_2_h"] > 10.0 and b["cut_matched_103"] == "cut"
+    # the same stages, loaded (start/end mean 3.0): not quiet, so they cost the estimates and 103 runs
+    for p in tmp_path.glob("A_*.json"):
+        r = json.loads(p.read_text())
+        r["wall_s"]["finetune"]["load1_start_end"] = 3.0
+        p.write_text(json.dumps(r))
+    assert R.update_budget(tmp_path)["cut_matched_103"] == "run"
 
 
 def test_weights_unchanged_counts_bf16_equal_parameters(tmp_path):
@@ -312,7 +350,9 @@ def test_wall_sums_attempts_and_reads_old_lines(tmp_path):
     wall.timed("x", lambda: None)
     got = wall.seconds("x")
     assert got["attempts"] == 2 and got["s"] >= 10 and got["load1_max"] >= 1.5 and got["cpu_s"] is not None
-    assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_mean": None, "cpu_s": None}
+    assert wall.seconds("y")["load1_start_end"] == 0.0
+    assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_start_end": None,
+                                 "load1_mean": None, "cpu_s": None}
 
 
 def test_kept_needs_the_same_identity(tmp_path, monkeypatch):

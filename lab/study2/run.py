@@ -143,19 +143,21 @@ class Wall:
         return result
 
     def seconds(self, name: str) -> dict:
-        total, cpu, loads, means, attempts = 0, 0, [], [], 0
+        total, cpu, loads, start_end, means, attempts = 0, 0, [], [], [], 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 parts = line.split("\t")
                 if parts[0] == name:
                     total += int(parts[1])
                     loads += [float(x) for x in parts[2:4]]
+                    start_end += [float(x) for x in parts[2:4]]
                     if len(parts) >= 8:
                         means.append(float(parts[4]))
                         loads.append(float(parts[5]))
                         cpu += int(parts[6])
                     attempts += 1
         return {"s": total, "attempts": attempts, "load1_max": max(loads) if loads else None,
+                "load1_start_end": round(float(np.mean(start_end)), 2) if start_end else None,
                 "load1_mean": round(float(np.mean(means)), 2) if means else None, "cpu_s": cpu if means else None}
 
 
@@ -484,14 +486,9 @@ def arm_a_run(wall: Wall, condition: str, draw, seed: int) -> dict | None:
         log(f"kept: {name}")
         return record
     if condition == "matched" and draw == 103:
-        decision = update_budget()["cut_matched_103"]
-        if decision == "cut":
-            log("cut: matched draw 103 (projection above 10.0 h; PREREG cut (3))")
+        if update_budget()["cut_matched_103"] == "cut":
+            log("cut: matched draw 103 (projection above 10.0 h after cuts (1)-(2); PREREG cut (3), amendment 1)")
             return None
-        if decision == "ambiguous":
-            raise SystemExit("matched 103: the projection is above 10.0 h in some variants (2 or 8 calibration runs; "
-                             "every run or quiet runs only) and below in others; PREREG fixes neither: stopped for "
-                             "the lead (an amendment), see lab/study2/results/budget.json")
     run_dir = WORK / "A" / name
     model_dir = run_dir / "model"
     wall.timed(f"finetune_{name}", sh, finetune_args(subset, model_dir, seed))
@@ -520,15 +517,16 @@ def arm_a_run(wall: Wall, condition: str, draw, seed: int) -> dict | None:
 
 # ----------------------------------------------------------------------------- budget
 
-# Provisional, NOT PREREG's: PREREG counts "only runs on a quiet machine" without a number. A stage counts as quiet
-# here when the 1-minute load average sampled during it averaged <= QUIET_LOAD (the runner alone holds about 2 on the
-# 2 cores). The projection is made both with every measured run and with the quiet ones only; the one cut the runner
-# reaches is made only when every variant agrees (otherwise it stops for the lead).
+# PREREG amendment 1 (a): a stage is quiet when its 1-minute load average, recorded at its start and end, averages
+# <= QUIET_LOAD on the 2 cores (every attempt's start and end count). Only quiet stages measure a kind's cost.
 QUIET_LOAD = 2.5
 
 
 def _quiet(stage: dict) -> bool:
-    return stage.get("load1_mean") is not None and stage["load1_mean"] <= QUIET_LOAD
+    loads = stage.get("load1_start_end")
+    if loads is None and stage.get("load1_mean") is not None:  # records kept before the field existed
+        return False
+    return loads is not None and loads <= QUIET_LOAD
 
 
 def _project(records: list[dict], quiet_only: bool) -> dict:
@@ -567,7 +565,11 @@ def _project(records: list[dict], quiet_only: bool) -> dict:
     tail = b_report + 3 * ESTIMATE_S["diagnosis_variant"] + ESTIMATE_S["report"]
     # cuts (1) diagnosis (b)-(d) and (2) Arm B reps-top come before (3) matched 103
     cut12 = 3 * ESTIMATE_S["diagnosis_variant"] + 2 * (ESTIMATE_S["B_report_finetune"]["reps-top"] + eval_s)
+    # amendment 1 (b): calibration counted at its largest count (8) until it has run, then at the count made
+    calibration = [r for r in records if r["identity"].get("arm") == "B_calibration"]
+    n_calibration = len(calibration) if calibration else 8
     total = {n: measured + rest + n * ESTIMATE_S["calibration_run"] + tail for n in (2, 8)}
+    total["amendment_1"] = measured + rest + n_calibration * ESTIMATE_S["calibration_run"] + tail
     return {"measured_s": measured, "total_s": total, "cut12_s": cut12, "rest_arm_a": len(rest_a),
             "matched_103_done": ("matched", 103, 3) in done,
             "means_s": {"A_finetune": {k: float(np.mean(v)) for k, v in ft_by_kind.items()},
@@ -575,24 +577,26 @@ def _project(records: list[dict], quiet_only: bool) -> dict:
 
 
 def update_budget(results: Path = RESULTS) -> dict:
-    """PREREG's projection: measured so far + the rest at the measured mean of its kind (a kind not measured yet at
-    PREREG's estimate). Arm B calibration makes 2 to 8 runs (unknown until it runs): both ends are projected; and
-    with every measured run and with the quiet ones only. Written to results/budget.json."""
+    """PREREG's projection as amendment 1 fixes it: measured so far + the rest at the quiet-measured mean of its kind
+    (a kind with no quiet stage yet at PREREG's estimate; a finished stage that was not quiet costs that mean), Arm B
+    calibration at 8 runs until it has run. Matched draw 103 is cut when the projection minus cuts (1)-(2) exceeds
+    10.0 h. The every-run projection is written beside it for the record (it decides nothing). results/budget.json."""
     records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name != "budget.json"]
     records = [r for r in records if "identity" in r]
     variants = {"all_runs": _project(records, False), "quiet_runs": _project(records, True)}
-    over = [(v["total_s"][n] - v["cut12_s"]) > BUDGET_S for v in variants.values() for n in (2, 8)]
-    decision = ("done" if variants["all_runs"]["matched_103_done"] else
-                "cut" if all(over) else "run" if not any(over) else "ambiguous")
-    budget = {"budget_h": BUDGET_S / 3600, "quiet_load_provisional": QUIET_LOAD,
-              "projection_h": {name: {f"calibration_{n}_runs": v["total_s"][n] / 3600 for n in (2, 8)}
-                               for name, v in variants.items()},
+    quiet = variants["quiet_runs"]
+    decision = ("done" if quiet["matched_103_done"] else
+                "cut" if quiet["total_s"]["amendment_1"] - quiet["cut12_s"] > BUDGET_S else "run")
+    budget = {"budget_h": BUDGET_S / 3600, "quiet_load": QUIET_LOAD,
+              "projection_h": quiet["total_s"]["amendment_1"] / 3600,
+              "projection_h_variants": {name: {f"calibration_{n}_runs": v["total_s"][n] / 3600 for n in (2, 8)}
+                                        for name, v in variants.items()},
               "measured_h": {name: v["measured_s"] / 3600 for name, v in variants.items()},
               "measured_means_s": {name: v["means_s"] for name, v in variants.items()},
-              "arm_a_runs_left": variants["all_runs"]["rest_arm_a"], "estimates_s": ESTIMATE_S,
-              "cuts_1_2_h": variants["all_runs"]["cut12_s"] / 3600, "cut_matched_103": decision,
-              "note": "over 10.0 h after cuts (1)-(2) in every variant: matched 103 is cut; in none: it runs; "
-                      "otherwise the runner stops before it (PREREG fixes neither the calibration count nor 'quiet')"}
+              "arm_a_runs_left": quiet["rest_arm_a"], "estimates_s": ESTIMATE_S,
+              "cuts_1_2_h": quiet["cut12_s"] / 3600, "cut_matched_103": decision,
+              "rule": "PREREG amendment 1: quiet stages only (start/end 1-min load mean <= 2.5), calibration at 8 "
+                      "runs until it runs; matched 103 is cut when projection_h - cuts_1_2_h > budget_h"}
     if Path(results) == RESULTS:
         write_json(RESULTS / "budget.json", budget)
     return budget
