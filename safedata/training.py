@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 META_NAME = FINETUNE_META
 ADAPTER_DIR = "adapter"
 PRECISIONS = ("auto", "bf16", "pure_bf16", "fp32")
-# Settings that say where and how a run is written, not what it computes: left out of the rerun comparison.
-NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same", "checkpoint_minutes")
+# Settings that say where and how a run is written, not what it computes: left out of the rerun comparison. The
+# base model and the subset are compared by content (base_model, data_sha256), so their paths are left out too.
+NOT_SETTINGS = ("output_dir", "overwrite", "reuse_if_same", "checkpoint_minutes", "model_name", "data_path")
 # How often a run saves a checkpoint changes nothing it computes: not recorded in finetune_meta.json's flags.
 NOT_RECORDED = ("checkpoint_minutes",)
 RESUME_FILE = "resume_settings.json"    # OUTPUT_DIR/: the settings the checkpoint-STEP dirs there were made with
@@ -438,7 +439,7 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
         "flags": {k: v for k, v in (recorded_meta.get("flags") or {}).items() if k not in NOT_SETTINGS},
         "data_sha256": recorded_meta.get("data_sha256"), "base_model": recorded_meta.get("base_model")}
     differences = []
-    for key in sorted(set(recorded["flags"]) | set(requested["flags"])):
+    for key in sorted((set(recorded["flags"]) | set(requested["flags"])) - set(NOT_SETTINGS)):
         # a flag added after the run was made counts as its default
         old, new = recorded["flags"].get(key, FLAG_DEFAULTS.get(key)), requested["flags"].get(key)
         if old != new:

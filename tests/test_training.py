@@ -1,6 +1,7 @@
 """Fine-tuning on the tiny model: loss goes down, seeds, lr schedule, LoRA, batch plans, torchrun (DDP, FSDP)."""
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -282,9 +283,23 @@ def test_rerun_keeps_same_settings_and_names_other_settings(tiny_model_dir, subs
         finetune(config(tiny_model_dir, subset, out, reuse_if_same=True, learning_rate=2e-3, epochs=4))
     changed = tmp_path / subset.name
     changed.write_text(subset.read_text().replace("topic 1", "topic one"))
-    with pytest.raises(UserError, match=r"data_path: .*subset content \(sha256\): recorded [0-9a-f]+, requested"):
+    with pytest.raises(UserError, match=r"other settings \(subset content \(sha256\): recorded [0-9a-f]+, requested"):
         finetune(config(tiny_model_dir, changed, out, reuse_if_same=True))
     assert (out / "model.safetensors").stat().st_mtime_ns == weights_before
+
+
+def test_rerun_from_moved_model_subset_and_run_keeps_the_run(tiny_model_dir, subset, seed1_run, tmp_path):
+    """Identity is content: the same base model, subset and run at other paths (a project moved or checked out
+    again) keep the finished fine-tune; the paths are recorded for a person only."""
+    out, meta = seed1_run
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model_dir, moved / "base")
+    shutil.copy(subset, moved / "subset.json")
+    shutil.copytree(out, moved / "run")
+    weights = (moved / "run" / "model.safetensors").stat().st_mtime_ns
+    kept = finetune(config(str(moved / "base"), moved / "subset.json", moved / "run", reuse_if_same=True))
+    assert kept["train_loss"] == meta["train_loss"]
+    assert (moved / "run" / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_fewer_examples_than_the_batch_says_so(tiny_model_dir, tmp_path, caplog):
