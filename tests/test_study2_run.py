@@ -351,6 +351,9 @@ def test_wall_sums_attempts_and_reads_old_lines(tmp_path):
     got = wall.seconds("x")
     assert got["attempts"] == 2 and got["s"] >= 10 and got["load1_max"] >= 1.5 and got["cpu_s"] is not None
     assert wall.seconds("y")["load1_start_end"] == 0.0
+    # attempts weighted by their seconds: 10 s at (0.5 + 1.5) / 2 and a near-instant one count as the 10 s
+    (tmp_path / "wall.tsv").write_text("x\t10\t0.5\t1.5\nx\t0\t4\t4\nx\t30\t3\t3\n")
+    assert wall.seconds("x")["load1_start_end"] == round((10 * 1.0 + 30 * 3.0) / 40, 2)
     assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_start_end": None,
                                  "load1_mean": None, "cpu_s": None}
 

@@ -143,21 +143,25 @@ class Wall:
         return result
 
     def seconds(self, name: str) -> dict:
-        total, cpu, loads, start_end, means, attempts = 0, 0, [], [], [], 0
+        total, cpu, loads, start_end, weights, means, attempts = 0, 0, [], [], [], [], 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 parts = line.split("\t")
                 if parts[0] == name:
                     total += int(parts[1])
                     loads += [float(x) for x in parts[2:4]]
-                    start_end += [float(x) for x in parts[2:4]]
+                    start_end.append((float(parts[2]) + float(parts[3])) / 2)
+                    weights.append(int(parts[1]))
                     if len(parts) >= 8:
                         means.append(float(parts[4]))
                         loads.append(float(parts[5]))
                         cpu += int(parts[6])
                     attempts += 1
         return {"s": total, "attempts": attempts, "load1_max": max(loads) if loads else None,
-                "load1_start_end": round(float(np.mean(start_end)), 2) if start_end else None,
+                # each attempt's start/end mean weighted by its seconds: a 5-s attempt that only finds the work
+                # done (a resumed runner) says nothing about how busy the machine was while the work ran
+                "load1_start_end": (round(float(np.average(start_end, weights=weights)), 2) if sum(weights) else
+                                    round(float(np.mean(start_end)), 2)) if start_end else None,
                 "load1_mean": round(float(np.mean(means)), 2) if means else None, "cpu_s": cpu if means else None}
 
 
@@ -366,7 +370,7 @@ def kept(name: str, ident: dict) -> dict | None:
 # ----------------------------------------------------------------------------- evaluation
 
 def per_prompt_losses(model_dir: Path, data_path: Path, out: Path) -> list[float]:
-    """Token-mean answer loss of each record (lab.demo_metrics.example_losses, as lab/real.py answer_loss: fp32,
+    """Token-mean answer loss of each record (lab.demo_metrics.example_losses, as lab/real/runs.py answer_loss: fp32,
     CPU, the model's own template), cached in OUT for this model's content."""
     from lab.demo_metrics import example_losses
     from safedata.models import load_model, model_identity
