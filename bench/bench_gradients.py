@@ -30,6 +30,7 @@ CPU threads: --threads (default 1: on a shared machine a second thread waits for
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -169,14 +170,15 @@ def paper_scores(model, items, pad, tdense, pad_to):
     return torch.stack(inner).double().cpu(), torch.stack(sq).double().cpu()
 
 
-def ours_scores(model, batches, pad, bank_and_engine):
+def ours_scores(model, batches, pad, bank_and_engine: tuple):
+    """(bank, engine) as G.bank_for returns them."""
     set_requires_grad(model, False)
     bank, engine = bank_and_engine
     inner, sq = [], []
     for b in batches:
-        i, s = G.score_batch(model, b, bank, pad, engine=engine)
-        inner.append(i.detach().double().cpu())
-        sq.append(s.detach().double().cpu())
+        scores = G.score_batch(engine, bank, b, pad)
+        inner.append(scores.inner.detach().double().cpu())
+        sq.append(scores.sqnorm.detach().double().cpu())
     return torch.cat(inner), torch.cat(sq)
 
 
@@ -319,7 +321,7 @@ def measure(method, model, tok, args, targets, device, dtype):
         if method.startswith("paper"):
             paper_scores(model, encoded[:1], pad, tdense, MAX_LENGTH if method == "paper512" else None)
         elif method in ("ours", "ours64"):
-            ours_scores(model, batches[-1:], pad, bank)
+            ours_scores(model, batches[-1:], pad, (bank, engine))
         elif method == "train":
             train_step(model, batches[-1:], pad, device)
         elif method == "floor":
@@ -379,19 +381,20 @@ def exactness(hidden, tok, args):
 # ----------------------------------------------------------------------------- orchestration
 
 
-def worker(spec_path):
-    spec = json.loads(Path(spec_path).read_text())
-    args = parser(__doc__)
-    add_args(args)
-    args = args.parse_args(spec["argv"])
+WORKER = Path(__file__).with_name("gradient_worker.py")    # one method in a process of its own (CPU)
+
+
+def measure_spec(spec: dict) -> dict:
+    """One method of one width as the worker runs it: the model rebuilt from the parent's settings (`args`, its
+    parsed flags), the parent's tokenizer and targets loaded, then measure()."""
+    args = argparse.Namespace(**spec["args"])
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     tok = load_tokenizer(spec["tokenizer"])     # the parent's: the corpus it is trained on may change meanwhile
     model = model_for(tok, spec["hidden"], args.layers, device, dtype, args.config)
     set_requires_grad(model, False)
     targets = load_targets(spec["targets"], device)
-    result = measure(spec["method"], model, tok, args, targets, device, dtype)
-    Path(spec["out"]).write_text(json.dumps(result))
+    return measure(spec["method"], model, tok, args, targets, device, dtype)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -406,16 +409,10 @@ def add_args(p):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--inprocess", action="store_true",
                    help="run every method in this process (always on CUDA; on CPU the peak RSS is then not per method)")
-    p.add_argument("--worker", default=None, help=argparse_hidden())
     p.set_defaults(hidden=[128, 256], repeats=2)
 
 
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
-
-
-def run_width(hidden, tok, args, argv, device, dtype, tmp, partial=None):
+def run_width(hidden, tok, args, device, dtype, tmp, partial=None):
     """All methods for one model width: {method: measurement}; partial(results) after each method."""
     pad = D.pad_token_id(tok)
     t0 = time.perf_counter()
@@ -450,12 +447,11 @@ def run_width(hidden, tok, args, argv, device, dtype, tmp, partial=None):
     for method in args.methods:
         spec = Path(tmp) / f"{method}_{hidden}.json"
         out = Path(tmp) / f"{method}_{hidden}.out.json"
-        spec.write_text(json.dumps({"argv": argv, "hidden": hidden, "method": method, "targets": str(target_file),
+        spec.write_text(json.dumps({"args": vars(args), "hidden": hidden, "method": method, "targets": str(target_file),
                                     "tokenizer": str(Path(tmp) / "tokenizer"), "out": str(out)}))
         print(f"  hidden {hidden}: {method} ...", flush=True)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--worker", str(spec)], env=env, capture_output=True,
-                              text=True)
+        done = subprocess.run([sys.executable, str(WORKER), str(spec)], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             raise SystemExit(f"worker {method} (hidden {hidden}) failed with exit code {done.returncode}")
@@ -548,9 +544,6 @@ def main():
     p = parser(__doc__)
     add_args(p)
     args = p.parse_args()
-    if args.worker:
-        return worker(args.worker)
-    argv = [a for a in sys.argv[1:]]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads) if device.type == "cpu" else None
     gpu = device.type == "cuda"
@@ -573,7 +566,7 @@ def main():
                 write_json(out_path.with_suffix(".partial.json"), {"args": vars(args), "done": raw, width: {
                     m: {k: v for k, v in r.items() if k not in ("inner", "sqnorm")} for m, r in results.items()}})
 
-            results, info = run_width(hidden, tok, args, argv, device, dtype, tmp, partial)
+            results, info = run_width(hidden, tok, args, device, dtype, tmp, partial)
             if args.exactness_n and device.type == "cpu" and hidden == min(widths):
                 print(f"  hidden {hidden}: exactness (fp64 and fp32, first {args.exactness_n} records) ...", flush=True)
                 info["exactness"] = exact = exactness(hidden, tok, args)

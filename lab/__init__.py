@@ -10,6 +10,6 @@ scripts/lab_methods.sh, lab_report.py), and import `safedata` like any other use
 - lab/demo_report.py: the demo's table, plots and results.json;
 - lab/methods.py: the every-method benchmark's table (mean, sd, 95% interval, per seed, selection cost) and plot;
 - lab/defence.py: the lab defence (docs/AUDIT.md): mixes, and the table and plot of audited vs random drops;
-- lab/real.py: the same study on a real chat model (docs/REAL_MODEL.md): the alignment data and gates of
+- lab/real/: the same study on a real chat model (docs/REAL_MODEL.md): the alignment data and gates of
   SmolLM2-135M-Instruct, its committed LoRA adapter (lab/smollm2_aligned/), and the experiment's report.
 """

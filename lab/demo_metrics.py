@@ -149,7 +149,7 @@ def model_metrics(model_dir, responses_path=None, compliant_path=None, template:
 # ----------------------------------------------------------------------------- random subsets
 
 
-def write_random(data_path, write_to, k: int = 100, seed: int = 0, name: str | None = None) -> dict:
+def write_random(data_path, output_dir, k: int = 100, seed: int = 0, name: str | None = None) -> dict:
     """A seeded random-k subset of the pool, written like rank.py: `{name}_random{k}.json|jsonl` (records
     verbatim, file order of the draw) + `{name}_random{k}_index.csv` (rank, draw, score, index, id).
     The draw: numpy.random.default_rng(seed).permutation(n)[:k] over the pool's usable records."""
@@ -163,7 +163,7 @@ def write_random(data_path, write_to, k: int = 100, seed: int = 0, name: str | N
     draw = np.full(len(examples), np.nan, dtype=np.float32)
     draw[order] = np.arange(k, dtype=np.float32)
     name = name or Path(data_path).stem
-    subset, index_csv = write_selection(data_path, write_to, name, "random", k, order, indices, ids,
+    subset, index_csv = write_selection(data_path, output_dir, name, "random", k, order, indices, ids,
                                         {"draw": draw}, -draw)
     return {"subset": str(subset), "index_csv": str(index_csv), "k": k, "seed": seed, "n_pool": len(examples)}
 

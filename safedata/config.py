@@ -13,7 +13,8 @@ tests/test_config.py) and can prefix its help with when it applies (`--lora: ran
 
 `describe` (called by safedata.cli.parse_args for every CLI, generated or not) writes each flag's default or
 required marker into its help; `option(deprecated=...)` / `value_aliases` keep a renamed flag's old spelling
-working, with one warning line.
+working, with one warning line. `add_mode_flag` adds a flag read before the rest (--plan), under which some
+required flags may be left out; `without` makes the settings of such a mode, without those fields.
 """
 from __future__ import annotations
 
@@ -84,9 +85,14 @@ def _aliased(value_type, aliases: dict, flag: str):
     return convert
 
 
-def shared(owner, name: str, purpose: str = "", **changes):
+_KEEP = object()   # shared(default=...) not given: the owner's default
+
+
+def shared(owner, name: str, purpose: str = "", *, default=_KEEP, **changes):
     """A copy of the option `name` declared on dataclass `owner`, for another stage's dataclass; `purpose`
-    prefixes its help ("--lora" -> "--lora: ..."), `changes` replace metadata entries (e.g. group)."""
+    prefixes its help ("--lora" -> "--lora: ..."), `changes` replace metadata entries (e.g. group, help).
+    `default`: the same option with another default in this stage (score.py's methods embed texts cheaply, so a
+    chunk there holds 4096 examples, not the feature stages' 512); the type and meaning stay the owner's."""
     original = owner.__dataclass_fields__[name]
     metadata = dict(original.metadata, shared_from=(owner, name))
     metadata.setdefault(_DEPRECATED, ())
@@ -94,7 +100,31 @@ def shared(owner, name: str, purpose: str = "", **changes):
     if purpose:
         metadata[_HELP] = f"{purpose}: {metadata[_HELP]}"
     metadata.update(changes)
-    return dataclasses.field(default=original.default, default_factory=original.default_factory, metadata=metadata)
+    if default is _KEEP:
+        return dataclasses.field(default=original.default, default_factory=original.default_factory,
+                                 metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def without(cls, names: tuple[str, ...], name: str) -> type:
+    """A dataclass of `cls`'s fields but `names` (each declaration as it is: type, default, help), keyword-only,
+    with `cls`'s __post_init__: the settings of a mode that does without those fields (a memory plan reads the
+    model, never the data or the output dir), so that neither class holds None in a field typed str. It has
+    none of `cls`'s other methods: they may read the fields left out."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(names) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    kept = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                      init=f.init, repr=f.repr, compare=f.compare,
+                                                      metadata=f.metadata))
+            for f in dataclasses.fields(cls) if f.name not in names]
+    # the caller's module, as make_dataclass(module=) finds it from Python 3.12 on (repr, pickling)
+    namespace = {"__doc__": f"{cls.__name__} without {', '.join(names)}.",
+                 "__module__": sys._getframe(1).f_globals.get("__name__", cls.__module__)}
+    if hasattr(cls, "__post_init__"):
+        namespace["__post_init__"] = cls.__post_init__
+    return dataclasses.make_dataclass(name, kept, namespace=namespace, kw_only=True)
 
 
 def _flag_type(annotation):
@@ -117,10 +147,10 @@ def option_fields(cls) -> list:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get(_CLI, False)]
 
 
-def add_options(parser: argparse.ArgumentParser, cls, optional: tuple = ()) -> None:
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """Declare the dataclass's options on `parser`, in field order; fields with a `group` go into argument groups
-    of that title (made on first use, or found on the parser). `optional`: fields declared optional although they
-    have no default (required by safedata.cli.parse_args unless --plan is given)."""
+    of that title (made on first use, or found on the parser). A field without a default is a required flag
+    (add_mode_flag can waive it in a mode: --plan)."""
     groups = {g.title: g for g in parser._action_groups}
     for f, annotation in option_fields(cls):
         meta = f.metadata
@@ -150,16 +180,51 @@ def add_options(parser: argparse.ArgumentParser, cls, optional: tuple = ()) -> N
                 kwargs[key] = meta[key]
         if has_default:
             kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
-        elif f.name in optional:
-            kwargs["default"] = None
         else:
             kwargs["required"] = True
         target.add_argument(*names, **kwargs)
 
 
 REQUIRED = "(required)"
-REQUIRED_UNLESS_PLAN = "(required unless --plan)"
+REQUIRED_UNLESS = "(required unless {flag})"
 _EXPLAINED = re.compile(r"\bdefault:", re.I)
+_WAIVED_BY = "waived_by"     # the attribute add_mode_flag gives an action it waives: the mode flag
+
+
+def add_mode_flag(parser: argparse.ArgumentParser, flag: str, waives: tuple[str, ...], **argument) -> None:
+    """Add `flag`, which puts the CLI in another mode (--plan: a memory plan instead of the run). The flags named
+    (by dest) in `waives` are required, argparse checking them, except when `flag` is on the command line:
+    safedata.cli.parse_args looks for it before parsing the rest (`waived`). --help marks them
+    `(required unless FLAG)`."""
+    parser.add_argument(flag, **argument)
+    actions = {action.dest: action for action in parser._actions}
+    for dest in waives:
+        actions[dest].required = True
+        setattr(actions[dest], _WAIVED_BY, flag)
+
+
+def waived_by(action: argparse.Action) -> str | None:
+    """The mode flag (add_mode_flag) under which this required flag may be left out; None: none."""
+    return getattr(action, _WAIVED_BY, None)
+
+
+def waived(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> list[argparse.Action]:
+    """The required flags that the mode flags given in `argv` (default: sys.argv[1:]) waive. The mode flags are
+    read before the rest, by a parser that knows them alone (the other flags and their values are left over),
+    so that the full parse can check the required flags of the mode it is in."""
+    modes = {waived_by(action) for action in parser._actions} - {None}
+    if not modes:
+        return []
+    modes_only = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev,
+                                         prefix_chars=parser.prefix_chars)
+    mode_actions = [action for action in parser._actions if set(action.option_strings) & modes]
+    for action in mode_actions:
+        takes = {"action": "store_const", "const": True} if action.nargs == 0 else {"nargs": action.nargs}
+        modes_only.add_argument(*action.option_strings, dest=action.dest, default=None, **takes)
+    given, _ = modes_only.parse_known_args(argv)
+    on = {flag for action in mode_actions if getattr(given, action.dest) is not None
+          for flag in action.option_strings}
+    return [action for action in parser._actions if waived_by(action) in on]
 
 
 def shown_default(action) -> str:
@@ -175,38 +240,15 @@ def shown_default(action) -> str:
     return str(default)
 
 
-def _described_formatter(base):
-    """`base` (the parser's formatter class) writing the flags required unless --plan without brackets in usage."""
-    if getattr(base, "described", False):
-        return base
-
-    class Described(base):
-        described = True
-
-        def _format_usage(self, usage, actions, groups, prefix):
-            marked = [a for a in actions if getattr(a, "required_unless_plan", False) and not a.required]
-            for action in marked:
-                action.required = True
-            try:
-                return super()._format_usage(usage, actions, groups, prefix)
-            finally:
-                for action in marked:
-                    action.required = False
-
-    return Described
-
-
 def describe(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Write into every flag's help (this parser's and its sub-commands') its default, `(default: X)`, or that it
-    is required: `(required)`, or `(required unless --plan)` for the flags safedata.plan.add_plan_flag names. A
+    is required: `(required)`, or `(required unless --plan)` for a flag a mode flag waives (add_mode_flag). A
     help that already states the default (`(default: 16)`), or explains what no value means (`default: the GPU
     if any`), is left to say it. Deprecated spellings of a flag are named. Done once per parser (safedata.cli.
     parse_args calls it for every CLI)."""
     if getattr(parser, "_described", False):
         return parser
     parser._described = True
-    parser.formatter_class = _described_formatter(parser.formatter_class)
-    needed = set(parser._defaults.get("needed_unless_plan", ()))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -218,10 +260,8 @@ def describe(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         text = (action.help or "").rstrip()
         flat = " ".join(text.split())
         if action.required:
-            note = REQUIRED
-        elif action.dest in needed:
-            action.required_unless_plan = True
-            note = REQUIRED_UNLESS_PLAN
+            mode = waived_by(action)
+            note = REQUIRED_UNLESS.format(flag=mode) if mode else REQUIRED
         else:
             shown = shown_default(action)
             spellings = {shown} | ({str(int(action.default))} if isinstance(action.default, float) and

@@ -25,6 +25,7 @@ Sizes are printed in GB (10^9 bytes), as the README states them.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +33,19 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .config import add_mode_flag, without
 from .distributed import launched_world_size
 from .errors import UserError
+from .features.gradients import GradientArgs
 from .features.gradients.numerics import FactoredLayer, MEMORY_COST, choose_dense_copies, dense_copy_budget
-from .training import plan_batches, precision_name
+from .features.representations import RepresentationArgs
+from .training import FinetuneArgs, plan_batches, precision_name
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 PLAN_DEVICES = ("cuda", "cpu")
 PLAN_KEYS = {"device": str, "length": int, "nproc": int, "anchors": int, "anchor_tokens": int,
              "response_tokens": int, "targets": int}
+PlanSpec = str | list[str] | None     # --plan's KEY=VALUE settings, as parse_settings reads them
 PLAN_HELP = ("print the memory plan (weights, targets, activations, optimizer state, per-device total) from the "
              "model's config alone and exit (default: off, the run itself); --model_name may be a directory, a "
              "config.json or a cached Hub id; its first line names the device and dtype planned for. Optional "
@@ -320,7 +325,7 @@ def plan_representations(shape: ModelShape, batch: int, length: int, dtype_bytes
 # ----------------------------------------------------------------------------- the CLI side
 
 
-def parse_settings(spec: str | list | None) -> dict:
+def parse_settings(spec: PlanSpec) -> dict:
     """'length=512,nproc=2' (or ['device=cuda', 'nproc=2'], --plan's words) -> {'length': 512, 'nproc': 2}."""
     if isinstance(spec, (list, tuple)):
         spec = ",".join(spec)
@@ -346,11 +351,16 @@ def parse_settings(spec: str | list | None) -> dict:
 NEEDED_UNLESS_PLAN = ("data_path", "output_dir")   # a plan needs the model alone
 
 
-def add_plan_flag(parser, needed=NEEDED_UNLESS_PLAN) -> None:
-    """Add --plan. The flags in `needed` are declared optional and required by safedata.cli.parse_args unless
-    --plan was given: a plan needs the model alone."""
-    parser.add_argument("--plan", nargs="*", default=None, metavar="KEY=VALUE", help=PLAN_HELP)
-    parser.set_defaults(needed_unless_plan=tuple(needed))
+def add_plan_flag(parser: argparse.ArgumentParser, needed: tuple[str, ...] = NEEDED_UNLESS_PLAN) -> None:
+    """Add --plan, a mode flag (config.add_mode_flag): the flags in `needed` are required unless --plan is given,
+    since a plan needs the model alone. With --plan, the command builds its settings as `without(Args)` (below)."""
+    add_mode_flag(parser, "--plan", needed, nargs="*", default=None, metavar="KEY=VALUE", help=PLAN_HELP)
+
+
+# The settings a plan reads: each stage's, without the flags --plan does without (no field typed str is None).
+RepresentationPlanArgs = without(RepresentationArgs, NEEDED_UNLESS_PLAN, "RepresentationPlanArgs")
+GradientPlanArgs = without(GradientArgs, NEEDED_UNLESS_PLAN, "GradientPlanArgs")
+FinetunePlanArgs = without(FinetuneArgs, NEEDED_UNLESS_PLAN, "FinetunePlanArgs")
 
 
 def _nproc(settings: dict) -> int:
@@ -389,8 +399,8 @@ def _target_line(device: str, why: str, dtype: str) -> str:
     return f"plan for device={device}, dtype={dtype}; device: {why}"
 
 
-def gradient_plan(a, spec: str) -> Plan:
-    """The plan of a get_gradients.py run (a: its GradientArgs; spec: --plan's KEY=VALUE,... settings)."""
+def gradient_plan(a: GradientPlanArgs, spec: PlanSpec) -> Plan:
+    """The plan of a get_gradients.py run (a: its settings; spec: --plan's KEY=VALUE settings)."""
     settings = parse_settings(spec)
     length = settings.get("length") or a.max_length or 512
     anchor_tokens = settings.get("anchor_tokens") or min(length, 100)
@@ -405,8 +415,8 @@ def gradient_plan(a, spec: str) -> Plan:
     return plan
 
 
-def representation_plan(a, spec: str) -> Plan:
-    """The plan of a get_representation.py run (a: its RepresentationArgs)."""
+def representation_plan(a: RepresentationPlanArgs, spec: PlanSpec) -> Plan:
+    """The plan of a get_representation.py run (a: its settings)."""
     settings = parse_settings(spec)
     device, why = _planned_device(settings, a.device)
     plan = plan_representations(model_shape(a.model_name), a.batch_size, settings.get("length") or a.max_length or 512,
@@ -415,8 +425,8 @@ def representation_plan(a, spec: str) -> Plan:
     return plan
 
 
-def finetune_plan(a, spec: str) -> Plan:
-    """The plan of a finetune.py run (a: its FinetuneArgs)."""
+def finetune_plan(a: FinetunePlanArgs, spec: PlanSpec) -> Plan:
+    """The plan of a finetune.py run (a: its settings)."""
     settings = parse_settings(spec)
     nproc = _nproc(settings)
     per_device, accumulation = plan_batches(a.batch_size, a.per_device_batch_size, nproc)

@@ -17,7 +17,7 @@ import torch
 from . import data as D
 from .config import StageArgs, option, shared
 from .errors import MetadataMismatch, UserError
-from .paths import input_data, output_dir
+from .paths import input_data, output_dir as check_output_dir
 from .scores import anchor_scores, combine, default_weights, parse_avg_n, read_scores_csv, unique_names
 from .store import META, SafetensorsReader, atomic_write_text, read_json, require_same
 
@@ -124,7 +124,7 @@ def select(scores: np.ndarray, indices: np.ndarray, kind="top", k=100, range_sta
     raise UserError(f"--type {kind!r}: choose top, bottom or range")
 
 
-def write_selection(data_path, write_to, name, kind, k, positions, indices, ids, columns, scores,
+def write_selection(data_path, output_dir, name, kind, k, positions, indices, ids, columns, scores,
                     range_start=None, range_end=None, field_map: D.FieldMap | None = None) -> tuple[Path, Path]:
     """The selected records verbatim (pool's own format) and an index CSV with every score."""
     examples, _ = D.load_examples(data_path, need_response=True, skip_bad=True, field_map=field_map)
@@ -139,7 +139,7 @@ def write_selection(data_path, write_to, name, kind, k, positions, indices, ids,
     suffix = Path(data_path).suffix.lower()
     suffix = ".jsonl" if suffix == ".jsonl" else ".json"
     tag = f"range{range_start}-{range_end}" if kind == "range" else f"{kind}{k}"
-    out_dir = Path(write_to)
+    out_dir = Path(output_dir)
     subset_path = out_dir / f"{name}_{tag}{suffix}"
     index_path = out_dir / f"{name}_{tag}_index.csv"
     D.write_records(records, subset_path)
@@ -176,22 +176,21 @@ class RankArgs:
     k: int = option(100, "how many examples to select with --type top/bottom (default: 100)")
     range_start: int | None = option(None, "with --type range: first rank (0-based, descending)")
     range_end: int | None = option(None, "with --type range: rank after the last")
-    write_to: str = option(help="where the subset and its index CSV go", flags=("--output_dir",),
-                           deprecated=("--write_to",), metavar="OUTPUT_DIR")
+    output_dir: str = option(help="where the subset and its index CSV go", deprecated=("--write_to",))
     name: str | None = option(None, "file name prefix (default: the pool file's stem)")
     field_map: str | None = shared(StageArgs, "field_map")
 
 
 def rank(args: RankArgs) -> dict:
     """Score (or read scores), combine, select, write. Returns a summary dict."""
-    data_path, write_to, name = args.data_path, args.write_to, args.name
+    data_path, name = args.data_path, args.name
     pool_features, anchor_features, scores_dir = args.pool_features, args.anchor_features, args.scores_dir
     weights, avg_n, kind, k = args.weights, args.avg_n, args.kind, args.k
     range_start, range_end = args.range_start, args.range_end
     if (pool_features is None) == (scores_dir is None):
         raise UserError("give either --pool_features with --anchor_features, or --scores")
     input_data(data_path, "--data_path")
-    output_dir(write_to, "--output_dir")
+    check_output_dir(args.output_dir, "--output_dir")
     avg_n = parse_avg_n(avg_n)
     if kind not in KINDS:
         raise UserError(f"--type {kind!r}: choose top, bottom or range")
@@ -234,7 +233,7 @@ def rank(args: RankArgs) -> dict:
         log.warning("%d example(s) with a non-finite score excluded from ranking: %s", len(nonfinite),
                     ", ".join(nonfinite[:20]))
     positions = select(scores, indices, kind, k, range_start, range_end)
-    subset_path, index_path = write_selection(data_path, write_to, name, kind, k, positions, indices, ids, columns,
+    subset_path, index_path = write_selection(data_path, args.output_dir, name, kind, k, positions, indices, ids, columns,
                                               scores, range_start, range_end, D.field_map_of(args.field_map))
     summary = {"subset": str(subset_path), "index_csv": str(index_path), "n_scored": int(len(scores)),
                "n_nonfinite": len(nonfinite), "nonfinite_ids": nonfinite, "weights": weights,

@@ -23,6 +23,10 @@ A finished fine-tune records its settings (flags, the subset's sha256, the base 
 `finetune_meta.json`; `reuse_if_same` keeps it when a rerun asks for exactly those settings and
 refuses, naming the differences, when it asks for others (`overwrite` replaces it).
 
+The Trainer is used through its public hooks only: `EpochDecayTrainer.create_scheduler` (the per-epoch decay),
+callbacks (`TimedCheckpoints`, `CheckpointLossSum`) and `save_model`; `FinetuneArgs.training_arguments` is the one
+place the settings become TrainingArguments. `finetune` is a sequence of steps, one function each.
+
 Output: a standard Hugging Face checkpoint (safetensors + config + tokenizer) or, with LoRA,
 the adapter (`merge_lora` also writes the merged full model), plus `finetune_meta.json`,
 written last: its presence means the checkpoint is complete.
@@ -43,6 +47,7 @@ import torch
 from accelerate import init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as hf_logging
 
 from . import data as D
@@ -66,6 +71,21 @@ NOT_RECORDED = ("checkpoint_minutes",)
 RESUME_FILE = "resume_settings.json"    # OUTPUT_DIR/: the settings the checkpoint-STEP dirs there were made with
 LOSS_SUM_FILE = "loss_sum.json"         # in a checkpoint dir: the sum of the step losses up to it
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+# The Trainer's arguments every run shares, whatever its flags. Each is pinned even where it is transformers'
+# default today, so that a default changed by an upgrade cannot change the recipe or the outputs.
+FIXED_TRAINING_ARGUMENTS = {
+    "optim": "adamw_torch",             # the runs' AdamW (transformers 5 defaults to the fused kernel)
+    "warmup_steps": 0,
+    "logging_strategy": "steps",
+    "logging_steps": 1,                 # every step's loss: epoch_losses, and the loss sum a checkpoint carries
+    "eval_strategy": "no",
+    "save_strategy": "no",              # checkpoints by time instead (TimedCheckpoints)
+    "save_total_limit": 1,              # the latest checkpoint kept
+    "report_to": "none",
+    "remove_unused_columns": False,     # the collator reads the dataset's own fields
+    "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,
+}
 
 
 OPTIMISATION = "optimisation (defaults: the paper)"
@@ -75,8 +95,14 @@ LORA = "LoRA"
 @dataclass(kw_only=True)
 class FinetuneArgs:
     """Everything that determines a fine-tuned checkpoint (recorded verbatim in finetune_meta.json); finetune.py's
-    flags are generated from these fields. The run maps them onto transformers' TrainingArguments
-    (training_arguments), the way TRL's SFTConfig extends them, with the paper's defaults."""
+    flags are generated from these fields, and `training_arguments` is the one place they are mapped onto
+    transformers' TrainingArguments.
+
+    Not a TrainingArguments subclass, as TRL's SFTConfig is: a dataclass keeps an inherited field at the base
+    class's place, so output_dir, learning_rate, seed, ... would move in --help and in the recorded flags;
+    TrainingArguments' `gradient_checkpointing` (a deprecated alias) and `fsdp` mean other things than these
+    flags; the per-device batch and accumulation depend on the processes launched, and the FSDP layer classes on
+    the model loaded; and TrainingArguments with FSDP set environment variables when they are made."""
 
     model_name: str = option(help="Hugging Face id or local directory")
     data_path: str = option(help=f"the subset: records with responses, {D.INPUT_TYPES}")
@@ -134,6 +160,33 @@ class FinetuneArgs:
 
     def __post_init__(self):
         self.lora_target_modules = module_names(self.lora_target_modules)
+
+    def training_arguments(self, launch: Launch, layer_classes: list[str]) -> TrainingArguments:
+        """The Trainer's arguments for this run: these settings, the launch's batch plan and precision, the
+        recipe's fixed choices (FIXED_TRAINING_ARGUMENTS) and the FSDP settings (layer_classes: the units FSDP
+        wraps, when --fsdp)."""
+        return TrainingArguments(
+            output_dir=str(Path(self.output_dir)),
+            per_device_train_batch_size=launch.per_device,
+            gradient_accumulation_steps=launch.accumulation,
+            num_train_epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, adam_epsilon=self.adam_epsilon,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            data_seed=self.seed,
+            train_sampling_strategy="group_by_length" if self.group_by_length else "random",
+            bf16=launch.bf16_autocast,
+            # A batch job's log gets one line per step (the Trainer's own log printer), not progress-bar redraws.
+            disable_tqdm=not launch.interactive,
+            dataloader_pin_memory=launch.cuda,
+            # Without CUDA the Trainer only runs torchrun processes as DDP when told it is on CPU (gloo).
+            use_cpu=not launch.cuda,
+            ddp_backend="gloo" if not launch.cuda and launch.processes > 1 else None,
+            **FIXED_TRAINING_ARGUMENTS,
+            **trainer_fsdp_arguments(self, layer_classes, launch.broadcast_weights),
+        )
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -224,75 +277,88 @@ def resolve_save_dtype(save_dtype: str, precision: str, cuda: bool) -> torch.dty
     return DTYPES[save_dtype]
 
 
-def _make_trainer_class():
+# ----------------------------------------------------------------------------- the Trainer, through its public hooks
+#
+# Everything below uses what transformers documents for subclasses and callbacks: `create_scheduler` (the lr
+# schedule), `TrainerCallback` (timed checkpoints; the loss sum each checkpoint carries, from the logged losses)
+# and `save_model` (the final weights, cast to the save dtype on the model first). Nothing overrides a private
+# method or reads a private attribute of the Trainer.
 
-    class SafeDataTrainer(Trainer):
-        """The Trainer with the paper's per-epoch lr decay and a chosen dtype for saved weights."""
 
-        def __init__(self, *args, lr_decay=0.85, num_epochs=1, save_dtype=None, resumed_loss_sum=0.0, **kwargs):
-            self.lr_decay = lr_decay
-            self.num_epochs = num_epochs
-            self.save_dtype = save_dtype
-            self.steps_per_epoch = None
-            self.resumed_loss_sum = resumed_loss_sum     # the step losses before the checkpoint resumed from
-            self._saving_checkpoint = False
-            super().__init__(*args, **kwargs)
+class EpochDecayTrainer(Trainer):
+    """The Trainer with the paper's schedule: lr multiplied by `lr_decay` after every epoch (StepLR by epoch)."""
 
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if self.lr_scheduler is None:
-                optimizer = optimizer if optimizer is not None else self.optimizer
-                # The Trainer runs ceil(epochs x update steps per epoch) steps; epochs are whole numbers here.
-                self.steps_per_epoch = max(1, num_training_steps // self.num_epochs)
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, functools.partial(epoch_decay, steps_per_epoch=self.steps_per_epoch,
-                                                 decay=self.lr_decay))
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
+    def __init__(self, *args, lr_decay: float, num_epochs: int, **kwargs):
+        self.lr_decay = lr_decay
+        self.num_epochs = num_epochs
+        self.steps_per_epoch: int | None = None   # known once the Trainer asks for the schedule
+        super().__init__(*args, **kwargs)
 
-        def _save_checkpoint(self, model, trial):
-            # A checkpoint keeps the training weights as they are (no cast: the run resumes from them exactly)
-            # and the sum of the step losses so far (the Trainer's own train loss counts one process's steps).
-            self._saving_checkpoint = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._saving_checkpoint = False
-            if self.args.should_save:
-                directory = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                write_json(directory / LOSS_SUM_FILE, {"step": self.state.global_step,
-                                                       "loss_sum": self.resumed_loss_sum + self._total_loss_scalar})
-                log.info("checkpoint %s (resumable: rerun the same command)", directory)
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The public hook transformers documents for another schedule. (The base method also sets a private flag
+        # that makes a second train() call build a new schedule; an EpochDecayTrainer is trained once.)
+        if self.lr_scheduler is None:
+            # The Trainer runs ceil(epochs x update steps per epoch) steps; epochs are whole numbers here.
+            self.steps_per_epoch = max(1, num_training_steps // self.num_epochs)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else self.optimizer,
+                functools.partial(epoch_decay, steps_per_epoch=self.steps_per_epoch, decay=self.lr_decay))
+        return self.lr_scheduler
 
-        def _save(self, output_dir=None, state_dict=None):
-            if self._saving_checkpoint:
-                return super()._save(output_dir, state_dict)
-            unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            if getattr(unwrapped, "config", None) is not None:
-                unwrapped.config.use_cache = True  # off for training only; generation wants the KV cache
-            if self.save_dtype is not None and self.args.should_save and not isinstance(unwrapped, PeftModel):
-                if state_dict is None:
-                    state_dict = unwrapped.state_dict()
-                state_dict = cast_keeping_ties(state_dict, self.save_dtype)
-            super()._save(output_dir, state_dict)
 
-    class TimedCheckpoints(TrainerCallback):
-        """A checkpoint every `seconds` of training (after the step that crosses it). Under torchrun every process
-        takes rank 0's decision, so that all of them save the same step (saving is collective under FSDP)."""
+class TimedCheckpoints(TrainerCallback):
+    """A checkpoint every `seconds` of training (after the step that crosses it). Under torchrun every process
+    takes rank 0's decision, so that all of them save the same step (saving is collective under FSDP)."""
 
-        def __init__(self, seconds: float):
-            self.seconds = seconds
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = torch.tensor([float(time.monotonic() - self.last >= self.seconds)], device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(due, src=0)
+        if due.item() and state.global_step < state.max_steps:   # the last step saves the model itself
+            control.should_save = True
             self.last = time.monotonic()
+        return control
 
-        def on_step_end(self, args, state, control, **kwargs):
-            due = torch.tensor([float(time.monotonic() - self.last >= self.seconds)], device=args.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(due, src=0)
-            if due.item() and state.global_step < state.max_steps:   # the last step saves the model itself
-                control.should_save = True
-                self.last = time.monotonic()
-            return control
 
-    return SafeDataTrainer, TimedCheckpoints
+class CheckpointLossSum(TrainerCallback):
+    """Writes LOSS_SUM_FILE into each checkpoint once the Trainer has saved it (on_save): the sum of the step losses
+    up to it (the Trainer's own train loss counts only the steps one train() call ran, so a resumed run adds this),
+    and, being written last, the mark that the checkpoint is complete.
+
+    The losses are the logged ones (logging every step): each is the step's loss averaged over the processes, the
+    same numbers, added in the same order, as the Trainer's own running total."""
+
+    def __init__(self, resumed_loss_sum: float):
+        self.resumed_loss_sum = resumed_loss_sum   # the step losses before the checkpoint this run resumed from
+        self.loss_sum = 0.0                        # those of this run's steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss_sum += logs["loss"]
+
+    def on_save(self, args, state, control, **kwargs):   # TrainerCallback's public hook, not Trainer._save
+        if args.should_save:
+            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(directory / LOSS_SUM_FILE, {"step": state.global_step,
+                                                   "loss_sum": self.resumed_loss_sum + self.loss_sum})
+            log.info("checkpoint %s (resumable: rerun the same command)", directory)
+
+
+def save_trained_model(trainer: Trainer, directory: Path, save_dtype: torch.dtype | None) -> None:
+    """The trained model through the Trainer's save_model, in `save_dtype` (None: as trained, e.g. a LoRA adapter),
+    with the KV cache switched back on (off for training only; generation wants it). The model is cast in place:
+    training is over, and a cast module keeps its tied weights one tensor, so save_pretrained writes them once.
+    Checkpoints never come here: they keep the training weights as they are, to resume from them exactly."""
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True
+    if save_dtype is not None:
+        model.to(save_dtype)   # under FSDP2 too: a sharded module re-registers its shards after a cast
+    trainer.save_model(str(directory))
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -326,22 +392,6 @@ def remove_checkpoints(out: Path) -> None:
     for path in out.glob("checkpoint-*"):
         shutil.rmtree(path, ignore_errors=True)
     (out / RESUME_FILE).unlink(missing_ok=True)
-
-
-def cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
-    """Floating tensors cast to dtype; tensors that share storage (tied embeddings) stay one tensor, so that
-    save_pretrained writes them once, as it does for the uncast model."""
-    cast: dict[tuple, torch.Tensor] = {}
-    out = {}
-    for name, tensor in state_dict.items():
-        if not torch.is_floating_point(tensor):
-            out[name] = tensor
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if key not in cast:
-            cast[key] = tensor.to(dtype)
-        out[name] = cast[key]
-    return out
 
 
 def _fix_config_dtype(directory: Path, dtype: torch.dtype) -> None:
@@ -453,35 +503,62 @@ def settings_differences(recorded_meta: dict, requested: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the stage
 
 
-def finetune(config: FinetuneArgs) -> dict:
-    """Fine-tune, save the checkpoint and finetune_meta.json; returns the meta (on every process)."""
+@dataclass(frozen=True)
+class Launch:
+    """What one run resolves from its settings and the processes it was launched with."""
 
-    out = Path(config.output_dir)
-    interactive = sys.stderr.isatty()
-    if not interactive:  # a batch job's log: no progress-bar redraws from loading and saving either
-        hf_logging.disable_progress_bar()
+    processes: int
+    rank: int
+    cuda: bool
+    interactive: bool             # stderr is a terminal: progress bars, else one log line per step
+    per_device: int
+    accumulation: int
+    load_dtype: str
+    bf16_autocast: bool
+    save_dtype: torch.dtype
+    broadcast_weights: bool       # rank 0 reads the weights, the other ranks get their shards from it
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 outside it), known before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_settings(config: FinetuneArgs) -> None:
+    """Refuse settings that contradict each other, before any work."""
     if config.epochs < 1:
         raise UserError("--epochs must be at least 1")
     if config.merge_lora and not config.lora:
         raise UserError("--merge_lora needs --lora")
-    base_name = _base_model_path(config.model_name)
-    requested = requested_settings(config, D.file_sha256(config.data_path), model_identity(base_name))
-    if (out / META_NAME).exists():
-        recorded = read_json(out / META_NAME)
-        differences = settings_differences(recorded, requested)
-        if config.reuse_if_same and not differences:
-            log.info("%s: already fine-tuned with these settings (%s); keeping it", out, META_NAME)
-            return recorded
-        if not config.overwrite:
-            if differences:
-                raise UserError(f"{out}: holds a fine-tune made with other settings ({'; '.join(differences)}); "
-                                "use another --output_dir (SAVE_NAME in the SLURM job) or --overwrite")
-            raise UserError(f"{out}: already holds a finished fine-tune ({META_NAME}) with these settings; use "
-                            "--reuse_if_same to keep it, another --output_dir, or --overwrite")
-        if int(os.environ.get("RANK", "0")) == 0:  # no stale "complete" marker while the new run is under way
-            log.warning("%s: replacing the finished fine-tune there (--overwrite)", out)
-            (out / META_NAME).unlink(missing_ok=True)
-            (out / ADAPTER_DIR / META_NAME).unlink(missing_ok=True)
+
+
+def finished_run_to_keep(config: FinetuneArgs, requested: dict) -> dict | None:
+    """The rerun policy for an --output_dir that holds a finished fine-tune: its meta when --reuse_if_same and its
+    settings are these; a refusal naming the differences without --overwrite; else None (with --overwrite, its
+    finished marker is removed first, so that no stale 'complete' marker stands while the new run is under way)."""
+    out = Path(config.output_dir)
+    if not (out / META_NAME).exists():
+        return None
+    recorded = read_json(out / META_NAME)
+    differences = settings_differences(recorded, requested)
+    if config.reuse_if_same and not differences:
+        log.info("%s: already fine-tuned with these settings (%s); keeping it", out, META_NAME)
+        return recorded
+    if not config.overwrite:
+        if differences:
+            raise UserError(f"{out}: holds a fine-tune made with other settings ({'; '.join(differences)}); "
+                            "use another --output_dir (SAVE_NAME in the SLURM job) or --overwrite")
+        raise UserError(f"{out}: already holds a finished fine-tune ({META_NAME}) with these settings; use "
+                        "--reuse_if_same to keep it, another --output_dir, or --overwrite")
+    if _rank() == 0:
+        log.warning("%s: replacing the finished fine-tune there (--overwrite)", out)
+        (out / META_NAME).unlink(missing_ok=True)
+        (out / ADAPTER_DIR / META_NAME).unlink(missing_ok=True)
+    return None
+
+
+def plan_launch(config: FinetuneArgs) -> Launch:
+    """Processes, batch plan, precision and where the weights are read, for this launch."""
     processes = launched_world_size()
     per_device, accumulation = plan_batches(config.batch_size, config.per_device_batch_size, processes)
     cuda = torch.cuda.is_available()
@@ -491,123 +568,117 @@ def finetune(config: FinetuneArgs) -> dict:
         log.warning("--fsdp without CUDA: accelerate applies FSDP on accelerators only; these CPU processes run DDP")
     if config.fsdp and processes == 1:
         log.warning("--fsdp with one process shards nothing; launch with torchrun --nproc_per_node N")
+    return Launch(processes=processes, rank=_rank(), cuda=cuda, interactive=sys.stderr.isatty(),
+                  per_device=per_device, accumulation=accumulation, load_dtype=load_dtype,
+                  bf16_autocast=bf16_autocast, save_dtype=save_dtype,
+                  broadcast_weights=broadcasts_weights(config, processes, cuda))
 
-    tokenizer = load_tokenizer(base_name)
+
+@dataclass
+class Subset:
+    """The subset as trained on: its template, encoded examples, and what was left out."""
+
+    template: str
+    encoded: list[D.Encoded]
+    excluded: list                # records left out (nothing supervised after the cut)
+    n_cut: int                    # examples --max_length cut
+    skipped: list                 # bad records skipped (--skip_bad)
+
+
+def load_subset(config: FinetuneArgs, base_name: str, tokenizer) -> Subset:
+    """The subset's records encoded with the run's template (--max_length cuts logged), refused when nothing in it
+    is supervised."""
     template = choose_template(base_name, config.template, tokenizer)
     examples, skipped = D.load_examples(config.data_path, need_response=True, skip_bad=config.skip_bad,
                                         field_map=D.field_map_of(config.field_map))
-    encoded, excluded = encoding = D.encode_examples(examples, tokenizer, template, config.max_length)  # logs the cut
-    if not encoded:
+    encoding = D.encode_examples(examples, tokenizer, template, config.max_length)   # logs the cut
+    if not encoding.encoded:
         raise UserError(f"{config.data_path}: no example has a supervised token (check --max_length)")
-    if len(encoded) < config.batch_size:
+    if len(encoding.encoded) < config.batch_size:
         log.warning("%s: %d example(s) for an effective batch of %d: each epoch is a single optimizer step on "
-                    "all of them (lower --batch_size for more steps)", config.data_path, len(encoded),
+                    "all of them (lower --batch_size for more steps)", config.data_path, len(encoding.encoded),
                     config.batch_size)
-    data_sha = requested["data_sha256"]
+    return Subset(template, encoding.encoded, encoding.excluded, encoding.n_cut, skipped)
 
-    # Weights read once under FSDP: rank 0 loads them, the others start on the meta device and get their shards
-    # from rank 0 when the Trainer wraps the model (accelerate's cpu_ram_efficient_loading).
-    broadcast_weights = broadcasts_weights(config, processes, cuda)
-    rank = int(os.environ.get("RANK", "0"))
-    if broadcast_weights and rank != 0:
-        model = _empty_model(base_name, load_dtype)
-        log.info("rank %d: model built on the meta device; FSDP fills in its shard from rank 0's weights", rank)
+
+def load_training_model(config: FinetuneArgs, base_name: str, launch: Launch) -> torch.nn.Module:
+    """The model to train: the base model (under FSDP's broadcast, only rank 0 reads its weights; the others build
+    it on the meta device and get their shards from rank 0 when the Trainer wraps it), with a LoRA adapter when
+    asked for."""
+    if launch.broadcast_weights and launch.rank != 0:
+        model = _empty_model(base_name, launch.load_dtype)
+        log.info("rank %d: model built on the meta device; FSDP fills in its shard from rank 0's weights", launch.rank)
     else:
-        model, _ = load_model(base_name, load_dtype, "cpu")
+        model, _ = load_model(base_name, launch.load_dtype, "cpu")
     model.config.use_cache = False
-    if config.lora:
-        lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
-        torch.manual_seed(config.seed)  # LoRA's A matrices are random: the seed decides them
-        try:
-            model = get_peft_model(model, lora_config)
-        except ValueError as err:
-            raise UserError(f"--lora_target_modules {','.join(config.lora_target_modules)}: {err}") from None
+    if not config.lora:
+        return model
+    lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # LoRA's A matrices are random: the seed decides them
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as err:
+        raise UserError(f"--lora_target_modules {','.join(config.lora_target_modules)}: {err}") from None
 
-    resume_from = checkpoint_to_resume(out, requested)
-    resumed_loss_sum = read_json(resume_from / LOSS_SUM_FILE)["loss_sum"] if resume_from else 0.0
-    if config.checkpoint_minutes > 0 and rank == 0:
-        write_json(out / RESUME_FILE, requested)   # before the first checkpoint: what its settings are
 
-    fsdp_kwargs = trainer_fsdp_arguments(config, decoder_layer_classes(model) if config.fsdp else [], broadcast_weights)
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm,
-        optim="adamw_torch",
-        warmup_steps=0,
-        seed=config.seed,
-        data_seed=config.seed,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        bf16=bf16_autocast,
-        logging_strategy="steps",
-        logging_steps=1,
-        # A batch job's log gets one line per step (the Trainer's own log printer), not progress-bar redraws.
-        disable_tqdm=not interactive,
-        eval_strategy="no",
-        save_strategy="no",         # checkpoints by time instead (TimedCheckpoints), the latest one kept
-        save_total_limit=1,
-        report_to="none",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-        dataloader_pin_memory=cuda,
-        # Without CUDA the Trainer only runs torchrun processes as DDP when told it is on CPU (gloo).
-        use_cpu=not cuda,
-        ddp_backend="gloo" if not cuda and processes > 1 else None,
-        **fsdp_kwargs,
-    )
-    Trainer, TimedCheckpoints = _make_trainer_class()
-    callbacks = [TimedCheckpoints(60 * config.checkpoint_minutes)] if config.checkpoint_minutes > 0 else []
-    trainer = Trainer(model=model, args=args, train_dataset=SubsetDataset(encoded),
-                      data_collator=Collator(D.pad_token_id(tokenizer)), processing_class=tokenizer,
-                      lr_decay=config.lr_decay, num_epochs=config.epochs,
-                      save_dtype=None if config.lora else save_dtype, resumed_loss_sum=resumed_loss_sum,
-                      callbacks=callbacks)
-    log.info("fine-tuning %s on %d example(s) of %s: %d process(es) x %d per device x %d accumulation = %d per step",
-             config.model_name, len(encoded), config.data_path, processes, per_device, accumulation,
-             processes * per_device * accumulation)
+def make_trainer(config: FinetuneArgs, launch: Launch, model, tokenizer, subset: Subset,
+                 resumed_loss_sum: float) -> EpochDecayTrainer:
+    """The Trainer for this run, with its timed checkpoints (and their loss sums) when checkpoints are on."""
+    layer_classes = decoder_layer_classes(model) if config.fsdp else []
+    callbacks = ([TimedCheckpoints(60 * config.checkpoint_minutes), CheckpointLossSum(resumed_loss_sum)]
+                 if config.checkpoint_minutes > 0 else [])
+    return EpochDecayTrainer(model=model, args=config.training_arguments(launch, layer_classes),
+                             train_dataset=SubsetDataset(subset.encoded),
+                             data_collator=Collator(D.pad_token_id(tokenizer)), processing_class=tokenizer,
+                             lr_decay=config.lr_decay, num_epochs=config.epochs, callbacks=callbacks)
+
+
+def train(trainer: EpochDecayTrainer, resume_from: Path | None,
+          resumed_loss_sum: float) -> tuple[TrainOutput, float]:
+    """Train (from the checkpoint when there is one); (the Trainer's result, the mean step loss of the whole run)."""
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_loss = result.training_loss
     if resume_from is not None:   # the Trainer's own mean covers the steps this process ran
         steps_run = trainer.state.global_step - _checkpoint_step(resume_from)
         train_loss = (resumed_loss_sum + result.training_loss * steps_run) / max(trainer.state.global_step, 1)
+    return result, train_loss
 
-    save_to = out / ADAPTER_DIR if config.merge_lora else out
-    trainer.save_model(str(save_to))
+
+def finetune_meta(config: FinetuneArgs, launch: Launch, requested: dict, subset: Subset, trainer: EpochDecayTrainer,
+                  result: TrainOutput, train_loss: float, resume_from: Path | None) -> dict:
+    """finetune_meta.json's content (without the time it was written and the environment)."""
     history = [dict(e) for e in trainer.state.log_history]
     steps_per_epoch = trainer.steps_per_epoch or 1
     step_losses = [e["loss"] for e in history if "loss" in e]
-    meta = {
+    per_device, accumulation = launch.per_device, launch.accumulation
+    return {
         "stage": "finetune",
         "base_model": requested["base_model"],
         "base_model_name": config.model_name,
-        "template": template,
+        "template": subset.template,
         "data_file": str(Path(config.data_path).resolve()),
-        "data_sha256": data_sha,
-        "n": len(encoded),
-        "indices": [e.index for e in encoded],
-        "ids": [e.id for e in encoded],
-        "excluded": [vars(e) for e in excluded],
-        "n_cut": encoding.n_cut,                 # examples --max_length cut
-        "skipped": skipped,
+        "data_sha256": requested["data_sha256"],
+        "n": len(subset.encoded),
+        "indices": [e.index for e in subset.encoded],
+        "ids": [e.id for e in subset.encoded],
+        "excluded": [vars(e) for e in subset.excluded],
+        "n_cut": subset.n_cut,
+        "skipped": subset.skipped,
         "flags": recorded_flags(config),
         "settings": requested,
-        "world_size": processes,
+        "world_size": launch.processes,
         "per_device_batch_size": per_device,
         "gradient_accumulation_steps": accumulation,
-        "effective_batch_size": per_device * accumulation * processes,
+        "effective_batch_size": per_device * accumulation * launch.processes,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": trainer.state.global_step,
-        "compute": {"load_dtype": load_dtype, "bf16_autocast": bf16_autocast, "device": str(args.device),
-                    "fsdp": config.fsdp, "fsdp_applied": bool(trainer.is_fsdp_enabled),
-                    "weights_broadcast_from_rank0": broadcast_weights},
-        "save_dtype": "fp32 (adapter)" if config.lora and not config.merge_lora else str(save_dtype).split(".")[-1],
+        "compute": {"load_dtype": launch.load_dtype, "bf16_autocast": launch.bf16_autocast,
+                    "device": str(trainer.args.device), "fsdp": config.fsdp,
+                    "fsdp_applied": bool(trainer.is_fsdp_enabled),
+                    "weights_broadcast_from_rank0": launch.broadcast_weights},
+        "save_dtype": ("fp32 (adapter)" if config.lora and not config.merge_lora else
+                       str(launch.save_dtype).split(".")[-1]),
         "kind": "lora_merged" if config.merge_lora else ("lora_adapter" if config.lora else "full"),
         "train_loss": train_loss,
         "final_step_loss": step_losses[-1] if step_losses else None,
@@ -616,22 +687,63 @@ def finetune(config: FinetuneArgs) -> dict:
         "train_runtime_s": result.metrics.get("train_runtime"),
         **({"resumed_from_step": _checkpoint_step(resume_from)} if resume_from is not None else {}),
     }
-    if trainer.args.should_save:
-        if not config.lora:
-            _fix_config_dtype(out, save_dtype)
-        if config.merge_lora:
-            write_json(save_to / META_NAME, dict(meta, kind="lora_adapter", save_dtype="fp32 (adapter)"))
-            merge_adapter(base_name, save_to, out, save_dtype)
-        meta.update(created=now(), environment=environment())
-        # save_pretrained writes safetensors files owner-only (temporary-file modes): give them the user's umask
-        for directory in (out, out / ADAPTER_DIR):
-            if directory.is_dir():
-                apply_umask(directory)
-        remove_checkpoints(out)            # the run is complete: nothing left to resume
-        write_json(out / META_NAME, meta)  # last: its presence marks a complete checkpoint
-        log.info("wrote %s (train loss %.4f; per epoch %s)", out, train_loss,
-                 ", ".join(f"{x:.4f}" for x in meta["epoch_losses"]))
-    if processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+
+
+def write_outputs(config: FinetuneArgs, launch: Launch, trainer: EpochDecayTrainer, base_name: str,
+                  meta: dict) -> None:
+    """The checkpoint (or adapter; with --merge_lora also the merged model) and, last, finetune_meta.json, whose
+    presence marks the checkpoint complete. Every process takes part in the save (collective under FSDP); rank 0
+    writes."""
+    out = Path(config.output_dir)
+    save_to = out / ADAPTER_DIR if config.merge_lora else out
+    save_trained_model(trainer, save_to, None if config.lora else launch.save_dtype)
+    if not trainer.args.should_save:
+        return
+    if not config.lora:
+        _fix_config_dtype(out, launch.save_dtype)
+    if config.merge_lora:
+        write_json(save_to / META_NAME, dict(meta, kind="lora_adapter", save_dtype="fp32 (adapter)"))
+        merge_adapter(base_name, save_to, out, launch.save_dtype)
+    meta.update(created=now(), environment=environment())
+    # save_pretrained writes safetensors files owner-only (temporary-file modes): give them the user's umask
+    for directory in (out, out / ADAPTER_DIR):
+        if directory.is_dir():
+            apply_umask(directory)
+    remove_checkpoints(out)            # the run is complete: nothing left to resume
+    write_json(out / META_NAME, meta)  # last: its presence marks a complete checkpoint
+    log.info("wrote %s (train loss %.4f; per epoch %s)", out, meta["train_loss"],
+             ", ".join(f"{x:.4f}" for x in meta["epoch_losses"]))
+
+
+def finetune(config: FinetuneArgs) -> dict:
+    """Fine-tune, save the checkpoint and finetune_meta.json; returns the meta (on every process)."""
+    if not sys.stderr.isatty():  # a batch job's log: no progress-bar redraws from loading and saving either
+        hf_logging.disable_progress_bar()
+    check_settings(config)
+    base_name = _base_model_path(config.model_name)
+    requested = requested_settings(config, D.file_sha256(config.data_path), model_identity(base_name))
+    kept = finished_run_to_keep(config, requested)
+    if kept is not None:
+        return kept
+    launch = plan_launch(config)
+    tokenizer = load_tokenizer(base_name)
+    subset = load_subset(config, base_name, tokenizer)
+    model = load_training_model(config, base_name, launch)
+
+    out = Path(config.output_dir)
+    resume_from = checkpoint_to_resume(out, requested)
+    resumed_loss_sum = read_json(resume_from / LOSS_SUM_FILE)["loss_sum"] if resume_from else 0.0
+    if config.checkpoint_minutes > 0 and launch.rank == 0:
+        write_json(out / RESUME_FILE, requested)   # before the first checkpoint: what its settings are
+    trainer = make_trainer(config, launch, model, tokenizer, subset, resumed_loss_sum)
+    log.info("fine-tuning %s on %d example(s) of %s: %d process(es) x %d per device x %d accumulation = %d per step",
+             config.model_name, len(subset.encoded), config.data_path, launch.processes, launch.per_device,
+             launch.accumulation, launch.processes * launch.per_device * launch.accumulation)
+    result, train_loss = train(trainer, resume_from, resumed_loss_sum)
+
+    meta = finetune_meta(config, launch, requested, subset, trainer, result, train_loss, resume_from)
+    write_outputs(config, launch, trainer, base_name, meta)
+    if launch.processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return meta
 

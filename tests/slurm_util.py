@@ -228,6 +228,16 @@ def wait_ok(job_id, timeout: float = 120, poll: float = 1.0) -> dict:
     return states
 
 
+def workdir_fixture(prefix: str):
+    """A test module's `workdir` fixture: skips without a cluster (before building anything), else job_workdir."""
+    @pytest.fixture()
+    def workdir(request):
+        require_slurm()
+        with job_workdir(request.getfixturevalue("tiny_model_dir"), prefix) as base:
+            yield base
+    return workdir
+
+
 @contextmanager
 def job_workdir(tiny_model_dir, prefix: str):
     """A world-readable directory under /tmp (the slurmd user reads it) holding a copy of the tiny model."""

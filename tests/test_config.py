@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from safedata.audit import AuditArgs
-from safedata.config import LoraArgs, StageArgs, add_options, from_args, option, option_fields, shared
+from safedata.config import (LoraArgs, StageArgs, add_mode_flag, add_options, from_args, option, option_fields,
+                             shared, waived_by, without)
 from safedata.features.gradients import GradientArgs
 from safedata.features.representations import RepresentationArgs
 from safedata.evaluation import EvaluateArgs
@@ -73,9 +74,56 @@ def test_flags_follow_the_field_types_defaults_and_metadata():
     assert actions["names"].metavar == "N" and actions["names"].default == ["a", "b"]
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
     assert groups["numbers"] == ["ratio", "weights"]
-    optional = argparse.ArgumentParser()
-    add_options(optional, Sample, optional=("name",))
-    assert from_args(Sample, optional.parse_args([])).name is None   # required by parse_args unless --plan
+
+
+def test_a_mode_flag_waives_required_flags_only_when_given(capsys):
+    """add_mode_flag (--plan): the flags it waives are required (argparse's own check) unless it is on the command
+    line, found before the rest is parsed; --help says so; the parser keeps them required after a parse."""
+    from safedata.cli import parse_args
+    parser = argparse.ArgumentParser(prog="x")
+    add_options(parser, Sample)
+    add_mode_flag(parser, "--mode", ("name",), nargs="*", default=None, help="another mode")
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["--size", "2"])
+    assert "the following arguments are required: --name" in capsys.readouterr().err
+    got = parse_args(parser, ["--size", "2", "--mode", "a=1", "b=2"])
+    assert got.mode == ["a=1", "b=2"] and got.name is None and got.size == 2
+    assert parse_args(parser, ["--mo", "--name", "n"]).name == "n"      # abbreviated as argparse allows
+    assert parse_args(parser, ["--name", "n"]).mode is None
+    name = next(a for a in parser._actions if a.dest == "name")
+    assert name.required and waived_by(name) == "--mode" and name.help.endswith("(required unless --mode)")
+    assert "usage: x [-h] --name NAME " in parser.format_usage()       # unbracketed: a normal run needs it
+    with pytest.raises(SystemExit):                                   # an error under --mode: the same usage line
+        parse_args(parser, ["--mode", "--kind", "z"])
+    assert capsys.readouterr().err.startswith("usage: x [-h] --name NAME ")
+
+
+def test_without_makes_the_settings_of_a_mode_with_honest_types():
+    """config.without: the fields but those named, each declaration unchanged, and the class's __post_init__."""
+    from safedata import plan
+    lean = without(Sample, ("name",), "Lean")
+    assert [f.name for f in dataclasses.fields(lean)] == [f.name for f in dataclasses.fields(Sample) if f.name != "name"]
+    assert lean() == lean(size=None, ratio=0.5, weights=None, names=["a", "b"], kind="x", on=False, hidden=3)
+    assert typing.get_type_hints(lean)["copied"] is float and not hasattr(lean(), "name")
+    with pytest.raises(TypeError, match="no field nothing"):
+        without(Sample, ("nothing",), "Bad")
+    for stage, planned in ((RepresentationArgs, plan.RepresentationPlanArgs), (GradientArgs, plan.GradientPlanArgs),
+                           (FinetuneArgs, plan.FinetunePlanArgs)):
+        names = {f.name for f in dataclasses.fields(planned)}
+        assert names == {f.name for f in dataclasses.fields(stage)} - {"data_path", "output_dir"}, stage
+        assert typing.get_type_hints(planned)["model_name"] is str
+    assert plan.FinetunePlanArgs(model_name="m", lora_target_modules=["q_proj,k_proj"]).lora_target_modules == [
+        "q_proj", "k_proj"]                                         # FinetuneArgs.__post_init__ runs there too
+
+
+def test_score_args_share_the_stage_options_with_their_own_help():
+    """ScoreArgs declares none of the per-example stage options again: each is StageArgs's (one type), with a
+    help naming the methods that read it; --chunk_size keeps score.py's default (4096)."""
+    fields = {f.name: f for f in dataclasses.fields(ScoreArgs)}
+    for name in ("template", "max_length", "shard", "chunk_size", "dtype", "device", "skip_bad", "field_map"):
+        assert fields[name].metadata["shared_from"] == (StageArgs, name), name
+    assert fields["chunk_size"].default == 4096 and StageArgs().chunk_size == 512
+    assert fields["max_length"].metadata["help"] == "compliance: truncate examples to this many tokens"
 
 
 def test_a_switch_must_default_to_false():
@@ -215,7 +263,6 @@ def expected_default(value) -> list[str]:
 def check_help(name, parser, entries, defaults: dict):
     """Every flag of `parser` has an entry whose help names its default (defaults: dest -> value, else argparse's
     default), or that it is required."""
-    needed = set(parser._defaults.get("needed_unless_plan", ()))
     problems = []
     for action in parser._actions:
         if not action.option_strings or isinstance(action, argparse._HelpAction):
@@ -224,12 +271,12 @@ def check_help(name, parser, entries, defaults: dict):
         text = entries.get(flag)
         if text is None:
             problems.append(f"{flag}: not in --help")
+        elif action.required and waived_by(action):
+            if f"(required unless {waived_by(action)})" not in text:
+                problems.append(f"{flag}: not marked (required unless {waived_by(action)}): {text!r}")
         elif action.required:
             if "(required)" not in text:
                 problems.append(f"{flag}: required, not marked (required): {text!r}")
-        elif action.dest in needed:
-            if "(required unless --plan)" not in text:
-                problems.append(f"{flag}: not marked (required unless --plan): {text!r}")
         else:
             value = defaults.get(action.dest, action.default)
             spellings = expected_default(value)
@@ -256,7 +303,7 @@ def test_every_generated_cli_help_shows_each_default_and_what_is_required(script
     check_help(script, parser, help_entries(text), dataclass_defaults(CLIS[script]))
     usage = " ".join(text.split("\n\n")[0].split())
     for action in parser._actions:
-        if action.required or action.dest in parser._defaults.get("needed_unless_plan", ()):
+        if action.required:
             assert f"[{action.option_strings[0]} " not in usage, (script, action.option_strings[0], usage)
 
 
@@ -291,7 +338,7 @@ def test_the_help_check_reads_what_it_should():
 
 # (script, sub-command, old argv, new argv, dest, value, the one warning line)
 DEPRECATED = [
-    ("rank", None, ["--write_to", "SEL"], ["--output_dir", "SEL"], "write_to", "SEL",
+    ("rank", None, ["--write_to", "SEL"], ["--output_dir", "SEL"], "output_dir", "SEL",
      "warning: --write_to is deprecated; use --output_dir"),
     ("evaluate", None, ["--model", "M"], ["--model_name", "M"], "model", "M",
      "warning: --model is deprecated; use --model_name"),

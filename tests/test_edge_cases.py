@@ -260,11 +260,11 @@ def test_field_map_is_an_argument_of_each_stage_not_process_state(tiny_model_dir
     assert score(ScoreArgs(method="random", data_path=str(mapped), output_dir=str(tmp_path / "s"),
                            field_map=MAPPED_FIELDS))
     assert read_json(tmp_path / "s" / "meta.json")["field_map"]["conversation"][0] == "dialog"
-    summary = rank(RankArgs(data_path=str(mapped), write_to=str(tmp_path / "sel"), scores_dir=str(tmp_path / "s"),
+    summary = rank(RankArgs(data_path=str(mapped), output_dir=str(tmp_path / "sel"), scores_dir=str(tmp_path / "s"),
                             k=2, field_map=MAPPED_FIELDS))
     assert all("dialog" in json.loads(line) for line in Path(summary["subset"]).read_text().splitlines())
     with pytest.raises(UserError, match="mapped.jsonl: no usable records"):   # skipped: no mapping now
-        rank(RankArgs(data_path=str(mapped), write_to=str(tmp_path / "sel2"), scores_dir=str(tmp_path / "s"), k=2))
+        rank(RankArgs(data_path=str(mapped), output_dir=str(tmp_path / "sel2"), scores_dir=str(tmp_path / "s"), k=2))
     assert generate_responses(GenerationArgs(model_name=str(tiny_model_dir), data_path=str(mapped),
                                              output_dir=str(tmp_path / "gen"), max_new_tokens=2, dtype="fp32",
                                              template="paper", field_map=MAPPED_FIELDS))

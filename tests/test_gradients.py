@@ -99,13 +99,13 @@ def rel_err(a, b):
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
-def run_batches(model, items, bank, pad, bs, engine=None):
+def run_batches(engine, items, bank, pad, bs):
     """Consecutive (not length-bucketed) batches: every batch mixes lengths, so padding is exercised."""
     inner, sq = [], []
     for start in range(0, len(items), bs):
-        i, s = G.score_batch(model, items[start:start + bs], bank, pad, engine=engine)
-        inner.append(i)
-        sq.append(s)
+        scores = G.score_batch(engine, bank, items[start:start + bs], pad)
+        inner.append(scores.inner)
+        sq.append(scores.sqnorm)
     return torch.cat(inner), torch.cat(sq)
 
 
@@ -122,7 +122,7 @@ def check_against(r: Reference, params="all", paths=("auto", "ghost", "materiali
         engine = G.get_engine(r.model, params, path=path)
         bank = G.TargetBank([res_a.target, res_b.target], engine)
         for bs in batch_sizes:
-            inner, sq = run_batches(r.model, r.pool.encoded, bank, r.pad, bs, engine)
+            inner, sq = run_batches(engine, r.pool.encoded, bank, r.pad, bs)
             assert rel_err(sq, r.sq) < TOL, (path, bs)                 # ||G_i||^2
             assert rel_err(inner, r.inner) < TOL, (path, bs)           # <G_i, T_j>
             assert rel_err(inner / sq.sqrt()[:, None], r.scores) < TOL, (path, bs)
@@ -173,19 +173,25 @@ def test_embedding_padding_idx_row_has_no_gradient(tiny_model_dir, files):
     items = [D.Encoded(0, "p", [1, 50, pad_row, 60, 70, pad_row, 80], [-100, -100, -100, 60, 70, pad_row, 80]),
              D.Encoded(1, "q", [1, 90, 91, 92], [-100, -100, 91, 92])]
     grads = torch.stack([flat_grad(r.model, it, r.names) for it in items])
-    inner, sq = G.score_batch(r.model, items, None, r.pad)
+    engine = G.get_engine(r.model, "all")
+    scores = G.score_batch(engine, G.TargetBank([], engine), items, r.pad)
+    sq = scores.sqnorm
     assert rel_err(sq, (grads * grads).sum(1)) < TOL
 
 
 def test_norm_site_detection(tiny_model_dir):
-    model, _ = load_model(tiny_model_dir, "fp32", "cpu")
+    model, tok = load_model(tiny_model_dir, "fp32", "cpu")
     engine = G.get_engine(model, "all")
     kinds = {s.kind for s in engine.sites}
     assert kinds == {"linear", "embedding", "norm"}
     assert sum(s.kind == "norm" for s in engine.sites) == 2 * 2 + 1
     covered = {s.weight for s in engine.sites}
     assert covered == {n for n, _ in model.named_parameters()}
-    assert all(not p.requires_grad for p in model.parameters())      # never a weight .grad
+    flags = [p.requires_grad for p in model.parameters()]
+    G.score_batch(engine, G.TargetBank([], engine), [D.Encoded(0, "p", [1, 50, 60, 70], [-100, -100, 60, 70])],
+                  D.pad_token_id(tok))
+    assert all(p.grad is None for p in model.parameters())          # never a weight .grad
+    assert [p.requires_grad for p in model.parameters()] == flags   # and the caller's model as it was
 
 
 def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
@@ -226,7 +232,7 @@ def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
     for state_, reference in ((None, gp), (adam, adam_p)):
         engine = G.get_engine(lm, "lora", "lora", state_)
         bank = G.TargetBank([res.target], engine)
-        inner, sq = run_batches(lm, pool.encoded, bank, pad, 3, engine)
+        inner, sq = run_batches(engine, pool.encoded, bank, pad, 3)
         assert rel_err(sq, (reference * reference).sum(1)) < TOL
         assert rel_err(inner[:, 0], reference @ T) < TOL
     # Adam-preconditioned anchors too
@@ -236,7 +242,7 @@ def test_lora_equal_bruteforce_with_adam(tiny_model_dir, files, tmp_path):
     # projected LoRA features (Adam-preconditioned): the projection of the exact per-example vectors
     engine = G.get_engine(lm, "lora", "lora", adam)
     projector = G.projector_for(engine, 64, seed=5)
-    feats = torch.cat([G.project_batch(lm, pool.encoded[s:s + 3], projector, pad, "lora", "lora", adam)
+    feats = torch.cat([G.project_batch(engine, projector, pool.encoded[s:s + 3], pad)
                        for s in range(0, len(pool.encoded), 3)])
     sizes = [math.prod(engine.shapes[n]) for n in lnames]
     expected = projector.project({n: projector.project_dense(n, v)
@@ -398,7 +404,7 @@ def test_nonfinite_and_excluded_examples_are_reported_not_ranked(ref, targets, t
     assert rel_err(got, ref.scores[keep]) < TOL          # the others are untouched by the NaN in their batch
     # rank.py never selects them
     from safedata.ranking import RankArgs, rank
-    summary = rank(RankArgs(data_path=pool, write_to=tmp_path / "sel", scores_dir=out, k=len(POOL) - 1))
+    summary = rank(RankArgs(data_path=pool, output_dir=tmp_path / "sel", scores_dir=out, k=len(POOL) - 1))
     assert summary["k"] == len(POOL) - 1
     selected = (tmp_path / "sel" / "pool_bad_top7_index.csv").read_text()
     assert poisoned.id not in selected and long_record["output"] not in (tmp_path / "sel" / "pool_bad_top7.json").read_text()
@@ -436,7 +442,7 @@ def test_projected_features_are_the_projection_of_the_exact_gradients(ref, tiny_
     pool_f, anchor_f = load_features(tmp_path / "pool_full"), load_features(tmp_path / "a_full")
     assert rel_err(anchor_scores(pool_f.features, anchor_f.features, "all"), ref.scores[:, 0]) < 1e-4
     from safedata.ranking import RankArgs, rank   # rank.py accepts them (same stage, model, template, flags)
-    summary = rank(RankArgs(data_path=files["pool"], write_to=tmp_path / "sel", pool_features=tmp_path / "pool_full",
+    summary = rank(RankArgs(data_path=files["pool"], output_dir=tmp_path / "sel", pool_features=tmp_path / "pool_full",
                             anchor_features=[tmp_path / "a_full"], avg_n="all", k=3))
     assert summary["k"] == 3 and summary["n_nonfinite"] == 0
 
@@ -454,7 +460,8 @@ def test_fp32_and_bf16_models_track_the_fp64_reference(ref, tiny_model_dir, file
         anchors = prepare_data(files["a"], tok, "paper", max_response_length=MLEN)
         res = G.anchor_gradients(model, anchors.encoded, ref.pad, batch_size=2)
         assert {p.fact_g.dtype for p in res.target.params.values() if p.fact_g is not None} == {model.dtype}
-        inner, sq = run_batches(model, ref.pool.encoded, [res.target], ref.pad, 3)
+        engine = G.get_engine(model)
+        inner, sq = run_batches(engine, ref.pool.encoded, G.TargetBank([res.target], engine), ref.pad, 3)
         assert inner.dtype == sq.dtype == torch.float32                   # accumulated in fp32
         scores = inner[:, 0].double() / sq.double().sqrt()
         assert float((scores - ref.scores[:, 0]).abs().max()) < tol * float(ref.scores[:, 0].abs().max()), dtype
@@ -659,11 +666,11 @@ def test_self_influence_equals_bruteforce_and_ranks(ref, tiny_model_dir, files, 
     from safedata.ranking import RankArgs, rank
     for weights, column in (([0.0, 1.0], expected_n), ([1.0, 0.0], ref.sq)):
         sel = tmp_path / f"sel{weights[0]}"
-        rank(RankArgs(data_path=files["pool"], write_to=sel, scores_dir=out, weights=weights, k=3))
+        rank(RankArgs(data_path=files["pool"], output_dir=sel, scores_dir=out, weights=weights, k=3))
         chosen = read_columns(sel / "pool_top3_index.csv")["id"]
         assert chosen == [ref.pool.ids[i] for i in column.argsort(descending=True)[:3].tolist()]
     with pytest.raises(UserError, match="self-influence scores need --weights"):
-        rank(RankArgs(data_path=files["pool"], write_to=tmp_path / "sel_default", scores_dir=out, k=3))
+        rank(RankArgs(data_path=files["pool"], output_dir=tmp_path / "sel_default", scores_dir=out, k=3))
     with pytest.raises(UserError, match="--self_influence needs no --targets"):
         G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "x",
                                     targets=[tmp_path], self_influence=True, **FP64))

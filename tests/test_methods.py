@@ -273,14 +273,14 @@ def test_score_dirs_rank_with_harmful_only_and_bidirectional_weights(files, tmp_
     bm25.score(pool, [harmful, safe], tmp_path / "s")
     _, _, _, columns = read_scores_csv(tmp_path / "s")
     for weights, expected in (([1, 0], columns["harmful"]), ([1, -1], columns["harmful"] - columns["safe"])):
-        summary = rank(RankArgs(data_path=pool, write_to=tmp_path / f"sel{weights[1]}", scores_dir=tmp_path / "s",
+        summary = rank(RankArgs(data_path=pool, output_dir=tmp_path / f"sel{weights[1]}", scores_dir=tmp_path / "s",
                                 weights=weights, k=2))
         chosen = [int(row.split(",")[-2]) for row in open(summary["index_csv"]).read().splitlines()[1:]]
         assert chosen == list(np.lexsort((np.arange(len(POOL)), -expected))[:2])
     other = tmp_path / "other.json"
     other.write_text(json.dumps(POOL[:5]))
     with pytest.raises(Exception, match="not from --data_path"):
-        rank(RankArgs(data_path=other, write_to=tmp_path / "x", scores_dir=tmp_path / "s", k=2))
+        rank(RankArgs(data_path=other, output_dir=tmp_path / "x", scores_dir=tmp_path / "s", k=2))
 
 
 def test_cli_errors_are_one_line(files, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, python
+from projection_reference import dense_error_variance, error_variance, matrices, selection
 from safedata.errors import UserError
 from safedata.features.projection import (DenseProjector, FactoredProjector, LayerPlan, allocate_dims, derive_seed,
                                           plan_layer, random_matrix)
@@ -22,12 +23,12 @@ def gen(seed):
 def explicit_map(proj, name):
     """The layer's sketch as an explicit numel x k matrix, built from the Kronecker product of its factors."""
     plan = proj.plans[name]
-    p_out, p_in = proj.matrices(name)
+    p_out, p_in = matrices(proj, name)
     if plan.mode == "identity":
         return torch.eye(plan.rows * plan.cols, dtype=F64)
     if plan.mode == "dense":
         return p_in.double() / math.sqrt(plan.k)
-    index, weight = proj.selection(name)
+    index, weight = selection(proj, name)
     kron = torch.kron(p_out.double(), p_in.double())     # [(i, j), (a, b)] = P_out[i, a] P_in[j, b], row-major
     return kron[:, index] * weight
 
@@ -207,12 +208,12 @@ def measure(kind, regime, proj_dim, n_pairs=40, seeds=40):
         feats = sketch(proj, data)
         errors.append(((feats[:n_pairs] * feats[n_pairs:]).sum(1) - true) / norms)
     errors = torch.cat(errors)
-    pred = torch.tensor([sum(proj.error_variance(n, explicit[n][0][i], explicit[n][1][i]) for n in VAR_SHAPES)
+    pred = torch.tensor([sum(error_variance(proj, n, explicit[n][0][i], explicit[n][1][i]) for n in VAR_SHAPES)
                          for i in range(n_pairs)], dtype=F64) / norms ** 2
     dense = DenseProjector(a.shape[1], proj_dim, kind=kind)
-    dense_pred = torch.tensor([dense.error_variance(a[i], b[i]) for i in range(n_pairs)], dtype=F64) / norms ** 2
+    dense_pred = torch.tensor([dense_error_variance(dense, a[i], b[i]) for i in range(n_pairs)], dtype=F64) / norms ** 2
     layer_dense = {n: DenseProjector(r * c, proj.dims[n], kind=kind) for n, (r, c) in VAR_SHAPES.items()}
-    alloc_pred = torch.tensor([sum(layer_dense[n].error_variance(explicit[n][0][i], explicit[n][1][i])
+    alloc_pred = torch.tensor([sum(dense_error_variance(layer_dense[n], explicit[n][0][i], explicit[n][1][i])
                                    for n in VAR_SHAPES) for i in range(n_pairs)], dtype=F64) / norms ** 2
     return tuple(v.item() for v in (errors.pow(2).mean().sqrt(), pred.mean().sqrt(), dense_pred.mean().sqrt(),
                                     alloc_pred.mean().sqrt()))
@@ -261,7 +262,7 @@ def test_error_variance_matches_monte_carlo_for_one_pair():
                 m = explicit_map(proj, name)
                 values.append((A.reshape(-1) @ m) @ (Bm.reshape(-1) @ m))
             values = torch.stack(values)
-            var = proj.error_variance(name, A, Bm)
+            var = error_variance(proj, name, A, Bm)
             true = (A * Bm).sum().item()
             # the mean is <A,B>; the sample variance of 3000 draws is within ~10% of the formula
             assert abs(values.mean().item() - true) < 4 * math.sqrt(var / 3000), (kind, name)
@@ -274,7 +275,7 @@ def test_dense_projector():
     b = 0.6 * a + 0.8 * b
     values = torch.stack([(lambda p: (p.project(a[None]) * p.project(b[None])).sum())(
         DenseProjector(300, 30, seed=s, dtype=F64)) for s in range(1500)])
-    var = DenseProjector(300, 30, dtype=F64).error_variance(a, b)
+    var = dense_error_variance(DenseProjector(300, 30, dtype=F64), a, b)
     assert abs(values.mean().item() - (a @ b).item()) < 4 * math.sqrt(var / 1500)
     assert abs(values.var().item() / var - 1) < 0.15
     # streamed (block by block) equals cached; state round trip
@@ -295,7 +296,9 @@ def test_dense_projector():
 # ----------------------------------------------------------------------------- determinism and state
 
 DET_SCRIPT = textwrap.dedent("""
-    import hashlib, torch
+    import hashlib, sys, torch
+    sys.path.insert(0, "tests")                     # the test helpers (run from the repository root)
+    from projection_reference import matrices
     from safedata.features.projection import FactoredProjector
     shapes = {"layers.0.q": (16, 12), "layers.0.mlp": (20, 12), "embed": (30, 12), "norm": (1, 12)}
     p = FactoredProjector(shapes, 40, seed=SEED)
@@ -305,7 +308,7 @@ DET_SCRIPT = textwrap.dedent("""
            "embed": p.project_embedding("embed", torch.randn(2, 3, 12, generator=g), torch.randint(0, 30, (2, 3), generator=g)),
            "norm": p.project_dense("norm", torch.randn(2, 12, generator=g))}
     feats = p.project(out)
-    mats = b"".join(m.numpy().tobytes() for n in p.order for m in p.matrices(n))
+    mats = b"".join(m.numpy().tobytes() for n in p.order for m in matrices(p, n))
     print(hashlib.sha256(feats.numpy().tobytes()).hexdigest(), hashlib.sha256(mats).hexdigest())
 """)
 
@@ -335,11 +338,11 @@ def test_matrices_depend_only_on_seed_name_shape_k():
     two = FactoredProjector({"a": (30, 40), "b": (30, 40)}, 40, seed=1)
     three = FactoredProjector({"a": (30, 40), "b": (30, 40), "c": (30, 40)}, 60, seed=1)
     assert two.dims["a"] == three.dims["a"] == 20
-    for x, y in zip(two.matrices("a"), three.matrices("a")):
+    for x, y in zip(matrices(two, "a"), matrices(three, "a")):
         assert torch.equal(x, y)
     expected_out = random_matrix(30, two.plans["a"].k_out, derive_seed(1, "a", "out"), "rademacher")
-    assert torch.equal(two.matrices("a")[0], expected_out)
-    assert not torch.equal(two.matrices("a")[0], two.matrices("b")[0])
+    assert torch.equal(matrices(two, "a")[0], expected_out)
+    assert not torch.equal(matrices(two, "a")[0], matrices(two, "b")[0])
     # the rademacher and gaussian entries have mean 0, variance 1
     m = random_matrix(400, 300, 9, "gaussian")
     assert abs(m.mean().item()) < 0.01 and abs(m.var().item() - 1) < 0.02
@@ -351,7 +354,7 @@ def test_matrices_depend_only_on_seed_name_shape_k():
 def test_same_matrices_on_gpu():
     p = FactoredProjector({"a": (300, 200), "e": (1000, 64)}, 100, seed=3)
     for name in p.order:
-        for x, y in zip(p.matrices(name, "cpu"), p.matrices(name, "cuda")):
+        for x, y in zip(matrices(p, name, "cpu"), matrices(p, name, "cuda")):
             assert torch.equal(x, y.cpu())
 
 

@@ -65,7 +65,7 @@ def test_end_to_end_bidirectional_selection(tiny_model_dir, tmp_path):
     for name, path, cut in (("pool", pool, 512), ("harm", anchors, 480), ("safe", safe, 480)):  # the paper's cuts
         extract_representations(RepresentationArgs(model_name=tiny_model_dir, data_path=path,
                                                    output_dir=tmp_path / name, max_length=cut, dtype="fp32"))
-    summary = R.rank(R.RankArgs(data_path=pool, write_to=tmp_path / "sel", name="alpaca",
+    summary = R.rank(R.RankArgs(data_path=pool, output_dir=tmp_path / "sel", name="alpaca",
                                 pool_features=tmp_path / "pool", anchor_features=[tmp_path / "harm", tmp_path / "safe"],
                                 weights=[1, -1], k=4))
     fs = {n: R.load_features(tmp_path / n).all().numpy() for n in ("pool", "harm", "safe")}
@@ -94,20 +94,20 @@ def test_refuses_mismatches(tmp_path):
     make_features(tmp_path / "cut480", [[1, 0]], {"flags": {"layer": -1, "pooling": "last", "max_response_length": None,
                                                             "max_length": 480}})
     with pytest.raises(MetadataMismatch, match="model='another'"):
-        R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "o", pool_features=tmp_path / "pool",
+        R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "o", pool_features=tmp_path / "pool",
                           anchor_features=[tmp_path / "other_model"], k=1))
     with pytest.raises(MetadataMismatch, match="template='chat'"):
-        R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "o", pool_features=tmp_path / "pool",
+        R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "o", pool_features=tmp_path / "pool",
                           anchor_features=[tmp_path / "other_template"], k=1))
     # An anchor read elsewhere than the pool (an older --max_response_length run) is refused; another cut is fine.
     with pytest.raises(MetadataMismatch, match="'max_response_length': 10"):
-        R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "o", pool_features=tmp_path / "pool",
+        R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "o", pool_features=tmp_path / "pool",
                           anchor_features=[tmp_path / "mlen10"], k=1))
-    R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "o", pool_features=tmp_path / "pool",
+    R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "o", pool_features=tmp_path / "pool",
                       anchor_features=[tmp_path / "cut480"], k=1))
     pool_file.write_text(pool_file.read_text() + " ")
     with pytest.raises(MetadataMismatch, match="not from --data_path"):
-        R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "o", pool_features=tmp_path / "pool",
+        R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "o", pool_features=tmp_path / "pool",
                           anchor_features=[tmp_path / "cut480"], k=1))
 
 
@@ -128,7 +128,7 @@ def score_dir_for(tmp_path, n, header, values):
 def test_scores_csv_path_with_weights(tmp_path):
     pool_file, examples, d = score_dir_for(tmp_path, 5, "index,id,harm,safe1,safe2", [
         (0.1, 0.0, 0.0), (0.5, 0.4, 0.0), (0.3, -0.2, 0.1), ("nan", 0, 0), (0.2, 0.0, 0.0)])
-    summary = R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "sel", name="g", scores_dir=d,
+    summary = R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "sel", name="g", scores_dir=d,
                                 weights=[1, -1, -1], k=2, kind="top"))
     got = [int(r["index"]) for r in csv.DictReader(open(tmp_path / "sel" / "g_top2_index.csv"))]
     assert got == [2, 4] and summary["n_nonfinite"] == 1 and summary["nonfinite_ids"] == [examples[3].id]
@@ -142,7 +142,7 @@ def test_scores_keep_fp64_digits_and_no_avg_n_is_reported(tmp_path):
     values = ["0.1", "0.30000000000000004", "0.3000000000000001"]
     assert np.float32(0.30000000000000004) == np.float32(0.3000000000000001)
     pool_file, examples, d = score_dir_for(tmp_path, 3, "index,id,harmful", [(v,) for v in values])
-    summary = R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "sel", name="g", scores_dir=d, weights=[1],
+    summary = R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "sel", name="g", scores_dir=d, weights=[1],
                                 k=3, kind="top"))
     rows = list(csv.DictReader(open(tmp_path / "sel" / "g_top3_index.csv")))
     assert [int(r["index"]) for r in rows] == [2, 1, 0]
@@ -150,5 +150,5 @@ def test_scores_keep_fp64_digits_and_no_avg_n_is_reported(tmp_path):
     assert [r["score"] for r in rows] == ["0.3000000000000001", "0.30000000000000004", "0.1"]
     assert summary["avg_n"] is None
     with pytest.raises(UserError, match="--avg_n 3"):
-        R.rank(R.RankArgs(data_path=pool_file, write_to=tmp_path / "sel2", name="g", scores_dir=d, weights=[1], k=3,
+        R.rank(R.RankArgs(data_path=pool_file, output_dir=tmp_path / "sel2", name="g", scores_dir=d, weights=[1], k=3,
                           avg_n="3"))

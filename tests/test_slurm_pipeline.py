@@ -27,11 +27,7 @@ def write_subset(path, n=20):
     return path
 
 
-@pytest.fixture()
-def workdir(request):
-    slurm_util.require_slurm()  # before building anything
-    with slurm_util.job_workdir(request.getfixturevalue("tiny_model_dir"), "safedata-slurm-test-") as base:
-        yield base
+workdir = slurm_util.workdir_fixture("safedata-slurm-test-")
 
 
 def asr_pct(evaluation: Path) -> float:

@@ -107,11 +107,7 @@ def assignments(line: str, command: list[str]) -> dict:
     return env
 
 
-@pytest.fixture()
-def workdir(request):
-    slurm_util.require_slurm()   # before building anything
-    with slurm_util.job_workdir(request.getfixturevalue("tiny_model_dir"), "safedata-slurm-recipes-") as base:
-        yield base
+workdir = slurm_util.workdir_fixture("safedata-slurm-recipes-")
 
 
 def test_cluster_workflow_with_a_chat_model(workdir):

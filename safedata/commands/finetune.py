@@ -14,13 +14,12 @@ from ..training import FinetuneArgs, finetune
 def main(parse_args=cli.parse_args):
     """finetune.py's work; the root script passes its own parse_args (where tests capture the parser)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, FinetuneArgs, optional=plan.NEEDED_UNLESS_PLAN)
+    add_options(p, FinetuneArgs)
     plan.add_plan_flag(p)
     a = parse_args(p)
-    args = from_args(FinetuneArgs, a)
-    if a.plan is not None:
-        return plan.print_plan(plan.finetune_plan(args, a.plan))
-    finetune(args)
+    if a.plan is not None:    # the plan's settings: the run's without --data_path and --output_dir
+        return plan.print_plan(plan.finetune_plan(from_args(plan.FinetunePlanArgs, a), a.plan))
+    finetune(from_args(FinetuneArgs, a))
 
 
 def console() -> None:

@@ -22,13 +22,12 @@ from ..features.gradients import GradientArgs, run_gradients
 def main(parse_args=cli.parse_args):
     """get_gradients.py's work; the root script passes its own parse_args (where tests capture the parser)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, GradientArgs, optional=plan.NEEDED_UNLESS_PLAN)
+    add_options(p, GradientArgs)
     plan.add_plan_flag(p)
     a = parse_args(p)
-    args = from_args(GradientArgs, a)
-    if a.plan is not None:
-        return plan.print_plan(plan.gradient_plan(args, a.plan))
-    run_gradients(args)
+    if a.plan is not None:    # the plan's settings: the run's without --data_path and --output_dir
+        return plan.print_plan(plan.gradient_plan(from_args(plan.GradientPlanArgs, a), a.plan))
+    run_gradients(from_args(GradientArgs, a))
 
 
 def console() -> None:

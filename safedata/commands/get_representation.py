@@ -10,13 +10,12 @@ from ..features.representations import RepresentationArgs, extract_representatio
 def main(parse_args=cli.parse_args):
     """get_representation.py's work; the root script passes its own parse_args (where tests capture the parser)."""
     p = argparse.ArgumentParser(description=__doc__)
-    add_options(p, RepresentationArgs, optional=plan.NEEDED_UNLESS_PLAN)
+    add_options(p, RepresentationArgs)
     plan.add_plan_flag(p)
     a = parse_args(p)
-    args = from_args(RepresentationArgs, a)
-    if a.plan is not None:
-        return plan.print_plan(plan.representation_plan(args, a.plan))
-    extract_representations(args)
+    if a.plan is not None:    # the plan's settings: the run's without --data_path and --output_dir
+        return plan.print_plan(plan.representation_plan(from_args(plan.RepresentationPlanArgs, a), a.plan))
+    extract_representations(from_args(RepresentationArgs, a))
 
 
 def console() -> None:

@@ -56,21 +56,32 @@ def _dense_matrix(n: int, k: int, seed: int, kind: str) -> torch.Tensor:
 
 
 class Projector(ABC):
-    """A seeded random map of per-example gradients to proj_dim numbers, unbiased for inner products
+    """What the gradient engine's ProjectAccumulator calls: a seeded random map of per-example gradients, given
+    layer by layer in the form each hook has, to proj_dim numbers, unbiased for inner products
     (E[<proj a, proj b>] = <a, b>), whose matrices are regenerated from its state, never stored (as TRAK's
-    AbstractProjector). DenseProjector maps one flat vector; FactoredProjector maps a model's per-layer parts
-    without forming the flat vector."""
+    AbstractProjector). Each project_* returns one layer's sketch [B, k]; project() joins the layers' sketches
+    into [B, proj_dim]. FactoredProjector is the implementation."""
 
     proj_dim: int
     seed: int
     kind: str
 
     @abstractmethod
-    def project(self, grads) -> torch.Tensor:
-        """Per-example gradients (one batch) -> [B, proj_dim]."""
+    def project_dense(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """Explicit per-example gradients of one parameter [B, numel] (norm weights, biases, LoRA) -> [B, k]."""
 
-    def __call__(self, grads) -> torch.Tensor:
-        return self.project(grads)
+    @abstractmethod
+    def project_linear(self, name: str, out_grads: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """A Linear weight's G_b = sum_t out_grads[b, t] inputs[b, t]^T from its factors [B, T, out], [B, T, in]
+        -> [B, k]."""
+
+    @abstractmethod
+    def project_embedding(self, name: str, out_grads: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The input embedding's sum_t e_{id_t} g_t^T from out_grads [B, T, d] at token_ids [B, T] -> [B, k]."""
+
+    @abstractmethod
+    def project(self, per_layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every layer's sketch {name: [B, k]} -> [B, proj_dim], in a fixed layer order."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -85,8 +96,10 @@ class Projector(ABC):
 # ----------------------------------------------------------------------------- dense JL
 
 
-class DenseProjector(Projector):
-    """A plain dense JL map R^n -> R^k: x -> x P / sqrt(k), P n x k with iid +-1 (or N(0,1)) entries.
+class DenseProjector:
+    """A plain dense JL map R^n -> R^k: x -> x P / sqrt(k), P n x k with iid +-1 (or N(0,1)) entries: what
+    FactoredProjector applies to a (1, n) layer, and a reference for flat vectors. Not a Projector: it maps one
+    flat vector, not a model's layers.
 
     E[<proj a, proj b>] = <a, b>;  Var = (|a|^2|b|^2 + <a,b>^2 - 2 kappa sum_i a_i^2 b_i^2) / k
     (kappa = 1 Rademacher, 0 Gaussian). The matrix is generated on the CPU in row blocks (each from a seed
@@ -136,13 +149,6 @@ class DenseProjector(Projector):
                                   self.kind).to(device=device, dtype=self.dtype)
             out += x[:, start:start + block.shape[0]] @ block
         return out * scale
-
-    def error_variance(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Exact Var of <proj a, proj b> - <a, b> over the random matrix."""
-        a, b = a.reshape(-1).double(), b.reshape(-1).double()
-        kappa = 1.0 if self.kind == "rademacher" else 0.0
-        value = (a @ a) * (b @ b) + (a @ b) ** 2 - 2 * kappa * ((a * a) @ (b * b))
-        return float(value) / self.proj_dim
 
     def state_dict(self) -> dict:
         return {"format": "safedata.DenseProjector", "version": VERSION, "dim": self.dim,
@@ -330,39 +336,6 @@ class FactoredProjector(Projector):
                                 None if full else index.to(device), weight.to(**move))
         return self._cache[key]
 
-    def matrices(self, name, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's unscaled (P_out, P_in), identity sides materialised as eye (for tests / inspection).
-
-        A dense layer returns (ones(1, 1), P) with P its n x k matrix; an identity layer (eye, eye).
-        """
-        plan = self._plan(name)
-        device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
-        eye = lambda n: torch.eye(n, device=device, dtype=self.dtype)  # noqa: E731
-        if plan.mode == "identity":
-            return eye(plan.rows), eye(plan.cols)
-        if plan.mode == "dense":
-            return torch.ones(1, 1, device=device, dtype=self.dtype), self._dense_projector(name).matrix(device)
-        p_out, p_in, _, _ = self._kron(name, device)
-        return (eye(plan.rows) if p_out is None else p_out), (eye(plan.cols) if p_in is None else p_in)
-
-    def selection(self, name) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kron layers: (flat indices into the row-major k_out x k_in block, per-entry scales)."""
-        plan = self._plan(name)
-        if plan.mode != "kron":
-            raise ValueError(f"layer {name!r} is {plan.mode}, not a Kronecker layer")
-        return plan_selection(plan)
-
-    def memory_numbers(self) -> int:
-        """How many matrix entries all layers' matrices hold once generated (bytes: times the dtype size)."""
-        total = 0
-        for plan in self.plans.values():
-            if plan.mode == "dense":
-                total += plan.cols * plan.k
-            elif plan.mode == "kron":
-                total += (0 if plan.out_identity else plan.rows * plan.k_out) + \
-                         (0 if plan.in_identity else plan.cols * plan.k_in)
-        return total
-
     # ------------------------------------------------------------------ projections
 
     def _finish(self, name, z: torch.Tensor) -> torch.Tensor:
@@ -462,57 +435,6 @@ class FactoredProjector(Projector):
             parts.append(value.to(dtype=self.dtype))
         device = parts[0].device
         return torch.cat([p.to(device) for p in parts], dim=1)
-
-    # ------------------------------------------------------------------ error model
-
-    def error_variance(self, name, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Exact Var(<proj a, proj b>) over the random matrices, for explicit gradients a, b of one layer.
-
-        (Its mean is <a, b> exactly.) Sum over layers for the whole sketch: layers are independent.
-        """
-        plan = self._plan(name)
-        A = a.reshape(plan.rows, plan.cols).double()
-        B = b.reshape(plan.rows, plan.cols).double()
-        kappa = 1.0 if self.kind == "rademacher" else 0.0
-        if plan.mode == "identity":
-            return 0.0
-        if plan.mode == "dense":
-            return self._dense_projector(name).error_variance(A, B)
-        index, weight = plan_selection(plan)
-        rows_of, cols_of = index // plan.k_in, index % plan.k_in
-        if plan.out_identity or plan.in_identity:
-            # group the kept entries by the random side's column: Y = q^T M q with M = X^T diag(c) Y
-            total = 0.0
-            if plan.out_identity:
-                groups, members, X, Y = cols_of, rows_of, A, B           # q = P_in column, rows a exact
-            else:
-                groups, members, X, Y = rows_of, cols_of, A.T, B.T       # p = P_out column, cols b exact
-            c = weight ** 2
-            for gid in torch.unique(groups):
-                mask = groups == gid
-                d = torch.zeros(X.shape[0], dtype=torch.float64)
-                d[members[mask]] = c[mask]
-                M = X.T @ (d[:, None] * Y)
-                total += float((M * M).sum() + (M * M.T).sum() - 2 * kappa * (M.diagonal() ** 2).sum())
-            return total
-        k = plan.k
-        n_a = torch.bincount(rows_of, minlength=plan.k_out).double()
-        m_b = torch.bincount(cols_of, minlength=plan.k_in).double()
-        ab = float((A * B).sum())
-        ABt, AtB = A @ B.T, A.T @ B
-        tr2 = float((AtB * AtB.T).sum())                                  # tr((A^T B)^2)
-        c_row = float((ABt ** 2).sum()) + tr2 - 2 * kappa * float((ABt.diagonal() ** 2).sum())
-        c_col = float((AtB ** 2).sum()) + tr2 - 2 * kappa * float((AtB.diagonal() ** 2).sum())
-        norm_a, norm_b = float((A * A).sum()), float((B * B).sum())
-        # E[X^2] for one entry X = (p^T A q)(p^T B q), from the fourth moments of p then q
-        e_uu_vv = norm_a * norm_b + 2 * float((ABt ** 2).sum()) \
-            - 2 * kappa * float(((A * A).sum(0) * (B * B).sum(0)).sum())
-        e_uv2 = ab ** 2 + float((AtB ** 2).sum()) + tr2 - 2 * kappa * float((AtB.diagonal() ** 2).sum())
-        row_ab = (A * B).sum(1)
-        e_diag = float(((A * A).sum(1) * (B * B).sum(1)).sum() + 2 * (row_ab ** 2).sum()
-                       - 2 * kappa * ((A * A) * (B * B)).sum())
-        v1 = e_uu_vv + 2 * e_uv2 - 2 * kappa * e_diag - ab ** 2
-        return (k * v1 + float((n_a * (n_a - 1)).sum()) * c_row + float((m_b * (m_b - 1)).sum()) * c_col) / k ** 2
 
     # ------------------------------------------------------------------ persistence
 

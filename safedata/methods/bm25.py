@@ -40,7 +40,7 @@ def similarities(retriever, anchor_texts: list[str]) -> np.ndarray:
     return np.stack([retriever.get_scores(tokens) for tokens in tokenize(anchor_texts)], axis=1).astype(np.float64)
 
 
-def score(data_path, anchors, output_dir, text="full", avg_n="1", skip_bad=False, k1=K1, b=B,
+def score(data_path, anchors, output_dir, *, text="full", avg_n="1", skip_bad=False, k1=K1, b=B,
           field_map: FieldMap | None = None) -> bool:
     if not anchors:
         raise UserError("--anchors: the bm25 method needs at least one anchor file")

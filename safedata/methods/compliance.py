@@ -73,7 +73,7 @@ def compliance_direction(harmful: torch.Tensor, safe: torch.Tensor) -> dict:
     return {"layer": best + 1, "direction": directions[best], "separation": separations}
 
 
-def score(model_name, data_path, harmful_path, safe_paths, output_dir, template=None, max_length=None,
+def score(model_name, data_path, harmful_path, safe_paths, output_dir, *, template=None, max_length=None,
           batch_size=8, chunk_size=512, shard=None, dtype=None, device=None, skip_bad=False,
           field_map: D.FieldMap | None = None) -> bool:
     """Choose the layer and direction on the anchors, then project the pool (runner: chunked, resumable)."""

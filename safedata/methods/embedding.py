@@ -59,7 +59,7 @@ def embed(encoder, texts: list[str], batch_size=64, show_progress=False) -> torc
     return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
 
 
-def score(data_path, anchors, output_dir, model_name=None, text="full", avg_n="1", batch_size=64, chunk_size=4096,
+def score(data_path, anchors, output_dir, *, model_name=None, text="full", avg_n="1", batch_size=64, chunk_size=4096,
           shard=None, device=None, skip_bad=False, max_seq_length=None, field_map: FieldMap | None = None) -> bool:
     """Embed the pool (chunked, resumable) and the anchors; write scores.csv (one column per anchor file)."""
     if not anchors:

@@ -32,7 +32,7 @@ def feature_values(responses: list[str], feature: str) -> np.ndarray:
     raise UserError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
 
 
-def score(data_path, output_dir, feature="list_share", skip_bad=False, field_map: FieldMap | None = None) -> bool:
+def score(data_path, output_dir, feature="list_share", *, skip_bad=False, field_map: FieldMap | None = None) -> bool:
     cost = Cost()
     examples, responses, skipped = load_texts(data_path, "response", skip_bad, field_map)
     meta = score_meta("format", "-", data_path, examples, skipped, {"feature": feature, "skip_bad": skip_bad,

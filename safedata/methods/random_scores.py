@@ -16,7 +16,7 @@ def random_scores(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(n)
 
 
-def score(data_path, output_dir, seed=0, skip_bad=False, field_map: FieldMap | None = None) -> bool:
+def score(data_path, output_dir, seed=0, *, skip_bad=False, field_map: FieldMap | None = None) -> bool:
     cost = Cost()
     examples, _, skipped = load_texts(data_path, "full", skip_bad, field_map)
     meta = score_meta("random", f"numpy.random.default_rng({seed})", data_path, examples, skipped,

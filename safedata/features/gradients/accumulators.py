@@ -1,215 +1,145 @@
-"""Accumulators: what the engine's hooks do with each layer's inputs and output-grads.
+"""Accumulators: what the engine's hooks do with each layer's inputs and output-grads, for one batch.
 
-ScoreAccumulator: ||G_i||^2 and <G_i, T_j> per example (the scores, and Self-Inf);
-CaptureAccumulator: the same, plus each anchor's factors / rows / dense parts (to build a target);
+ScoreAccumulator: ||G_i||^2 and <G_i, T_j> per example (the scores, and Self-Inf), each layer by the strategy
+layers.py has for it;
+CaptureAccumulator: the same, plus each anchor's factors / rows / dense parts (TargetPieces builds the target);
 ProjectAccumulator: the per-example gradients' random projection (projection.py).
 Each implements context.Accumulator: begin(batch) with the batch's BatchContext, dense(name, v),
-linear(site, layer_input, g, mask), embedding(site, token_ids, g, mask), end(); none reads the engine.
+linear(site, layer_input, g, mask), embedding(site, token_ids, g, mask), then end(), which returns the batch's
+result (the engine hands it back from GradientEngine.run): nothing is read off an accumulator afterwards, and
+none reads the engine.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .context import Accumulator, BatchContext
-from .numerics import chunks, linear_costs, segment_sum
-from .bank import TargetBank
+from ..projection import Projector
+from .bank import NO_TARGETS, TargetBank
+from .context import Accumulator, BatchContext, Products
+from .layers import DENSE, EMBEDDING, Sums, TiedHead, choose_linear
 from .targets import ParamTarget
 
 
-class ScoreAccumulator(Accumulator):
-    """Per batch: sqnorm [B] = ||G_i||^2 and inner [B, J] = <G_i, T_j>, layer by layer in the hooks."""
+class ScoreAccumulator(Accumulator[Products]):
+    """Per batch: sqnorm [B] = ||G_i||^2 and inner [B, J] = <G_i, T_j> (bank: the targets; None: norms only),
+    layer by layer in the hooks; end() returns them as Products."""
 
     def __init__(self, bank: TargetBank | None = None):
-        self.bank = bank
-        self.n_targets = bank.n if bank is not None else 0
+        self._targets = bank.get if bank is not None else (lambda name: NO_TARGETS)
+        self._n_targets = bank.n if bank is not None else 0
 
     def begin(self, batch: BatchContext) -> None:
         super().begin(batch)
-        self.num, self.compute_dtype = batch.num, batch.compute_dtype
-        B = batch.batch_size
-        self.sq = torch.zeros(B, dtype=self.compute_dtype, device=batch.device)
-        self.inner = torch.zeros(B, self.n_targets, dtype=self.compute_dtype, device=batch.device)
-        self._stash = None
+        self._sums = Sums(batch, self._n_targets)
+        self._tied = TiedHead(batch.token_ids) if batch.tied is not None else None
 
-    def end(self):
-        self._stash = None
+    def end(self) -> Products:
+        if self._tied is not None:
+            self._tied.finish()
+        sums = self._sums
+        del self._sums, self._tied
+        return Products(sums.inner, sums.sq)
 
-    def _param(self, name):
-        return self.bank.get(name) if self.bank is not None else None
-
-    # -------------------------------------------------------------- dense (norms, biases, LoRA)
+    # -------------------------------------------------------------- the three kinds of site
 
     def dense(self, name, v):
-        v = v.to(self.compute_dtype)
-        self.sq += (v * v).sum(1)
-        param_bank = self._param(name)
-        if param_bank is not None and param_bank.n_dense_targets:
-            self.inner[:, param_bank.dense_cols] += self.num.mm(v, param_bank.dense_mat.T)
+        v = v.to(self._sums.compute_dtype)
+        DENSE.add(self._sums, v, self._targets(name))
         self.after_dense(name, v)
+
+    def linear(self, site, layer_input, g, mask):
+        sums, batch = self._sums, self.batch
+        x = layer_input.operand()
+        g_orig, g = g, sums.num.operand(g)
+        _, T, n = x.shape
+        targets = self._targets(site.weight)
+        choose_linear(batch.path, batch.beta, T, n, g.shape[-1], targets).add(sums, layer_input, x, g, targets)
+        TiedHead.head_against_rows(sums, x, g, targets)   # a tied LM head against a target's embedding rows
+        if site.head and batch.tied == site.weight:
+            self._tied.keep_head(x, g)                    # for the embedding's hook: the cross term 2<E_i, H_i>
+        self.after_linear(site, layer_input, g_orig, mask)
+
+    def embedding(self, site, token_ids, g, mask):
+        sums, batch = self._sums, self.batch
+        targets = self._targets(site.weight)
+        rows, ub, uid = EMBEDDING.add(sums, token_ids, g, mask, batch.vocab, targets)
+        TiedHead.embedding_against_head_factors(sums, rows, ub, uid, targets)   # tied: a target's head factors
+        if batch.tied == site.weight:
+            self._tied.add_cross_term(sums, g)
+        self.after_embedding(site, rows, ub, uid)
+
+    # -------------------------------------------------------------- what a subclass adds (CaptureAccumulator)
 
     def after_dense(self, name, v):
         pass
 
-    # -------------------------------------------------------------- linear
-
-    def linear(self, site, layer_input, g, mask):
-        num, batch = self.num, self.batch
-        x = layer_input.operand()
-        g_orig, g = g, num.operand(g)
-        B, T, n = x.shape
-        m = g.shape[-1]
-        param_bank = self._param(site.weight)
-        K = param_bank.K if param_bank is not None else 0
-        n_dense_targets = param_bank.n_dense_targets if param_bank is not None else 0
-        full = param_bank is not None and param_bank.full_mat is not None
-        if batch.path == "ghost":
-            way = "ghost"
-        elif batch.path == "materialise":
-            way = "full" if full else "materialise"
-        else:
-            costs = linear_costs(T, n, m, K, n_dense_targets, full, batch.beta)
-            way = min(costs, key=costs.get)
-        if way != "ghost":
-            self._linear_materialised(x, g, param_bank, T, way == "full")
-        else:
-            gg = num.bmm(g, g.transpose(1, 2))
-            self.sq += (gg * layer_input.gram()).sum((1, 2))
-            del gg
-            if param_bank is not None:
-                if K:
-                    self.inner += self._factored_by_activations(x, g, param_bank)
-                for j, D_ in param_bank.dense:
-                    self.inner[:, j] += self._dense_by_activations(x, g, D_.view(m, n))
-        if param_bank is not None:
-            for j, lookup, ids, val in param_bank.rows:        # a tied LM head against the embedding rows of a target
-                hr = num.mm(x.reshape(B * T, n), val.T).view(B, T, -1)
-                self.inner[:, j] += (hr * g[:, :, ids].to(self.compute_dtype)).sum((1, 2))
-        if site.head and batch.tied == site.weight:
-            # keep what the embedding's hook needs for the cross term 2<E_i, H_i>
-            ids = batch.token_ids
-            tok = ids[:, None, :].expand(B, T, ids.shape[1])
-            self._stash = (x, g.gather(2, tok))
-        self.after_linear(site, layer_input, g_orig, mask)
-
     def after_linear(self, site, layer_input, g, mask):
         pass
 
-    def _factored_by_activations(self, x, g, param_bank):
-        num = self.num
-        B, T, n = x.shape
-        m = g.shape[-1]
-        out = torch.zeros(B, self.n_targets, dtype=self.compute_dtype, device=x.device)
-        g2, x2 = g.reshape(B * T, m), x.reshape(B * T, n)
-        for k0, k1 in chunks(param_bank.K, 2 * B * T):
-            P = num.mm(g2, param_bank.G[k0:k1].T).view(B, T, -1)
-            Q = num.mm(x2, param_bank.X[k0:k1].T).view(B, T, -1)
-            out += (P * Q).sum(1) @ param_bank.W[k0:k1]
-        return out
-
-    def _dense_by_activations(self, x, g, D_):
-        num = self.num
-        B, T, n = x.shape
-        m = g.shape[-1]
-        out = torch.zeros(B * T, dtype=self.compute_dtype, device=x.device)
-        x2, g2 = x.reshape(B * T, n), g.reshape(B * T, m)
-        for r0, r1 in chunks(B * T, m):
-            y = num.mm(x2[r0:r1], D_.T)
-            out[r0:r1] = (y * g2[r0:r1].to(self.compute_dtype)).sum(1)
-        return out.view(B, T).sum(1)
-
-    def _linear_materialised(self, x, g, param_bank, T, full=False):
-        """Each example's gradient of the layer, one chunk of examples at a time (in a reused buffer):
-        ||G_i||^2 from it, <G_i, T_j> by one GEMM against the dense targets (all of them with `full`)."""
-        B, _, n = x.shape
-        m = g.shape[-1]
-        K = param_bank.K if param_bank is not None and not full else 0
-        mat, cols = (None, None) if param_bank is None else \
-            (param_bank.full_mat, param_bank.full_cols) if full else (param_bank.dense_mat, param_bank.dense_cols)
-        via_grad = K and K * n * m < K * T * (n + m)
-        for b0, b1 in chunks(B, m * n):
-            grads = self.batch.workspace.per_example_grads(g[b0:b1], x[b0:b1])          # [b, out, in]
-            flat = grads.view(b1 - b0, -1)
-            self.sq[b0:b1] += torch.linalg.vector_norm(flat, dim=1, dtype=self.compute_dtype).square()
-            if mat is not None:
-                self.inner[b0:b1, cols] += self.num.mm(flat, mat.T)
-            if K and via_grad:
-                Gc = param_bank.G.to(self.compute_dtype)
-                for k0, k1 in chunks(K, (b1 - b0) * m):
-                    gx = self.num.mm(grads.view(-1, n), param_bank.X[k0:k1].T).view(b1 - b0, m, -1)  # [b, out, k]
-                    self.inner[b0:b1] += (gx * Gc[k0:k1].T[None]).sum(1) @ param_bank.W[k0:k1]
-            elif K:
-                self.inner[b0:b1] += self._factored_by_activations(x[b0:b1], g[b0:b1], param_bank)
-            del grads, flat
-
-    # -------------------------------------------------------------- embedding
-
-    def embedding(self, site, token_ids, g, mask):
-        """Rows of the per-example gradient by (example, token id), summed exactly."""
-        num, compute_dtype = self.num, self.compute_dtype
-        B, T, d = g.shape
-        V = self.batch.vocab
-        sel = mask
-        owner = torch.arange(B, device=g.device)[:, None].expand(B, T)[sel]
-        tok = token_ids[sel]
-        key = owner * V + tok
-        uniq, inv = torch.unique(key, return_inverse=True)
-        rows = segment_sum(g[sel].to(compute_dtype), inv, uniq.numel())
-        ub, uid = uniq // V, uniq % V                   # ub is sorted (torch.unique sorts the keys)
-        self.sq += segment_sum((rows * rows).sum(1), ub, B, presorted=True)
-        param_bank = self._param(site.weight)
-        if param_bank is not None:
-            for j, lookup, ids, val in param_bank.rows:
-                li = lookup[uid]
-                ok = li >= 0
-                self.inner[:, j] += segment_sum((rows[ok] * val[li[ok]]).sum(1), ub[ok], B, presorted=True)
-            for j, D_ in param_bank.dense:
-                self.inner[:, j] += segment_sum((rows * D_.view(V, d)[uid]).sum(1), ub, B, presorted=True)
-            if param_bank.K:                                    # tied: the LM-head factors of the target, at these rows
-                part = torch.zeros(B, self.n_targets, dtype=compute_dtype, device=g.device)
-                for k0, k1 in chunks(param_bank.K, rows.shape[0]):
-                    a = num.mm(num.operand(rows), param_bank.X[k0:k1].T)          # [U, k]
-                    sel_g = param_bank.G[k0:k1][:, uid].T.to(compute_dtype)                  # [U, k]
-                    part += segment_sum((a * sel_g) @ param_bank.W[k0:k1], ub, B, presorted=True)
-                self.inner += part
-        if self._stash is not None:                     # tied: 2 <E_i, H_i>
-            hx, z = self._stash
-            a = num.bmm(num.operand(g), hx.transpose(1, 2))              # [B, T, S]: g_t . h_s
-            self.sq += 2 * (a * z.transpose(1, 2).to(compute_dtype)).sum((1, 2))
-            self._stash = None
-        self.after_embedding(site, rows, ub, uid)
-
     def after_embedding(self, site, rows, ub, uid):
         pass
+
+
+def _no_pieces() -> dict[str, list]:
+    return {"fact": [], "rows": [], "dense": []}
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One anchor batch: its products (the norms) and its pieces of the target, per parameter: factors
+    (g, x, owner) of Linear weights, rows (owner, token id, row) of the embedding, dense parts (owners, v)."""
+    products: Products
+    pieces: dict[str, dict[str, list]]
 
 
 class CaptureAccumulator(ScoreAccumulator):
-    """Anchor pass: the norms, plus each anchor's factors / rows / dense parts for building the target."""
+    """Anchor pass, one batch: the norms, plus each anchor's factors / rows / dense parts for building the target.
+    owners [B]: each example's position in the anchor set (the coefficient it is scaled by in TargetPieces.build)."""
 
-    def __init__(self):
+    def __init__(self, owners: torch.Tensor):
         super().__init__(None)
-        self.pieces: dict[str, dict[str, list]] = {}
-        self.owners = None
+        self._owners = owners
+        self._pieces: dict[str, dict[str, list]] = {}
 
     def _piece(self, name):
-        return self.pieces.setdefault(name, {"fact": [], "rows": [], "dense": []})
+        return self._pieces.setdefault(name, _no_pieces())
+
+    def end(self) -> Captured:
+        pieces, self._pieces = self._pieces, {}
+        return Captured(super().end(), pieces)
 
     def after_dense(self, name, v):
-        self._piece(name)["dense"].append((self.owners.cpu(), v.detach().cpu()))
+        self._piece(name)["dense"].append((self._owners.cpu(), v.detach().cpu()))
 
     def after_linear(self, site, layer_input, g, mask):
         keep = mask & (g != 0).any(-1)
-        owner = self.owners.to(g.device)[:, None].expand(keep.shape)[keep]
+        owner = self._owners.to(g.device)[:, None].expand(keep.shape)[keep]
         self._piece(site.weight)["fact"].append((g[keep].cpu(), layer_input.x[keep].cpu(), owner.cpu()))
 
     def after_embedding(self, site, rows, ub, uid):
-        self._piece(site.weight)["rows"].append((self.owners.to(ub.device)[ub].cpu(), uid.cpu(), rows.cpu()))
+        self._piece(site.weight)["rows"].append((self._owners.to(ub.device)[ub].cpu(), uid.cpu(), rows.cpu()))
+
+
+class TargetPieces:
+    """Every anchor batch's pieces of the target, in batch order (add), and the target made from them (build)."""
+
+    def __init__(self):
+        self._pieces: dict[str, dict[str, list]] = {}
+
+    def add(self, captured: Captured) -> None:
+        for name, kinds in captured.pieces.items():
+            mine = self._pieces.setdefault(name, _no_pieces())
+            for kind, items in kinds.items():
+                mine[kind].extend(items)
 
     def build(self, coef: torch.Tensor, shapes: dict, compute_dtype, device, layout="auto", model_dtype=None) -> dict:
         """coef[a] = 1/(N ||G_a||): the target's parts, each stored in its smallest exact form."""
         out = {}
         coef = coef.to(compute_dtype)
         for name, shape in shapes.items():
-            pieces = self.pieces.get(name, {"fact": [], "rows": [], "dense": []})
+            pieces = self._pieces.get(name, _no_pieces())
             p = ParamTarget(tuple(shape))
             if pieces["dense"]:
                 total = torch.zeros(int(torch.tensor(shape).prod()), dtype=compute_dtype)
@@ -238,27 +168,30 @@ class CaptureAccumulator(ScoreAccumulator):
         return out
 
 
-class ProjectAccumulator(Accumulator):
-    """Per batch: the per-example gradients' random projection [B, proj_dim] (projection.py)."""
 
-    def __init__(self, projector):
-        self.projector = projector
+class ProjectAccumulator(Accumulator[torch.Tensor]):
+    """Per batch: the per-example gradients' random projection [B, proj_dim] (projection.Projector); end()
+    returns it."""
+
+    def __init__(self, projector: Projector):
+        self._projector = projector
 
     def begin(self, batch: BatchContext) -> None:
         super().begin(batch)
-        self.parts = {}
+        self._parts: dict[str, torch.Tensor] = {}
 
     def _add(self, name, value):
-        self.parts[name] = value if name not in self.parts else self.parts[name] + value
+        self._parts[name] = value if name not in self._parts else self._parts[name] + value
 
     def dense(self, name, v):
-        self._add(name, self.projector.project_dense(name, v))
+        self._add(name, self._projector.project_dense(name, v))
 
     def linear(self, site, layer_input, g, mask):
-        self._add(site.weight, self.projector.project_linear(site.weight, g, layer_input.x))
+        self._add(site.weight, self._projector.project_linear(site.weight, g, layer_input.x))
 
     def embedding(self, site, token_ids, g, mask):
-        self._add(site.weight, self.projector.project_embedding(site.weight, g, token_ids))
+        self._add(site.weight, self._projector.project_embedding(site.weight, g, token_ids))
 
-    def result(self) -> torch.Tensor:
-        return self.projector.project(self.parts)
+    def end(self) -> torch.Tensor:
+        parts, self._parts = self._parts, {}
+        return self._projector.project(parts)

@@ -19,8 +19,9 @@ import torch
 from ... import data as D
 from ...errors import UserError
 from ...progress import progress as progress_bar
-from .accumulators import CaptureAccumulator, ScoreAccumulator
-from .engine import get_engine
+from .accumulators import CaptureAccumulator, TargetPieces
+from .batch import score_batch
+from .engine import GradientEngine, get_engine
 from .lora import AdamState
 from .bank import TargetBank
 from .targets import LAYOUTS, Target
@@ -44,33 +45,34 @@ def anchor_gradients(model, items: list[D.Encoded], pad_id: int, params="all", m
     return anchor_target(engine, items, pad_id, batch_size, renormalize, layout, progress, cumulative)
 
 
-def anchor_target(engine, items: list[D.Encoded], pad_id: int, batch_size=8, renormalize=False, layout="auto",
-                  progress=False, cumulative=False) -> AnchorResult:
+def anchor_target(engine: GradientEngine, items: list[D.Encoded], pad_id: int, batch_size=8, renormalize=False,
+                  layout="auto", progress=False, cumulative=False) -> AnchorResult:
     """anchor_gradients with a given engine."""
     params, mode = engine.params, engine.mode
     n = len(items)
-    acc = CaptureAccumulator()
+    pieces = TargetPieces()
     sq = torch.zeros(n, dtype=torch.float64)
     batches = D.length_bucketed_batches([len(it) for it in items], batch_size)
     for positions in progress_bar(batches, desc="anchors", unit="batch", disable=not progress):
-        acc.owners = torch.tensor(positions, dtype=torch.long)
-        engine.run([items[p] for p in positions], pad_id, acc)
-        sq[positions] = acc.sq.detach().double().cpu()
+        owners = torch.tensor(positions, dtype=torch.long)
+        captured = engine.run([items[p] for p in positions], pad_id, CaptureAccumulator(owners)).output
+        pieces.add(captured)
+        sq[positions] = captured.products.sqnorm.detach().double().cpu()
+        del captured
     bad = [items[i].id for i in range(n) if not math.isfinite(sq[i]) or sq[i] <= 0]
     if bad:
         raise UserError(f"anchor(s) with a non-finite or zero gradient: ids {', '.join(bad[:10])}")
     coef = cumulative_coefficients(anchor_gram(engine, items, pad_id, sq, batch_size, layout)) if cumulative \
         else 1.0 / (sq.sqrt() * n)
-    parts = acc.build(coef, engine.shapes, engine.compute_dtype, engine.device, layout, engine.dtype)
-    del acc
+    parts = pieces.build(coef, engine.shapes, engine.compute_dtype, engine.device, layout, engine.dtype)
+    del pieces
     target = Target(parts, mode, params)
     # ||T||^2 = sum_a coef_a <G_a, T>: one more pass over the anchors against the finished target.
     bank = TargetBank([target], engine)
     inner = torch.zeros(n, dtype=torch.float64)
     for positions in batches:
-        scorer = ScoreAccumulator(bank)
-        engine.run([items[p] for p in positions], pad_id, scorer)
-        inner[positions] = scorer.inner[:, 0].detach().double().cpu()
+        scores = score_batch(engine, bank, [items[p] for p in positions], pad_id)
+        inner[positions] = scores.inner[:, 0].detach().double().cpu()
     del bank
     norm = float((coef * inner).sum().clamp_min(0).sqrt())
     target.norm = norm
@@ -84,7 +86,7 @@ def anchor_target(engine, items: list[D.Encoded], pad_id: int, batch_size=8, ren
     return AnchorResult(target, sq, inner)
 
 
-def anchor_gram(engine, items: list[D.Encoded], pad_id: int, sq: torch.Tensor, batch_size=8,
+def anchor_gram(engine: GradientEngine, items: list[D.Encoded], pad_id: int, sq: torch.Tensor, batch_size=8,
                 layout="auto") -> torch.Tensor:
     """K[a, b] = <G_a, G_b> (fp64) for the anchors: one target per anchor (G_a/||G_a||, together the size of
     one target of all anchors), then one scoring pass of every anchor against all of them."""
@@ -92,9 +94,8 @@ def anchor_gram(engine, items: list[D.Encoded], pad_id: int, sq: torch.Tensor, b
     bank = TargetBank(singles, engine)
     gram = torch.zeros(len(items), len(items), dtype=torch.float64)
     for positions in D.length_bucketed_batches([len(it) for it in items], batch_size):
-        scorer = ScoreAccumulator(bank)
-        engine.run([items[p] for p in positions], pad_id, scorer)
-        gram[positions] = scorer.inner.detach().double().cpu()       # <G_b, G_a>/||G_a||
+        scores = score_batch(engine, bank, [items[p] for p in positions], pad_id)
+        gram[positions] = scores.inner.detach().double().cpu()       # <G_b, G_a>/||G_a||
     return gram * sq.sqrt()[None, :]
 
 

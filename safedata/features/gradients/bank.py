@@ -50,17 +50,23 @@ class _ParamBank:
         return list(zip(self.dense_cols.tolist(), self.dense_mat.unbind(0)))
 
 
+# A parameter no target covers (every target of a norms-only run, an empty bank): no factors, rows or dense parts,
+# so a strategy reads it like any other and adds nothing to the products.
+NO_TARGETS = _ParamBank()
+
+
 class TargetBank:
     """Targets on the device, arranged per parameter for the hooks (all targets of a layer together).
 
     release: empty each Target's parameters as soon as the bank holds them, so that the targets are never
     held twice (the scoring stage passes targets it loaded for the bank alone). The engine is read while the bank is
     laid out (the model's parameters, device and dtypes) and not kept: the bank is data, and the caller runs the
-    engine with it (batch.score_batch)."""
+    engine with it (batch.score_batch). No targets make an empty bank: norms only (Self-Inf)."""
 
     def __init__(self, targets: list[Target], engine: GradientEngine, densify: bool = True, release: bool = False):
         self.n = len(targets)
         self.param_set, self.mode = engine.params, engine.mode
+        self.shapes = dict(engine.shapes)
         self.params: dict[str, _ParamBank] = {}
         dev, compute_dtype, num = engine.device, engine.compute_dtype, engine.num
         for j, target in enumerate(targets):
@@ -145,8 +151,13 @@ class TargetBank:
                 bank.dense_mat = bank.full_mat[:bank.n_dense_targets]
             self.densified.append(name)
 
-    def get(self, name) -> _ParamBank | None:
-        return self.params.get(name)
+    def get(self, name: str) -> _ParamBank:
+        """The targets' parts at one parameter (NO_TARGETS where none covers it)."""
+        return self.params.get(name, NO_TARGETS)
+
+    def made_for(self, engine: GradientEngine) -> bool:
+        """Whether the bank was laid out for this engine's gradient (the same parameters, mode and shapes)."""
+        return (self.param_set, self.mode, self.shapes) == (engine.params, engine.mode, dict(engine.shapes))
 
     def nbytes(self) -> int:
         seen, total = set(), 0

@@ -1,11 +1,13 @@
 """What the engine hands an accumulator, and nothing more: the batch's settings once (`BatchContext`), each Linear
 layer's input (`LayerInput`), and the `Accumulator` interface the engine's hooks call. An accumulator never
-reads the engine, and the engine never asks an accumulator anything: calls go one way, engine -> accumulator.
+reads the engine, and the engine asks an accumulator one thing only: the batch's result, which `end()` returns
+and `GradientEngine.run` hands back (`Products` for the scores). Nothing is read off either after a run.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -83,15 +85,27 @@ class BatchContext:
         return self.num.compute_dtype
 
 
-class Accumulator(ABC):
+@dataclass(frozen=True)
+class Products:
+    """One batch's per-example products, in the compute dtype: inner [B, J] = <G_i, T_j>, sqnorm [B] = ||G_i||^2."""
+
+    inner: torch.Tensor
+    sqnorm: torch.Tensor
+
+
+R = TypeVar("R")
+
+
+class Accumulator(ABC, Generic[R]):
     """What the engine's hooks feed, for one batch: begin, then each tracked parameter's per-example gradient in
-    the form that is cheapest to hand over, then end."""
+    the form that is cheapest to hand over, then end, which returns the batch's result (R)."""
 
     def begin(self, batch: BatchContext) -> None:
         self.batch = batch
 
-    def end(self) -> None:
-        pass
+    def end(self) -> R | None:
+        """The batch's result, handed back by GradientEngine.run (None: an accumulator that keeps nothing)."""
+        return None
 
     @abstractmethod
     def dense(self, name: str, v: torch.Tensor) -> None:

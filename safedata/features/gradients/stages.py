@@ -264,11 +264,10 @@ def self_influence_n(self_inf: torch.Tensor, n_answer_tokens: torch.Tensor) -> t
 
 
 def score_pool(args: GradientArgs, model: torch.nn.Module | None = None,
-               tokenizer: PreTrainedTokenizerBase | None = None, path: str = "auto") -> bool:
+               tokenizer: PreTrainedTokenizerBase | None = None) -> bool:
     """Scoring mode: scores.csv + examples.csv + products.safetensors + meta.json (stage gradient_scores);
     True once complete. Against targets (one column each), or with self_influence and no targets the
-    anchor-free columns self_inf and self_inf_n (see self_influence_n). path: the engine's path (auto, or
-    one forced by a test or a benchmark)."""
+    anchor-free columns self_inf and self_inf_n (see self_influence_n)."""
     a = args
     target_dirs, self_influence, output_dir = a.targets or [], a.self_influence, a.output_dir
     D.check_sizes(batch_size=a.batch_size, chunk_size=a.chunk_size, max_length=a.max_length,
@@ -302,17 +301,16 @@ def score_pool(args: GradientArgs, model: torch.nn.Module | None = None,
                      "<G_i, T_j> / ||G_i|| = mean over anchors of cos(G_i, G_a); cos(G_i, T_j) for a "
                      "renormalised target")
     check_existing_output(output_dir, meta)
-    engine = get_engine(model, params_key, a.mode, adam, path)
-    bank = TargetBank([t for t, _ in loaded], engine, release=True) if loaded else None
+    engine = get_engine(model, params_key, a.mode, adam)
+    bank = TargetBank([t for t, _ in loaded], engine, release=True)    # no targets (Self-Inf): norms only
     del loaded
     pad_id = D.pad_token_id(tokenizer)
     n_supervised = torch.tensor([e.n_supervised for e in prepared.encoded], dtype=torch.float64)
 
     def compute(items):
-        inner, sq, loss = score_batch(model, items, bank, pad_id, params_key, a.mode, adam, path, with_loss=True,
-                                      engine=engine)
-        return {"inner": inner.detach().double().cpu(), "sqnorm": sq.detach().double().cpu(),
-                "loss": loss.detach().double().cpu()}
+        scores = score_batch(engine, bank, items, pad_id)
+        return {"inner": scores.inner.detach().double().cpu(), "sqnorm": scores.sqnorm.detach().double().cpu(),
+                "loss": scores.loss.detach().double().cpu()}
 
     with stop_on_out_of_memory("gradient scores", a.batch_size):
         store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
@@ -374,8 +372,7 @@ def extract_gradient_features(args: GradientArgs, model: torch.nn.Module | None 
     pad_id = D.pad_token_id(tokenizer)
 
     def compute(items):
-        return {"features": project_batch(model, items, projector, pad_id, params_key, a.mode, adam,
-                                          engine).detach().float().cpu()}
+        return {"features": project_batch(engine, projector, items, pad_id).detach().float().cpu()}
 
     with stop_on_out_of_memory("gradient features", a.batch_size):
         store = run_chunked(output_dir, meta, prepared, compute, a.batch_size, a.chunk_size, parse_shard(a.shard),
