@@ -50,7 +50,8 @@ class ScoreArgs:
     # a text costs milliseconds, so a chunk of them is seconds of work.
     chunk_size: int = shared(StageArgs, "chunk_size", default=4096,
                              help="embedding, compliance: examples per resumable chunk")
-    shard: str | None = shared(StageArgs, "shard", help="embedding, compliance: I/N, this part of N (default: all)")
+    shard: str | None = shared(StageArgs, "shard", help="embedding, compliance: I/N, this part of N (default: the "
+                                                        "SLURM array task, else all)")
     dtype: str | None = shared(StageArgs, "dtype", help="compliance: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     device: str | None = shared(StageArgs, "device", help="embedding, compliance: torch device (default: cuda if "
                                                           "available for the LLM, cpu)")
