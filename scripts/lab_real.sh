@@ -18,7 +18,7 @@
 #   report    lab_real.py report -> $OUT: table.md, per_seed.csv, flags.csv (per-prompt refused flags, no text),
 #             results.json, asr.png, wall times
 #   kept      each evaluated run's numbers, per-prompt refused flags (no text) and wall seconds go to $KEPT, which
-#             is committed: a later session whose runs/ is gone skips the runs kept with the same settings and
+#             is committed: a checkout whose runs/ is empty skips the runs kept with the same settings and
 #             subset, and the report reads them
 #
 # Every stage skips finished work and resumes stopped work, so the study can be run stage by stage, on different
