@@ -703,6 +703,29 @@ def original_target(model, items, names):
     return torch.stack(unit).mean(0)
 
 
+def test_running_sum_combination_under_the_models_own_template_equals_bruteforce(ref, tiny_model_dir, files,
+                                                                                  tmp_path):
+    """--anchor_combination running_sum: the original's running-sum target without the paper template's quirks
+    (the anchors tokenised as every other run here), against the literal no-zero_grad loop; the pool's scores
+    against it; and a plain target's meta has no anchor_combination key (its identity unchanged)."""
+    T = original_target(ref.model, ref.anchors[0].encoded, ref.names)
+    assert float((T - ref.T[0]).norm()) > 1e-3 * float(T.norm())          # really another target than the mean
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                         output_dir=tmp_path / "t", max_response_length=MLEN, batch_size=2,
+                                         anchor_combination="running_sum", **FP64))
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["flags"]["anchor_combination"] == "running_sum" and not meta["flags"]["original_quirks"]
+    assert meta["target"]["combination"].startswith("mean_i C_i")
+    assert meta["target"]["norm"] == pytest.approx(float(T.norm()), rel=TOL)
+    assert G.score_pool(G.GradientArgs(model_name=tiny_model_dir, data_path=files["pool"], output_dir=tmp_path / "s",
+                                       targets=[tmp_path / "t"], batch_size=3, **FP64))
+    got = torch.tensor([float(r[2]) for r in read_scores(tmp_path / "s" / "scores.csv")[1]], dtype=torch.float64)
+    assert rel_err(got, (ref.gp @ T) / ref.gp.norm(dim=1)) < TOL
+    assert G.build_target(G.GradientArgs(anchor=True, model_name=tiny_model_dir, data_path=files["a"],
+                                         output_dir=tmp_path / "plain", max_response_length=MLEN, batch_size=2, **FP64))
+    assert "anchor_combination" not in json.loads((tmp_path / "plain" / "meta.json").read_text())["flags"]
+
+
 def test_original_quirks_cumulative_anchors_equal_bruteforce(ref, tiny_model_dir, files, tmp_path):
     anchors = prepare_data(files["a"], ref.tok, "paper", max_response_length=MLEN, original_quirks=True)
     pool = prepare_data(files["pool"], ref.tok, "paper", original_quirks=True)

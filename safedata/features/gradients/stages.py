@@ -41,6 +41,7 @@ SELF_INFLUENCE_SCORE = ("self_inf = ||G_i||^2 (Self-Inf); self_inf_n = ln(self_i
                         "(Self-Inf-N, Guan et al. 2025, arXiv 2505.06843)")
 PRODUCTS_FILE = "products.safetensors"
 FEATURES_FILE = "features.safetensors"
+ANCHOR_COMBINATIONS = ("mean", "running_sum")
 # Flags that define which gradient is computed: a target and a pool must agree on them.
 GRADIENT_FLAGS = ("mode", "params", "lora")
 WHAT = "what to compute (exactly one)"
@@ -67,6 +68,11 @@ class GradientArgs:
                                       "cosine)")
     target_layout: str = option("auto", "--anchor: per layer, store the target as scaled factors or dense (auto: "
                                         "whichever is smaller; scores are the same)", choices=LAYOUTS)
+    anchor_combination: str = option(
+        "mean", "--anchor: how the anchors' gradients make the target: mean = mean_a G_a/||G_a|| (the paper's "
+                "method); running_sum = what the original code computed (gradients never zeroed between anchors: "
+                "mean_i C_i/||C_i||, C_i = G_0 + ... + G_i in file order), under any template (--original_quirks "
+                "implies it)", choices=ANCHOR_COMBINATIONS)
     proj_seed: int = option(0, "--proj_dim: projection seed (anchors and pool alike)")
     template: str | None = shared(StageArgs, "template")
     batch_size: int = option(8, "examples per forward + backward (an out-of-memory error names a smaller one to "
@@ -180,7 +186,10 @@ def build_target(args: GradientArgs, model: torch.nn.Module | None = None,
         tokenizer = load_tokenizer(a.model_name)
     template, prepared = _encode(a, tokenizer)
     params_key = _params_key(a.mode, a.params)
-    flags = _flags(a, model, renormalize=bool(a.renormalize))
+    running_sum = a.original_quirks or a.anchor_combination == "running_sum"
+    # recorded only when asked for on its own, so every target made without it keeps its meta (and identity)
+    asked = {"anchor_combination": "running_sum"} if running_sum and not a.original_quirks else {}
+    flags = _flags(a, model, renormalize=bool(a.renormalize), **asked)
     meta = _meta("gradient_target", a, prepared, template, flags)
     output_dir = Path(a.output_dir)
     with target_lock(output_dir):
@@ -193,7 +202,7 @@ def build_target(args: GradientArgs, model: torch.nn.Module | None = None,
             with stop_on_out_of_memory("anchor target", a.batch_size):
                 result = anchor_gradients(model, prepared.encoded, D.pad_token_id(tokenizer), params_key, a.mode,
                                           a.batch_size, adam, a.renormalize, a.target_layout, progress=True,
-                                          cumulative=a.original_quirks)
+                                          cumulative=running_sum)
             _write_target(output_dir, meta, result.target)
     if world > 1:
         torch.distributed.barrier()
@@ -205,7 +214,9 @@ def _write_target(output_dir: Path, meta: dict, target) -> None:
     meta["target"] = {
         "format": TARGET_FORMAT, "version": TARGET_VERSION, "n_anchors": n,
         "combination": ("mean_i C_i/||C_i||, C_i = G_0 + ... + G_i (the original's, --original_quirks)"
-                        if meta["flags"]["original_quirks"] else "mean_a G_a/||G_a||"),
+                        if meta["flags"]["original_quirks"] else
+                        "mean_i C_i/||C_i||, C_i = G_0 + ... + G_i (the original's, --anchor_combination running_sum)"
+                        if meta["flags"].get("anchor_combination") == "running_sum" else "mean_a G_a/||G_a||"),
         "norm": target.norm, "renormalized": target.renormalized,
         "anchor_norms": [math.sqrt(v) for v in target.anchor_sqnorm],
         # <G_a/||G_a||, T>: each anchor's score against its own (un-renormalised) target
