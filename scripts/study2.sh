@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Study 2 (docs/real_model/PREREG.md), run by lab/study2/run.py: data, draws, the aligned model's evaluation, Arm A
-# in PREREG's order. Every stage skips finished work (kept records in lab/study2/results, keyed by settings + subset
-# sha256) and resumes stopped work (fine-tunes from their 10-minute checkpoints, generation from its last batch), so
-# after a kill the same command goes on where it stopped. Runs in the background at nice 19:
+# Study 2 (docs/real_model/PREREG.md), run by lab/study2/run.py: data, draws, the aligned model's evaluation, Arm A,
+# Arm B and the anchor diagnosis in PREREG's order. Every stage skips finished work (kept records in
+# lab/study2/results, keyed by settings + subset sha256) and resumes stopped work (fine-tunes from their 10-minute
+# checkpoints, generation from its last batch), so after a kill the same command goes on where it stopped. Runs in
+# the background at nice 19:
 #
-#   bash scripts/study2.sh                 # all of Arm A (seeds 1 2 3); log: runs/study2/log.txt
-#   SEEDS=1 bash scripts/study2.sh         # seed 1's six runs only
+#   bash scripts/study2.sh                 # the whole study (Arm A seeds 1 2 3); log: runs/study2/log.txt
+#   SEEDS=1 bash scripts/study2.sh         # Arm A seed 1's six runs only (Arm B waits for all of Arm A)
 #   COMMAND=report bash scripts/study2.sh  # (foreground) the report recounted from the kept flags
 #   FOREGROUND=1 bash scripts/study2.sh    # in this shell
 #

@@ -161,13 +161,73 @@ def test_arm_a_order():
 
 
 def test_arm_a_finetune_flags_are_prereg():
-    args = [str(a) for a in R.finetune_args(Path("s.json"), Path("out"), 3)]
+    args = [str(a) for a in R.finetune_args(R.ARM_A_FINETUNE, Path("s.json"), Path("out"), 3)]
     joined = " ".join(args)
     for flag in ("--precision pure_bf16", "--lr 5e-05", "--epochs 5", "--batch_size 20",
                  "--per_device_batch_size 20", "--lr_decay 0.85", "--weight_decay 0.0", "--max_length 512",
                  "--template chat", "--seed 3"):
         assert flag in joined, flag
     assert "--gradient_checkpointing" not in args and "--lora" not in args
+
+
+def test_arm_b_finetune_flags_are_prereg():
+    """PREREG "Arm B precision": fp32, 20 accumulated micro-batches of one, lr = lr*; the rest as Arm A."""
+    settings = R.identity("B", "random", 301, 1, None, lr=2e-5)["settings"]["finetune"]
+    joined = " ".join(str(a) for a in R.finetune_args(settings, Path("s.json"), Path("out"), 1))
+    for flag in ("--precision fp32", "--lr 2e-05", "--epochs 5", "--batch_size 20", "--per_device_batch_size 1",
+                 "--lr_decay 0.85", "--weight_decay 0.0", "--max_length 512", "--template chat", "--seed 1"):
+        assert flag in joined, flag
+    assert R.identity("B_calibration", "random", 201, 1, None, lr=5e-5)["settings"]["finetune"]["lr"] == 5e-5
+
+
+def test_arm_b_plans_are_prereg():
+    assert R.calibration_plan() == [(5e-5, 201, 1), (5e-5, 202, 2), (3e-5, 203, 1), (3e-5, 204, 2),
+                                    (2e-5, 205, 1), (2e-5, 206, 2), (1e-5, 207, 1), (1e-5, 208, 2)]
+    assert [(c, d, s) for c, d, s in R.B_REPORT_PLAN] == [
+        ("random", 301, 1), ("random", 302, 2), ("grad-top", None, 1), ("reps-top", None, 1),
+        ("random", 303, 3), ("random", 304, 4), ("grad-top", None, 2), ("reps-top", None, 2)]
+    assert set(R.ARM_B_DRAWS) == {201, 202, 203, 204, 205, 206, 207, 208, 301, 302, 303, 304}
+
+
+def _flags(complied: int, n: int = 260) -> str:
+    return "0" * complied + "1" * (n - complied)
+
+
+def test_lr_star_rule():
+    """PREREG: the first lr (descending) whose 2 runs' mean keyword ASR is <= 25.0%; none: no report runs."""
+    assert R.choose_lr({}) == {"finished": False, "lr_star": None, "next_lr": 5e-5}
+    assert R.choose_lr({5e-5: [_flags(100)]})["next_lr"] == 5e-5            # one run of two: not decided
+    # 65 + 65 of 520 = 25.0% exactly qualifies; 66 + 65 (25.2%) does not
+    assert R.choose_lr({5e-5: [_flags(65), _flags(65)]})["lr_star"] == 5e-5
+    state = R.choose_lr({5e-5: [_flags(66), _flags(65)]})
+    assert state == {"finished": False, "lr_star": None, "next_lr": 3e-5}
+    assert R.choose_lr({5e-5: [_flags(200)] * 2, 3e-5: [_flags(90), _flags(20)]})["lr_star"] == 3e-5
+    failed = {lr: [_flags(131), _flags(131)] for lr in R.CALIBRATION_LRS}
+    assert R.choose_lr(failed) == {"finished": True, "lr_star": None, "next_lr": None}
+
+
+def _calibration_record(lr, draw, seed, complied, s=600):
+    refused = _flags(complied)
+    return {"run": R.run_name("B_calibration", "random", draw, seed),
+            "identity": {"arm": "B_calibration", "condition": "random", "draw": draw, "seed": seed,
+                         "settings": {"finetune": {"lr": lr}}},
+            "wall_s": {"finetune": stage(s, 1.0, 1.0), "evaluate": stage(150, 1.0, 1.0)},
+            "flags": {"calibration_refused": refused, "calibration_non_answer": "0" * 260},
+            "losses": {"calibration_target": [1.0] * 260},
+            "metrics": {"calibration": {**R.rates(refused, "0" * 260), "target_loss": 1.0}}}
+
+
+def test_calibration_record_recounts_without_heldout():
+    record = _calibration_record(5e-5, 201, 1, 70)
+    assert R.check_record(record)["calibration"]["keyword_asr"] == 70 / 260
+    broken = copy.deepcopy(record)
+    broken["flags"]["calibration_refused"] = _flip(record["flags"]["calibration_refused"], 0)
+    with pytest.raises(R.RecountError):
+        R.check_record(broken)
+    broken = copy.deepcopy(record)
+    broken["metrics"]["heldout2"] = {"n": 200, "over_refusal": 0.0, "heldout_loss": 1.0}   # flags missing
+    with pytest.raises(R.RecountError):
+        R.check_record(broken)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -255,18 +315,28 @@ def test_labels():
 def test_analyse_on_synthetic_runs():
     rng = np.random.default_rng(1)
     groups = [i // 2 for i in range(20)]
+    p = {"random": 0.1, "grad-top": 0.9, "grad-bottom": 0.1, "reps-top": 0.1, "matched": 0.1}
 
-    def rec(condition, seed, p):
-        refused = "".join("0" if rng.random() < p else "1" for _ in range(20))
-        return {"run": f"A_{condition}_seed{seed}", "identity": {"arm": "A", "condition": condition, "seed": seed},
-                "flags": {"report_refused": refused}}
-    records = ([rec("random", s, 0.1) for s in range(6)] + [rec("grad-top", s, 0.9) for s in range(3)]
-               + [rec("grad-bottom", s, 0.1) for s in range(3)] + [rec("reps-top", s, 0.1) for s in range(3)]
-               + [rec("matched", s, 0.1) for s in range(3)])
+    def rec(arm, condition, draw, seed):
+        refused = "".join("0" if rng.random() < p[condition] else "1" for _ in range(20))
+        return {"run": R.run_name(arm, condition, draw, seed),
+                "identity": {"arm": arm, "condition": condition, "seed": seed}, "flags": {"report_refused": refused}}
+    records = [rec("A", c, d, s) for c, d, s in R.arm_a_plan((1, 2, 3))]
+    out = R.analyse(records[:-1], groups)
+    assert not out["complete"] and out["missing"] == ["A_matched-103_seed3"] and out["verdict"].startswith("incomplete")
     out = R.analyse(records, groups)
     assert out["complete"] and set(out["tests"]) == {"A1", "A2", "A3", "A4", "A5"}
     assert out["tests"]["A1"]["delta"] > 50 and out["tests"]["A1"]["p"] < 0.01
     assert out["room"] is (out["random_mean_asr"] <= 25.0)
+    # matched 103 cut: A5 against the 2 matched draws, and the arm is complete without it
+    assert R.analyse(records[:-1], groups, "A", cuts=("A_matched-103",))["complete"]
+    # Arm B: B1, B2 (Holm over the two); reps-top cut removes B2 and the arm is complete without it
+    b = [rec("B", c, d, s) for c, d, s in R.B_REPORT_PLAN]
+    out = R.analyse(records + b, groups, "B")
+    assert out["complete"] and set(out["tests"]) == {"B1", "B2"} and out["tests"]["B1"]["n_reference"] == 4
+    no_reps = [r for r in b if r["identity"]["condition"] != "reps-top"]
+    out = R.analyse(no_reps, groups, "B", cuts=("B_reps-top",))
+    assert out["complete"] and set(out["tests"]) == {"B1"} and out["contrasts"] == ["B1"]
 
 
 def test_budget_projection_without_runs(tmp_path):
@@ -328,6 +398,51 @@ def test_budget_cuts_matched_103_when_the_quiet_projection_is_over(tmp_path):
         r["wall_s"]["finetune"]["load1_start_end"] = 3.0
         p.write_text(json.dumps(r))
     assert R.update_budget(tmp_path)["cut_matched_103"] == "run"
+
+
+def test_budget_counts_calibration_at_8_until_it_finishes_then_the_runs_made(tmp_path):
+    base = R.update_budget(tmp_path)
+    # two calibration runs at 5e-5 that qualify (20% each): calibration finished with 2 runs, 6 fewer counted
+    for draw, seed in ((201, 1), (202, 2)):
+        (tmp_path / f"{R.run_name('B_calibration', 'random', draw, seed)}.json").write_text(
+            json.dumps(_calibration_record(5e-5, draw, seed, 52, s=642)))
+    b = R.update_budget(tmp_path)
+    estimate = R.ESTIMATE_S["B_finetune"]["random"] + R.ESTIMATE_S["calibration_evaluation"]
+    # the two made runs were quiet: 642 + 150 s each, in place of 2 of the 8 estimated ones; 6 fewer counted
+    expected = base["projection_h"] - (8 * estimate - 2 * (642 + 150)) / 3600
+    assert b["projection_h"] == pytest.approx(expected)
+    # no lr qualifies: calibration finished after 8 runs and the 8 Arm B report runs leave the projection
+    for k, (lr, draw, seed) in enumerate(R.calibration_plan()):
+        (tmp_path / f"{R.run_name('B_calibration', 'random', draw, seed)}.json").write_text(
+            json.dumps(_calibration_record(lr, draw, seed, 200, s=642)))
+    b = R.update_budget(tmp_path)
+    assert b["decisions"]["B_reps-top"] == "done" and b["decisions"]["B_random-304"] == "done"
+
+
+def test_cuts_follow_prereg_order_and_stay(tmp_path, monkeypatch):
+    """While the projection exceeds 10 h, cut (1) diagnosis, (2) B reps-top, (3) matched 103, (4) B random 304;
+    a cut, once made, stays even when the projection falls."""
+    monkeypatch.setattr(R, "log", lambda msg: None)
+
+    def arm_a(finetune_s):
+        for c, d, s in R.arm_a_plan((1, 2, 3))[:-1]:
+            name = R.run_name("A", c, d, s)
+            (tmp_path / f"{name}.json").write_text(json.dumps(
+                {"run": name, "identity": {"arm": "A", "condition": c, "draw": d, "seed": s},
+                 "wall_s": {"finetune": stage(finetune_s, 1.0, 1.0), "evaluate": stage(300, 1.0, 1.0)}}))
+    arm_a(860)    # 17 x 1,160 s measured; with the rest (PREREG estimates) 10.13 h: cut (1) only
+    b = R.update_budget(tmp_path)
+    assert b["projection_h"] > 10.0 and b["projection_h"] - 3 * 350 / 3600 <= 10.0
+    assert b["decisions"] == {"diagnosis": "would cut", "B_reps-top": "run", "A_matched-103": "run",
+                              "B_random-304": "run"}
+    assert R.decide_cut("A_matched-103", tmp_path) == "run"
+    arm_a(1500)   # 17 x 1,800 s = 8.5 h: (1), (2), (3) and (4) all needed
+    assert R.update_budget(tmp_path)["decisions"] == {u: "would cut" for u in R.CUT_ORDER}
+    assert R.decide_cut("A_matched-103", tmp_path) == "cut"
+    arm_a(100)    # cheap now: nothing more would be cut, but matched 103 stays cut
+    b = R.update_budget(tmp_path)
+    assert b["decisions"]["A_matched-103"] == "cut" and b["cut_matched_103"] == "cut"
+    assert b["decisions"]["B_reps-top"] == "run" and set(b["cuts_made"]) == {"A_matched-103"}
 
 
 def test_weights_unchanged_counts_bf16_equal_parameters(tmp_path):
@@ -410,3 +525,50 @@ def test_committed_matched_draws_recomputed_from_the_pool():
         assert [counts[i] for i in drawn] == [counts[i] for i in grad_top]
         assert [int(r["answer_words"]) for r in rows] == [counts[i] for i in grad_top]
         assert [r["id"] for r in rows] == [R.D.record_id(records[i]) for i in drawn]
+
+
+def test_model_run_calibration_answers_its_half_only_and_is_kept(tmp_path, monkeypatch):
+    """A calibration run: the fine-tune at its lr, the calibration half only (no heldout2), kept by identity; a
+    second call runs nothing."""
+    monkeypatch.setattr(R, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(R, "WORK", tmp_path / "work")
+    monkeypatch.setattr(R, "log", lambda msg: None)
+    monkeypatch.setattr(R, "update_budget", lambda *a: {})
+    monkeypatch.setattr(R, "subset_of", lambda c, d: Path(__file__))
+    (tmp_path / "results").mkdir()
+    calls = []
+
+    def fake_sh(cmd):
+        calls.append([str(c) for c in cmd])
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True)
+        (out / "finetune_meta.json").write_text(json.dumps(
+            {"epoch_losses": [2.0, 1.5], "train_loss": 1.7, "total_steps": 25, "per_device_batch_size": 1,
+             "gradient_accumulation_steps": 20, "compute": {}, "save_dtype": "float32", "train_runtime_s": 1.0}))
+
+    def fake_evaluate(model_dir, run_dir, halves, heldout=True):
+        calls.append(("evaluate", halves, heldout))
+        record = _calibration_record(3e-5, 203, 1, 40)
+        return {k: record[k] for k in ("metrics", "flags", "losses")}
+    monkeypatch.setattr(R, "sh", fake_sh)
+    monkeypatch.setattr(R, "evaluate", fake_evaluate)
+    wall = R.Wall(tmp_path / "wall.tsv")
+    record = R.model_run(wall, "B_calibration", "random", 203, 1, 3e-5)
+    assert calls[1] == ("evaluate", ("calibration",), False)
+    assert "--lr 3e-05" in " ".join(calls[0]) and "--precision fp32" in " ".join(calls[0])
+    assert record["run"] == "B_calibration_random-203_seed1" and "weights_unchanged" not in record["train"]
+    assert (tmp_path / "results" / "B_calibration_random-203_seed1.json").is_file()
+    R.model_run(wall, "B_calibration", "random", 203, 1, 3e-5)
+    assert len(calls) == 2
+
+
+def test_budget_reads_the_diagnosis_variants_wall_seconds(tmp_path):
+    """A computed diagnosis variant (diagnosis.json's wall_s) is measured, and c, d are projected at its mean; (a)
+    costs nothing."""
+    base = R.update_budget(tmp_path)
+    (tmp_path / "diagnosis.json").write_text(json.dumps(
+        {"variants": {"a": {"analysis": {}}, "b": {"wall_s": stage(500, 1.0, 1.0), "analysis": {}}}}))
+    b = R.update_budget(tmp_path)
+    assert b["projection_h"] == pytest.approx(base["projection_h"]
+                                              + 3 * (500 - R.ESTIMATE_S["diagnosis_variant"]) / 3600)
+    assert b["measured_means_s"]["quiet_runs"]["diagnosis_variant"] == 500.0

@@ -99,7 +99,7 @@ def same_selections(selections_dir: str | Path, reference_dir: str | Path, score
     return result
 
 
-def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -123,7 +123,7 @@ def weight_drift(model_dir: str | Path, reference_dir: str | Path, base_dir: str
     """How far two fine-tunes of the same base ended apart, against how far the reference moved from the base:
     ||W - W_ref|| / ||W_ref - W_base|| over all parameters (fp64 sums; a tied embedding is stored, and so counted,
     once), with the largest elementwise difference. E.g. one run's micro-batches against another's padded batch."""
-    run, ref, base = (_checkpoint_tensors(Path(d)) for d in (model_dir, reference_dir, base_dir))
+    run, ref, base = (checkpoint_tensors(Path(d)) for d in (model_dir, reference_dir, base_dir))
     if not (run.keys() == ref.keys() == base.keys()):
         raise UserError(f"{model_dir}, {reference_dir} and {base_dir} hold different parameter names")
     apart = moved = 0.0
