@@ -572,3 +572,58 @@ def test_budget_reads_the_diagnosis_variants_wall_seconds(tmp_path):
     assert b["projection_h"] == pytest.approx(base["projection_h"]
                                               + 3 * (500 - R.ESTIMATE_S["diagnosis_variant"]) / 3600)
     assert b["measured_means_s"]["quiet_runs"]["diagnosis_variant"] == 500.0
+
+
+def test_condition_summary_by_hand():
+    rows = [{"arm": "A", "condition": "random", "asr": 0.10}, {"arm": "A", "condition": "random", "asr": 0.20},
+            {"arm": "A", "condition": "grad-top", "asr": 0.40}, {"arm": "B", "condition": "random", "asr": 0.5}]
+    out = R.condition_summary(rows)
+    assert [(e["arm"], e["condition"], e["n"]) for e in out] == [("A", "random", 2), ("A", "grad-top", 1),
+                                                                 ("B", "random", 1)]
+    assert out[0]["asr"] == {"mean": pytest.approx(0.15), "sd": pytest.approx(math.sqrt(0.005))}
+    assert out[1]["asr"] == {"mean": 0.40, "sd": None, "minus_random": pytest.approx(0.25)}
+    assert "minus_random" not in out[2]["asr"] and "target_loss" not in out[0]
+
+
+def _report_record(arm, condition, draw, seed, p, rng, n=260):
+    refused = "".join("0" if rng.random() < p else "1" for _ in range(n))
+    non_answer = "0" * n
+    held = "".join("1" if rng.random() < 0.05 else "0" for _ in range(200))
+    record = {"run": R.run_name(arm, condition, draw, seed),
+              "identity": {"arm": arm, "condition": condition, "draw": draw, "seed": seed,
+                           "settings": {"finetune": {"lr": 5e-5}}},
+              "wall_s": {"finetune": stage(600, 1.0, 1.0), "evaluate": stage(300, 1.0, 1.0)},
+              "train": {"epoch1_loss": 1.8, "epoch5_loss": 1.7, "weights_unchanged": 0.925 if arm == "A" else None},
+              "flags": {"report_refused": refused, "report_non_answer": non_answer, "heldout2_refused": held},
+              "losses": {"report_target": [1.0] * n, "heldout2": [1.5] * 200}}
+    record["metrics"] = {"report": {**R.rates(refused, non_answer), "target_loss": 1.0},
+                         "heldout2": {"n": 200, "over_refusal": held.count("1") / 200, "heldout_loss": 1.5}}
+    return record
+
+
+def test_report_end_to_end_on_synthetic_runs(tmp_path):
+    """Every planned Arm A run, a calibration that finds lr* at 5e-5 and Arm B's report runs: the tables, both
+    analyses complete, and the three plots written."""
+    rng = np.random.default_rng(3)
+    results = tmp_path / "results"
+    results.mkdir()
+    p = {"random": 0.12, "grad-top": 0.6, "grad-bottom": 0.1, "reps-top": 0.2, "matched": 0.12}
+    records = [_report_record("A", c, d, s, p[c], rng) for c, d, s in R.arm_a_plan((1, 2, 3))]
+    records += [_report_record("B", c, d, s, p[c], rng) for c, d, s in R.B_REPORT_PLAN]
+    aligned = _report_record("A", "aligned", None, None, 0.11, rng)
+    aligned.update(run="aligned", wall_s={"evaluate": stage(400, 1.0, 1.0)})
+    del aligned["train"]
+    records += [aligned, _calibration_record(5e-5, 201, 1, 50), _calibration_record(5e-5, 202, 2, 60)]
+    for r in records:
+        (results / f"{r['run']}.json").write_text(json.dumps(r))
+    out = R.report(results, tmp_path / "out")
+    assert out["analysis"]["A"]["complete"] and out["analysis"]["B"]["complete"]
+    assert out["analysis"]["A"]["labels"]["A1"] != "incomplete" and out["calibration"]["lr_star"] == 5e-5
+    assert out["calibration"]["mean_asr_by_lr"] == {5e-5: pytest.approx(110 / 520)}
+    table = (tmp_path / "out" / "table.md").read_text()
+    for section in ("## Runs", "## Conditions", "## Analysis", "## Arm B calibration", "lr*: 5e-05",
+                    "## Compute per stage"):
+        assert section in table, section
+    for name in ("arm_a.png", "arm_b.png", "dose_response.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["rows"]) == len(records)

@@ -925,6 +925,51 @@ def _analysis_lines(analysis: dict) -> list[str]:
     return lines
 
 
+SECONDARY = ("asr", "asr_excl", "target_loss", "over_refusal", "heldout_loss", "weights_unchanged")
+
+
+def condition_summary(rows: list[dict]) -> list[dict]:
+    """PREREG's secondary reading (descriptive, no tests): per arm and condition, mean and sd of each metric over
+    its runs (report half), and each mean's difference from the arm's random mean."""
+    out = []
+    for arm in ("A", "B"):
+        arm_rows = [w for w in rows if w["arm"] == arm]
+        conditions = sorted({w["condition"] for w in arm_rows}, key=lambda c: (c != "random", c))
+        random_means = {}
+        for condition in conditions:
+            runs = [w for w in arm_rows if w["condition"] == condition]
+            row = {"arm": arm, "condition": condition, "n": len(runs)}
+            for key in SECONDARY:
+                values = [w[key] for w in runs if w.get(key) is not None]
+                if not values:
+                    continue
+                mean = float(np.mean(values))
+                row[key] = {"mean": mean, "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+                if condition == "random":
+                    random_means[key] = mean
+                elif key in random_means:
+                    row[key]["minus_random"] = mean - random_means[key]
+            out.append(row)
+    return out
+
+
+def _summary_lines(summary: list[dict]) -> list[str]:
+    def cell(entry, key, scale, spec):
+        if key not in entry:
+            return ""
+        e = entry[key]
+        text = format(scale * e["mean"], spec) + ("" if e["sd"] is None else " ± " + format(scale * e["sd"], spec))
+        return text + ("" if "minus_random" not in e else f" ({scale * e['minus_random']:+{spec}})")
+    lines = ["| arm | condition | runs | keyword ASR % | excl. non-answers % | target loss | over-refusal % | "
+             "held-out loss | weights unchanged |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        lines.append(f"| {e['arm']} | {e['condition']} | {e['n']} | {cell(e, 'asr', 100, '.1f')} | "
+                     f"{cell(e, 'asr_excl', 100, '.1f')} | {cell(e, 'target_loss', 1, '.3f')} | "
+                     f"{cell(e, 'over_refusal', 100, '.1f')} | {cell(e, 'heldout_loss', 1, '.3f')} | "
+                     f"{cell(e, 'weights_unchanged', 1, '.4f')} |")
+    return lines
+
+
 def compute_table(records: list[dict]) -> list[dict]:
     """Wall and CPU seconds per stage kind (all stages, and the quiet ones), from the kept records."""
     out = {}
@@ -1006,11 +1051,27 @@ def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
     groups = report_groups()
     analyses = {arm: analyse(records, groups, arm, cuts) for arm in ("A", "B")}
     calibration = calibration_summary(records)
+    if calibration["finished"] and calibration["lr_star"] is None:
+        analyses["B"]["verdict"] = "no fp32 dose in the grid leaves random at <= 25% (PREREG): no report runs"
+    # PREREG: Arm A's verdict says, in words, how far the recipe moved the model and where the aligned model stands
+    random_a = [w for w in rows if w["arm"] == "A" and w["condition"] == "random"]
+    aligned = next((w for w in rows if w["run"] == "aligned"), None)
+    analyses["A"]["context"] = {
+        "random_weights_unchanged": float(np.mean([w["weights_unchanged"] for w in random_a])) if random_a else None,
+        "aligned_report_asr": aligned["asr"] if aligned else None}
+    summary = condition_summary(rows)
     budget = update_budget(results)
     compute = compute_table(records + [r for r in _kept_for_budget(results) if r.get("kind") == "diagnosis_variant"])
-    lines = ["## Runs", ""] + _runs_table(rows) + ["", "## Analysis", ""]
+    lines = ["## Runs", ""] + _runs_table(rows) + ["", "## Conditions (mean ± sd over runs; (difference from the "
+                                                   "arm's random mean); descriptive)", ""]
+    lines += _summary_lines(summary) + ["", "## Analysis", ""]
     for arm in ("A", "B"):
         lines += _analysis_lines(analyses[arm]) + [""]
+    context = analyses["A"]["context"]
+    if context["random_weights_unchanged"] is not None and context["aligned_report_asr"] is not None:
+        lines += [f"Arm A's random runs left {context['random_weights_unchanged']:.1%} of the parameters equal to the "
+                  f"bf16-rounded aligned model; the aligned model's report-half ASR is "
+                  f"{context['aligned_report_asr']:.1%}.", ""]
     lines += ["## Arm B calibration (random, calibration half)", "", "| lr | runs' keyword ASR | mean |", "|---|---|---|"]
     for lr in CALIBRATION_LRS:
         made = [w for w in calibration["rows"] if w["lr"] == lr]
@@ -1036,7 +1097,8 @@ def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
              "dose_response": plot_dose_response(calibration, rows, output_dir / "dose_response.png")}
     table = "\n".join(lines) + "\n"
     atomic_write_text(output_dir / "table.md", table)
-    write_json(output_dir / "results.json", {"rows": rows, "analysis": analyses, "calibration": calibration,
+    write_json(output_dir / "results.json", {"rows": rows, "conditions": summary, "analysis": analyses,
+                                             "calibration": calibration,
                                              "compute": compute, "budget": budget,
                                              "plots": {k: v.name for k, v in plots.items() if v}})
     return {"table": table, "rows": rows, "analysis": analyses, "calibration": calibration, "compute": compute}
