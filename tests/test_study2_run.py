@@ -416,7 +416,7 @@ def test_budget_counts_calibration_at_8_until_it_finishes_then_the_runs_made(tmp
         (tmp_path / f"{R.run_name('B_calibration', 'random', draw, seed)}.json").write_text(
             json.dumps(_calibration_record(lr, draw, seed, 200, s=642)))
     b = R.update_budget(tmp_path)
-    assert b["decisions"]["B_reps-top"] == "done" and b["decisions"]["B_random-304"] == "done"
+    assert b["decisions"]["B_reps-top"] == "not planned" and b["decisions"]["B_random-304"] == "not planned"
 
 
 def test_cuts_follow_prereg_order_and_stay(tmp_path, monkeypatch):
@@ -435,14 +435,43 @@ def test_cuts_follow_prereg_order_and_stay(tmp_path, monkeypatch):
     assert b["projection_h"] > 10.0 and b["projection_h"] - 3 * 350 / 3600 <= 10.0
     assert b["decisions"] == {"diagnosis": "would cut", "B_reps-top": "run", "A_matched-103": "run",
                               "B_random-304": "run"}
-    assert R.decide_cut("A_matched-103", tmp_path) == "run"
+    # the decision is made once: "run" for this run, kept in decisions.json; a resumed runner does not decide again
+    assert R.decide_cut("A_matched-103", "A_matched-103_seed3", tmp_path) == "run"
     arm_a(1500)   # 17 x 1,800 s = 8.5 h: (1), (2), (3) and (4) all needed
     assert R.update_budget(tmp_path)["decisions"] == {u: "would cut" for u in R.CUT_ORDER}
-    assert R.decide_cut("A_matched-103", tmp_path) == "cut"
-    arm_a(100)    # cheap now: nothing more would be cut, but matched 103 stays cut
+    assert R.decide_cut("A_matched-103", "A_matched-103_seed3", tmp_path) == "run"
+    assert R.decide_cut("B_reps-top", "B_reps-top_seed1", tmp_path) == "cut"
+    arm_a(100)    # cheap now: nothing more would be cut, but B reps-top stays cut, for both its runs
     b = R.update_budget(tmp_path)
-    assert b["decisions"]["A_matched-103"] == "cut" and b["cut_matched_103"] == "cut"
-    assert b["decisions"]["B_reps-top"] == "run" and set(b["cuts_made"]) == {"A_matched-103"}
+    assert b["decisions"]["B_reps-top"] == "cut" and set(b["cuts_made"]) == {"B_reps-top"}
+    assert R.decide_cut("B_reps-top", "B_reps-top_seed2", tmp_path) == "cut"
+    assert b["decisions"]["A_matched-103"] == "run" and b["cut_matched_103"] == "run"
+    decisions = json.loads((tmp_path / "decisions.json").read_text())
+    assert set(decisions["run"]) == {"A_matched-103_seed3"} and decisions["cut"]["B_reps-top"]["at"] == "B_reps-top_seed1"
+
+
+def test_no_lr_star_leaves_arm_b_report_units_not_planned(tmp_path):
+    for lr, draw, seed in R.calibration_plan():
+        (tmp_path / f"{R.run_name('B_calibration', 'random', draw, seed)}.json").write_text(
+            json.dumps(_calibration_record(lr, draw, seed, 200)))
+    decisions = R.update_budget(tmp_path)["decisions"]
+    assert decisions["B_reps-top"] == decisions["B_random-304"] == "not planned"
+
+
+def test_standalone_stages_keep_prereg_order(tmp_path):
+    with pytest.raises(SystemExit, match="Arm A is not finished"):
+        R.require_finished("A", tmp_path)
+    with pytest.raises(SystemExit, match="calibration has not finished"):
+        R.require_finished("B", tmp_path)
+    for c, d, s in R.arm_a_plan((1, 2, 3)):
+        name = R.run_name("A", c, d, s)
+        (tmp_path / f"{name}.json").write_text(json.dumps({"run": name, "identity": {"arm": "A"}}))
+    R.require_finished("A", tmp_path)
+    for k, (lr, draw, seed) in enumerate(R.calibration_plan()[:2]):
+        (tmp_path / f"{R.run_name('B_calibration', 'random', draw, seed)}.json").write_text(
+            json.dumps(_calibration_record(lr, draw, seed, 50)))
+    with pytest.raises(SystemExit, match="Arm B is not finished"):
+        R.require_finished("B", tmp_path)
 
 
 def test_weights_unchanged_counts_bf16_equal_parameters(tmp_path):
@@ -470,7 +499,27 @@ def test_wall_sums_attempts_and_reads_old_lines(tmp_path):
     (tmp_path / "wall.tsv").write_text("x\t10\t0.5\t1.5\nx\t0\t4\t4\nx\t30\t3\t3\n")
     assert wall.seconds("x")["load1_start_end"] == round((10 * 1.0 + 30 * 3.0) / 40, 2)
     assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_start_end": None,
-                                 "load1_mean": None, "cpu_s": None}
+                                 "load1_mean": None, "cpu_s": None, "interrupted": 0}
+
+
+def test_wall_records_an_attempt_that_fails_or_is_killed_as_interrupted(tmp_path):
+    wall = R.Wall(tmp_path / "wall.tsv")
+
+    def fail():
+        raise RuntimeError("stopped")
+    with pytest.raises(RuntimeError):
+        wall.timed("x", fail)
+    assert wall.seconds("x")["interrupted"] == 1 and not wall.alive.exists()
+    # a killed attempt leaves its heartbeat; the next attempt of any stage writes its line (seconds to its last beat)
+    (tmp_path / "wall.alive.json").write_text(json.dumps({"name": "y", "start": 1000.0, "last": 1100.4,
+                                                          "samples": [0.5, 1.0, 0.7]}))
+    wall.timed("y", lambda: None)
+    got = wall.seconds("y")
+    assert got["attempts"] == 2 and got["interrupted"] == 1 and got["s"] >= 100 and not wall.alive.exists()
+    line = [l for l in (tmp_path / "wall.tsv").read_text().splitlines() if l.startswith("y\t100\t")]
+    assert line == ["y\t100\t0.5\t0.7\t0.73\t1.0\t\t1000\tinterrupted"]
+    # an interrupted stage measures no cost, however quiet it was
+    assert not R._quiet(got) and R._quiet({**got, "interrupted": 0, "load1_start_end": 1.0})
 
 
 def test_kept_needs_the_same_identity(tmp_path, monkeypatch):

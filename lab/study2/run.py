@@ -116,14 +116,20 @@ def sh(cmd: list[str]) -> None:
 
 
 class Wall:
-    """wall.tsv, one line per finished attempt of a stage: name, wall seconds, 1-minute load average at the start and
-    at the end, mean and max of the load average sampled every 15 s during the stage, CPU seconds (user + system,
-    this process and its children) and the start time (epoch seconds). The 2 cores are shared; PREREG counts the
-    costs of quiet runs only, so each stage says how busy the machine was, and its CPU seconds (little changed by
-    other work) stand beside its wall seconds. An attempt killed before its end writes no line."""
+    """wall.tsv, one line per attempt of a stage: name, wall seconds, 1-minute load average at the start and at the
+    end, mean and max of the load average sampled every 15 s during the stage, CPU seconds (user + system, this
+    process and its children) and the start time (epoch seconds). The 2 cores are shared; PREREG counts the costs
+    of quiet runs only, so each stage says how busy the machine was, and its CPU seconds (little changed by other
+    work) stand beside its wall seconds.
+
+    An attempt that does not finish (an error, or the runner killed) is an interrupted attempt: a ninth field
+    `interrupted`, its seconds up to its last 15-s heartbeat (wall.alive.json, written while it runs; a killed
+    attempt's line is written by the next attempt of any stage), its end load the last sample, CPU seconds unknown
+    (empty). A stage with an interrupted attempt measures no cost (Wall.seconds: interrupted > 0)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.alive = path.with_name(path.stem + ".alive.json")
 
     @staticmethod
     def _cpu() -> float:
@@ -131,49 +137,83 @@ class Wall:
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
+    def _append(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+    def _interrupted_line(self, beat: dict) -> str:
+        samples = beat["samples"]
+        return (f"{beat['name']}\t{round(beat['last'] - beat['start'])}\t{samples[0]}\t{samples[-1]}\t"
+                f"{round(float(np.mean(samples)), 2)}\t{max(samples)}\t\t{round(beat['start'])}\tinterrupted")
+
+    def flush_interrupted(self) -> None:
+        """A heartbeat left by a killed attempt becomes its interrupted line."""
+        if self.alive.is_file():
+            self._append(self._interrupted_line(read_json(self.alive)))
+            self.alive.unlink()
+
     def timed(self, name: str, fn, *args, **kwargs):
         import threading
+        self.flush_interrupted()
         start, l0, cpu0 = time.time(), load1(), self._cpu()
         samples, stop = [l0], threading.Event()
+
+        def beat():
+            write_json(self.alive, {"name": name, "start": start, "last": time.time(), "samples": samples})
 
         def sample():
             while not stop.wait(15):
                 samples.append(load1())
+                beat()
+        beat()
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
+        finished = False
         try:
             result = fn(*args, **kwargs)
+            finished = True
         finally:
             stop.set()
-        l1 = load1()
-        samples.append(l1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(f"{name}\t{round(time.time() - start)}\t{l0}\t{l1}\t{round(float(np.mean(samples)), 2)}\t"
-                    f"{max(samples)}\t{round(self._cpu() - cpu0)}\t{round(start)}\n")
+            thread.join()
+            samples.append(load1())
+            if finished:
+                self._append(f"{name}\t{round(time.time() - start)}\t{l0}\t{samples[-1]}\t"
+                             f"{round(float(np.mean(samples)), 2)}\t{max(samples)}\t{round(self._cpu() - cpu0)}\t"
+                             f"{round(start)}")
+            else:
+                self._append(self._interrupted_line({"name": name, "start": start, "last": time.time(),
+                                                     "samples": samples}))
+            self.alive.unlink(missing_ok=True)
         return result
 
     def seconds(self, name: str) -> dict:
-        total, cpu, loads, start_end, weights, means, attempts = 0, 0, [], [], [], [], 0
+        total, cpu, loads, start_end, weights, means, attempts, interrupted = 0, 0, [], [], [], [], 0, 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 parts = line.split("\t")
-                if parts[0] == name:
-                    total += int(parts[1])
-                    loads += [float(x) for x in parts[2:4]]
-                    start_end.append((float(parts[2]) + float(parts[3])) / 2)
-                    weights.append(int(parts[1]))
-                    if len(parts) >= 8:
-                        means.append(float(parts[4]))
-                        loads.append(float(parts[5]))
-                        cpu += int(parts[6])
-                    attempts += 1
+                if parts[0] != name:
+                    continue
+                total += int(parts[1])
+                attempts += 1
+                interrupted += len(parts) >= 9 and parts[8] == "interrupted"
+                if not parts[2]:   # an interrupted attempt known only from the log: no load was sampled
+                    continue
+                loads += [float(x) for x in parts[2:4]]
+                start_end.append((float(parts[2]) + float(parts[3])) / 2)
+                weights.append(int(parts[1]))
+                if len(parts) >= 8:
+                    means.append(float(parts[4]))
+                    loads.append(float(parts[5]))
+                    cpu += int(parts[6]) if parts[6] else 0
         return {"s": total, "attempts": attempts, "load1_max": max(loads) if loads else None,
                 # each attempt's start/end mean weighted by its seconds: a 5-s attempt that only finds the work
                 # done (a resumed runner) says nothing about how busy the machine was while the work ran
                 "load1_start_end": (round(float(np.average(start_end, weights=weights)), 2) if sum(weights) else
                                     round(float(np.mean(start_end)), 2)) if start_end else None,
-                "load1_mean": round(float(np.mean(means)), 2) if means else None, "cpu_s": cpu if means else None}
+                "load1_mean": round(float(np.mean(means)), 2) if means else None, "cpu_s": cpu if means else None,
+                # an interrupted attempt's seconds are a lower bound and its CPU seconds unknown
+                "interrupted": interrupted}
 
 
 # ----------------------------------------------------------------------------- metric definitions (PREREG "Metrics")
@@ -541,8 +581,14 @@ def model_run(wall: Wall, arm: str, condition: str, draw, seed: int, lr: float |
     return record
 
 
+def is_kept(arm: str, condition: str, draw, seed: int, lr: float | None = None) -> bool:
+    return kept(run_name(arm, condition, draw, seed),
+                identity(arm, condition, draw, seed, subset_of(condition, draw), lr)) is not None
+
+
 def arm_a_run(wall: Wall, condition: str, draw, seed: int) -> dict | None:
-    if condition == "matched" and draw == 103 and decide_cut("A_matched-103") == "cut":
+    if condition == "matched" and draw == 103 and not is_kept("A", condition, draw, seed) and \
+            decide_cut("A_matched-103", run_name("A", condition, draw, seed)) == "cut":
         return None
     return model_run(wall, "A", condition, draw, seed)
 
@@ -587,18 +633,37 @@ def arm_b_stage(wall: Wall) -> dict:
     log(f"Arm B: lr* = {state['lr_star']:g}")
     for condition, draw, seed in B_REPORT_PLAN:
         unit = "B_reps-top" if condition == "reps-top" else "B_random-304" if draw == 304 else None
-        if unit and decide_cut(unit) == "cut":
+        if unit and not is_kept("B", condition, draw, seed, state["lr_star"]) and \
+                decide_cut(unit, run_name("B", condition, draw, seed)) == "cut":
             continue
         model_run(wall, "B", condition, draw, seed, state["lr_star"])
     return state
 
 
 
+def require_finished(arm: str, results: Path = RESULTS) -> None:
+    """PREREG's order of running: Arm B starts when every planned Arm A run is kept or cut; the diagnosis when
+    calibration has finished and every planned Arm B report run (if any) is kept or cut."""
+    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
+    names = {r.get("run") for r in records}
+    cuts = tuple(read_decisions(results)["cut"])
+    if arm == "B":
+        state = choose_lr(calibration_flags(records))
+        if not state["finished"]:
+            raise SystemExit("Arm B's calibration has not finished: PREREG runs the diagnosis after Arm B")
+        if state["lr_star"] is None:
+            return
+    missing = [n for n in planned_runs(arm, cuts) if n not in names]
+    if missing:
+        raise SystemExit(f"Arm {arm} is not finished ({len(missing)} planned run(s) not kept, first {missing[0]}): "
+                         f"PREREG's order runs {'Arm B' if arm == 'A' else 'the diagnosis'} after it")
+
+
 def diagnosis_stage(wall: Wall) -> dict:
     """PREREG's anchor diagnosis (lab/study2/diagnosis.py): (a) from the committed scores always; (b)-(d) unless
     the budget cuts them (cut (1))."""
     from lab.study2 import diagnosis as DG
-    variants = ["a"] if decide_cut("diagnosis") == "cut" else list(DG.VARIANTS)
+    variants = ["a"] if decide_cut("diagnosis", "diagnosis") == "cut" else list(DG.VARIANTS)
     result = DG.diagnosis_stage(sh, wall.timed, variants, seconds=wall.seconds)
     update_budget()
     return result
@@ -611,6 +676,8 @@ QUIET_LOAD = 2.5
 
 
 def _quiet(stage: dict) -> bool:
+    if stage.get("interrupted"):   # PREREG amendment 4: a stage with an interrupted attempt measures no cost
+        return False
     loads = stage.get("load1_start_end")
     if loads is None and stage.get("load1_mean") is not None:  # records kept before the field existed
         return False
@@ -618,10 +685,12 @@ def _quiet(stage: dict) -> bool:
 
 
 # PREREG "Budget": while the projection exceeds 10.0 h, cut in this order: (1) diagnosis variants (b)-(d); (2) Arm B
-# reps-top; (3) Arm A matched draw 103; (4) Arm B random draw 304. A unit is decided when its first run comes up;
-# a cut, once made, stays (CUTS).
+# reps-top; (3) Arm A matched draw 103; (4) Arm B random draw 304. Amendment 2 (a): each run of a unit is decided
+# when it comes up; decisions.json keeps every decision ("cut": unit -> when; "run": run name -> when), so a resumed
+# runner never decides a run again.
 CUT_ORDER = ("diagnosis", "B_reps-top", "A_matched-103", "B_random-304")
-CUTS = RESULTS / "cuts.json"
+DECISIONS = "decisions.json"
+NOT_RECORDS = ("budget.json", DECISIONS, "diagnosis.json")
 DIAGNOSIS_VARIANTS = ("b", "c", "d")   # (a) reads the committed scores: nothing to run
 
 
@@ -685,10 +754,13 @@ def _project(records: list[dict], quiet_only: bool, cuts: dict, n_calibration_op
     pending_s = {it["name"]: sum(cost(k) for k in it["kinds"]) for it in pending}
     total = measured + sum(pending_s.values())
     unit_s = {u: sum(pending_s[it["name"]] for it in pending if it["unit"] == u) for u in CUT_ORDER}
+    planned_units = {it["unit"] for it in _planned(records, n_calibration_open)}
     decisions, left = {}, total
     for unit in CUT_ORDER:   # cut in PREREG's order while the projection exceeds the budget
         if unit in cuts:
             decisions[unit] = "cut"
+        elif unit not in planned_units:
+            decisions[unit] = "not planned"    # Arm B's report runs when no lr qualifies
         elif unit_s[unit] == 0:
             decisions[unit] = "done"
         elif left > BUDGET_S:
@@ -709,8 +781,7 @@ def _project(records: list[dict], quiet_only: bool, cuts: dict, n_calibration_op
 
 
 def _kept_for_budget(results: Path) -> list[dict]:
-    records = [read_json(p) for p in sorted(Path(results).glob("*.json"))
-               if p.name not in ("budget.json", "cuts.json", "diagnosis.json")]
+    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
     records = [r for r in records if "identity" in r]
     diagnosis = Path(results) / "diagnosis.json"
     if diagnosis.is_file():   # each computed variant's wall seconds (lab/study2/diagnosis.py)
@@ -727,8 +798,7 @@ def update_budget(results: Path = RESULTS) -> dict:
     would cut if decided now, run). The every-run projection is written beside it for the record (it decides
     nothing). results/budget.json."""
     records = _kept_for_budget(results)
-    cuts_path = Path(results) / "cuts.json"
-    cuts = read_json(cuts_path) if cuts_path.is_file() else {}
+    cuts = read_decisions(results)["cut"]
     variants = {name: {n: _project(records, quiet, cuts, n) for n in (2, 8)}
                 for name, quiet in (("all_runs", False), ("quiet_runs", True))}
     quiet = variants["quiet_runs"][8]
@@ -751,19 +821,32 @@ def update_budget(results: Path = RESULTS) -> dict:
     return budget
 
 
-def decide_cut(unit: str, results: Path = RESULTS) -> str:
-    """The unit's decision now ('cut' or 'run'; 'done' when nothing of it is left); a cut is written to
-    cuts.json and stays."""
-    budget = update_budget(results)
-    decision = budget["decisions"][unit]
-    if decision == "would cut":
-        cuts = {**budget["cuts_made"], unit: {"decided": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                              "projection_h": round(budget["projection_h"], 3)}}
-        write_json(Path(results) / "cuts.json", cuts)
-        log(f"cut: {unit} (projection {budget['projection_h']:.2f} h above {BUDGET_S / 3600:g} h after the cuts "
-            f"before it; PREREG's budget rule, amendment 1)")
-        update_budget(results)
+def read_decisions(results: Path = RESULTS) -> dict:
+    path = Path(results) / DECISIONS
+    return read_json(path) if path.is_file() else {"cut": {}, "run": {}}
+
+
+def decide_cut(unit: str, name: str, results: Path = RESULTS) -> str:
+    """The decision for run NAME of cut unit UNIT, made once and kept in decisions.json: 'cut' (the unit, for good)
+    when PREREG's rule cuts it on the projection now, else 'run' (this run)."""
+    decisions = read_decisions(results)
+    if unit in decisions["cut"]:
         return "cut"
+    if name in decisions["run"]:
+        return "run"
+    budget = update_budget(results)
+    entry = {"unit": unit, "decided": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "projection_h": round(budget["projection_h"], 3)}
+    if budget["decisions"][unit] == "would cut":
+        decisions["cut"][unit] = {**entry, "at": name}
+        log(f"cut: {unit} at {name} (projection {budget['projection_h']:.2f} h above {BUDGET_S / 3600:g} h after "
+            f"the cuts before it; PREREG's budget rule, amendments 1-2)")
+        decision = "cut"
+    else:
+        decisions["run"][name] = entry
+        decision = "run"
+    write_json(Path(results) / DECISIONS, decisions)
+    update_budget(results)
     return decision
 
 
@@ -789,7 +872,9 @@ def check_record(record: dict) -> dict:
         if abs(loss - metrics[half]["target_loss"]) > 1e-4:
             raise RecountError(f"{record['run']}: {half} target loss is not the mean of its per-prompt losses")
         recount[half] = {**r, "target_loss": metrics[half]["target_loss"]}
-    if "heldout2" not in metrics and "heldout2_refused" not in flags:   # a calibration run: its half only
+    if record.get("identity", {}).get("arm") == "B_calibration":   # a calibration run: its half only
+        if "heldout2" in metrics or "heldout2_refused" in flags:
+            raise RecountError(f"{record['run']}: a calibration run with heldout2 answers")
         return recount
     if "heldout2" not in metrics or "heldout2_refused" not in flags:
         raise RecountError(f"{record['run']}: heldout2 flags and metrics not both kept")
@@ -919,6 +1004,10 @@ def _analysis_lines(analysis: dict) -> list[str]:
     lines = [f"Arm {analysis['arm']}: room {analysis['room']} (random mean report-half ASR "
              f"{_fmt(analysis['random_mean_asr'], '.2f')}%); verdict: {analysis['verdict']}"]
     for cid, t in analysis["tests"].items():
+        if not analysis["complete"]:   # amendment 2 (c): an unfinished arm shows its deltas only
+            lines.append(f"- {cid}: delta {t['delta']:+.2f} points, 90% [{t['ci90'][0]:+.2f}, {t['ci90'][1]:+.2f}] "
+                         f"(incomplete)")
+            continue
         lines.append(f"- {cid}: delta {t['delta']:+.2f} points, p {t['p']:.4f} ({t['test']}), 90% "
                      f"[{t['ci90'][0]:+.2f}, {t['ci90'][1]:+.2f}], check p {analysis['checks'][cid]['p']:.4f}, "
                      f"Holm {analysis['holm'][cid]}, label {analysis['labels'][cid]}")
@@ -1040,14 +1129,12 @@ def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
     """Every kept run recounted from its flags, both arms' tables and analyses, the calibration and lr*, the anchor
     diagnosis, the compute per stage, and the plots: OUTPUT_DIR/table.md, results.json, arm_a.png, arm_b.png,
     dose_response.png."""
-    records = [read_json(p) for p in sorted(Path(results).glob("*.json"))
-               if p.name not in ("budget.json", "cuts.json", "diagnosis.json")]
+    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
     records = [r for r in records if "flags" in r]
     if not records:
         raise SystemExit(f"{results}: no kept run")
     rows = [_record_row(r) for r in records]
-    cuts_path = Path(results) / "cuts.json"
-    cuts = tuple(read_json(cuts_path)) if cuts_path.is_file() else ()
+    cuts = tuple(read_decisions(results)["cut"])
     groups = report_groups()
     analyses = {arm: analyse(records, groups, arm, cuts) for arm in ("A", "B")}
     calibration = calibration_summary(records)
@@ -1125,10 +1212,12 @@ def main(argv=None) -> int:
     if a.command in ("arm_a", "all"):
         for condition, draw, seed in arm_a_plan(a.seeds):
             arm_a_run(wall, condition, draw, seed)
-    whole_arm_a = sorted(a.seeds) == [1, 2, 3]   # PREREG's order: Arm B and the diagnosis after all of Arm A
-    if a.command == "arm_b" or (a.command == "all" and whole_arm_a):
+    # PREREG's order: Arm B after all of Arm A, the diagnosis after Arm B
+    if a.command == "arm_b" or (a.command == "all" and sorted(a.seeds) == [1, 2, 3]):
+        require_finished("A")
         arm_b_stage(wall)
-    if a.command == "diagnosis" or (a.command == "all" and whole_arm_a):
+    if a.command == "diagnosis" or (a.command == "all" and sorted(a.seeds) == [1, 2, 3]):
+        require_finished("B")
         diagnosis_stage(wall)
     if a.command == "report":
         print(report(output_dir=Path(a.output_dir))["table"])
