@@ -1001,8 +1001,9 @@ def _runs_table(rows: list[dict]) -> list[str]:
 
 
 def _analysis_lines(analysis: dict) -> list[str]:
-    lines = [f"Arm {analysis['arm']}: room {analysis['room']} (random mean report-half ASR "
-             f"{_fmt(analysis['random_mean_asr'], '.2f')}%); verdict: {analysis['verdict']}"]
+    random_mean = "no run yet" if analysis["random_mean_asr"] is None else f"{analysis['random_mean_asr']:.2f}%"
+    lines = [f"Arm {analysis['arm']}: room {analysis['room']} (random mean report-half ASR {random_mean}); "
+             f"verdict: {analysis['verdict']}"]
     for cid, t in analysis["tests"].items():
         if not analysis["complete"]:   # amendment 2 (c): an unfinished arm shows its deltas only
             lines.append(f"- {cid}: delta {t['delta']:+.2f} points, 90% [{t['ci90'][0]:+.2f}, {t['ci90'][1]:+.2f}] "
