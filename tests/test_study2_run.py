@@ -676,3 +676,25 @@ def test_report_end_to_end_on_synthetic_runs(tmp_path):
     for name in ("arm_a.png", "arm_b.png", "dose_response.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["rows"]) == len(records)
+
+
+def test_arm_b_stage_calibrates_then_runs_the_report_plan_at_lr_star(monkeypatch):
+    """Calibration in PREREG's order until an lr qualifies (5e-5 fails with 30% and 28%, 3e-5 qualifies with 24%
+    and 26%), then the report runs at lr* in order, reps-top skipped once its unit is cut."""
+    calls = []
+    asr = {201: 78, 202: 73, 203: 62, 204: 68}   # complied of 260
+
+    def fake_model_run(wall, arm, condition, draw, seed, lr=None):
+        calls.append((arm, condition, draw, seed, lr))
+        refused = _flags(asr[draw]) if arm == "B_calibration" else _flags(0)
+        return {"flags": {"calibration_refused": refused}}
+    monkeypatch.setattr(R, "model_run", fake_model_run)
+    monkeypatch.setattr(R, "is_kept", lambda *a: False)
+    monkeypatch.setattr(R, "decide_cut", lambda unit, name: "cut" if unit == "B_reps-top" else "run")
+    monkeypatch.setattr(R, "log", lambda msg: None)
+    state = R.arm_b_stage(None)
+    assert state["lr_star"] == 3e-5
+    assert calls[:4] == [("B_calibration", "random", 201, 1, 5e-5), ("B_calibration", "random", 202, 2, 5e-5),
+                         ("B_calibration", "random", 203, 1, 3e-5), ("B_calibration", "random", 204, 2, 3e-5)]
+    assert calls[4:] == [("B", "random", 301, 1, 3e-5), ("B", "random", 302, 2, 3e-5), ("B", "grad-top", None, 1, 3e-5),
+                         ("B", "random", 303, 3, 3e-5), ("B", "random", 304, 4, 3e-5), ("B", "grad-top", None, 2, 3e-5)]

@@ -622,8 +622,6 @@ def arm_b_stage(wall: Wall) -> dict:
         state = choose_lr(made)
         if state["finished"]:
             break
-        if lr != state["next_lr"]:
-            continue
         record = model_run(wall, "B_calibration", "random", draw, seed, lr)
         made.setdefault(lr, []).append(record["flags"]["calibration_refused"])
     state = choose_lr(made)
