@@ -4,6 +4,7 @@ length-matched draw on a toy pool, and the statistics against hand-computed valu
 import copy
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -698,3 +699,38 @@ def test_arm_b_stage_calibrates_then_runs_the_report_plan_at_lr_star(monkeypatch
                          ("B_calibration", "random", 203, 1, 3e-5), ("B_calibration", "random", 204, 2, 3e-5)]
     assert calls[4:] == [("B", "random", 301, 1, 3e-5), ("B", "random", 302, 2, 3e-5), ("B", "grad-top", None, 1, 3e-5),
                          ("B", "random", 303, 3, 3e-5), ("B", "random", 304, 4, 3e-5), ("B", "grad-top", None, 2, 3e-5)]
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=R.ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_prereg_commit_precedes_every_kept_record():
+    """Must show: the pre-registration's commit precedes the first run record of the study (and is an ancestor of
+    every commit that added one); Arm B and diagnosis records come after amendment 2."""
+    try:
+        if _git("rev-parse", "--is-shallow-repository") == "true":
+            pytest.skip("a shallow clone holds no history to check")
+        prereg = _git("log", "--diff-filter=A", "--format=%H", "--", "docs/real_model/PREREG.md").split()
+        amendment_2 = _git("log", "--format=%H", "--grep=^PREREG amendment 2 ", "--", "docs/real_model/PREREG.md").split()
+    except (OSError, subprocess.CalledProcessError) as error:   # no git, or not a checkout
+        pytest.skip(f"no git history: {error}")
+    if not prereg:
+        pytest.skip("PREREG.md's first commit is not in this history")
+    added = [line.split(" ", 1) for line in _git("log", "--diff-filter=A", "--name-only", "--format=commit %H", "--",
+                                                 "lab/study2/results").split("\n") if line]
+    commit, records = None, []
+    for kind, rest in [(x[0], x[1] if len(x) > 1 else "") for x in added]:
+        if kind == "commit":
+            commit = rest
+        elif kind.endswith(".json") and not kind.endswith(("budget.json", R.DECISIONS)):
+            records.append((kind, commit))
+    assert records
+
+    def before(earlier, later):
+        return earlier != later and subprocess.run(["git", "merge-base", "--is-ancestor", earlier, later],
+                                                   cwd=R.ROOT).returncode == 0
+    for path, commit in records:
+        assert before(prereg[-1], commit), path
+        if Path(path).name.startswith(("B_", "diagnosis")):
+            assert amendment_2 and before(amendment_2[-1], commit), path
