@@ -42,3 +42,12 @@ def close_distributed(created: bool) -> None:
     """Destroy the group init_distributed created (not one a caller made)."""
     if created:
         dist.destroy_process_group()
+
+
+def close_launched_group() -> None:
+    """The end of a CLI run that torchrun launched: destroy the default group, whoever made it (fine-tuning's is
+    made by the Trainer's accelerate state), while the interpreter is whole. Left to the interpreter's exit, a gloo
+    worker thread can be torn down with work attached and abort the process ("terminate called without an active
+    exception") after the run has finished. Not after a failure: a rank still in a collective would hang."""
+    if launched_world_size() > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

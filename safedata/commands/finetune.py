@@ -8,6 +8,7 @@ import argparse
 
 from .. import cli, plan
 from ..config import add_options, from_args
+from ..distributed import close_launched_group
 from ..training import FinetuneArgs, finetune
 
 
@@ -20,6 +21,7 @@ def main(parse_args=cli.parse_args):
     if a.plan is not None:    # the plan's settings: the run's without --data_path and --output_dir
         return plan.print_plan(plan.finetune_plan(from_args(plan.FinetunePlanArgs, a), a.plan))
     finetune(from_args(FinetuneArgs, a))
+    close_launched_group()
 
 
 def console() -> None:
