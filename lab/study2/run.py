@@ -642,7 +642,7 @@ def arm_b_stage(wall: Wall) -> dict:
 def require_finished(arm: str, results: Path = RESULTS) -> None:
     """PREREG's order of running: Arm B starts when every planned Arm A run is kept or cut; the diagnosis when
     calibration has finished and every planned Arm B report run (if any) is kept or cut."""
-    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
+    records = kept_records(results)
     names = {r.get("run") for r in records}
     cuts = tuple(read_decisions(results)["cut"])
     if arm == "B":
@@ -747,12 +747,12 @@ def _project(records: list[dict], quiet_only: bool, cuts: dict, n_calibration_op
         return float(np.mean(by_kind[kind])) if kind in by_kind else _kind_cost(kind)
     measured = sum(wall["s"] if counted(wall) else cost(kind) for r in records for kind, wall in _stages(r))
     done = {r["run"] for r in records}
-    pending = [it for it in _planned(records, n_calibration_open)
-               if it["name"] not in done and it["unit"] not in cuts]
+    planned = _planned(records, n_calibration_open)
+    pending = [it for it in planned if it["name"] not in done and it["unit"] not in cuts]
     pending_s = {it["name"]: sum(cost(k) for k in it["kinds"]) for it in pending}
     total = measured + sum(pending_s.values())
     unit_s = {u: sum(pending_s[it["name"]] for it in pending if it["unit"] == u) for u in CUT_ORDER}
-    planned_units = {it["unit"] for it in _planned(records, n_calibration_open)}
+    planned_units = {it["unit"] for it in planned}
     decisions, left = {}, total
     for unit in CUT_ORDER:   # cut in PREREG's order while the projection exceeds the budget
         if unit in cuts:
@@ -778,9 +778,13 @@ def _project(records: list[dict], quiet_only: bool, cuts: dict, n_calibration_op
             "rest_arm_a": sum(1 for it in pending if it["name"].startswith("A_")), "means_s": means}
 
 
+def kept_records(results: Path = RESULTS) -> list[dict]:
+    """Every kept run record in RESULTS (not the budget, decisions or diagnosis files)."""
+    return [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
+
+
 def _kept_for_budget(results: Path) -> list[dict]:
-    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
-    records = [r for r in records if "identity" in r]
+    records = [r for r in kept_records(results) if "identity" in r]
     diagnosis = Path(results) / "diagnosis.json"
     if diagnosis.is_file():   # each computed variant's wall seconds (lab/study2/diagnosis.py)
         for name, variant in read_json(diagnosis).get("variants", {}).items():
@@ -1128,8 +1132,7 @@ def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
     """Every kept run recounted from its flags, both arms' tables and analyses, the calibration and lr*, the anchor
     diagnosis, the compute per stage, and the plots: OUTPUT_DIR/table.md, results.json, arm_a.png, arm_b.png,
     dose_response.png."""
-    records = [read_json(p) for p in sorted(Path(results).glob("*.json")) if p.name not in NOT_RECORDS]
-    records = [r for r in records if "flags" in r]
+    records = [r for r in kept_records(results) if "flags" in r]
     if not records:
         raise SystemExit(f"{results}: no kept run")
     rows = [_record_row(r) for r in records]
