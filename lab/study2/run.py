@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lab.study2 import diagnosis as DG  # noqa: E402
 from lab.study2 import make_splits as MS  # noqa: E402
 from lab.study2 import stats as S  # noqa: E402
 from safedata import data as D  # noqa: E402
@@ -586,9 +587,14 @@ def is_kept(arm: str, condition: str, draw, seed: int, lr: float | None = None) 
                 identity(arm, condition, draw, seed, subset_of(condition, draw), lr)) is not None
 
 
+def cut_at_its_turn(unit: str | None, arm: str, condition: str, draw, seed: int, lr: float | None = None) -> bool:
+    """PREREG amendment 2 (a): a run of a cut unit is decided when it comes up; a kept run is never decided."""
+    return unit is not None and not is_kept(arm, condition, draw, seed, lr) and \
+        decide_cut(unit, run_name(arm, condition, draw, seed)) == "cut"
+
+
 def arm_a_run(wall: Wall, condition: str, draw, seed: int) -> dict | None:
-    if condition == "matched" and draw == 103 and not is_kept("A", condition, draw, seed) and \
-            decide_cut("A_matched-103", run_name("A", condition, draw, seed)) == "cut":
+    if cut_at_its_turn("A_matched-103" if (condition, draw) == ("matched", 103) else None, "A", condition, draw, seed):
         return None
     return model_run(wall, "A", condition, draw, seed)
 
@@ -631,8 +637,7 @@ def arm_b_stage(wall: Wall) -> dict:
     log(f"Arm B: lr* = {state['lr_star']:g}")
     for condition, draw, seed in B_REPORT_PLAN:
         unit = "B_reps-top" if condition == "reps-top" else "B_random-304" if draw == 304 else None
-        if unit and not is_kept("B", condition, draw, seed, state["lr_star"]) and \
-                decide_cut(unit, run_name("B", condition, draw, seed)) == "cut":
+        if cut_at_its_turn(unit, "B", condition, draw, seed, state["lr_star"]):
             continue
         model_run(wall, "B", condition, draw, seed, state["lr_star"])
     return state
@@ -660,7 +665,6 @@ def require_finished(arm: str, results: Path = RESULTS) -> None:
 def diagnosis_stage(wall: Wall) -> dict:
     """PREREG's anchor diagnosis (lab/study2/diagnosis.py): (a) from the committed scores always; (b)-(d) unless
     the budget cuts them (cut (1))."""
-    from lab.study2 import diagnosis as DG
     variants = ["a"] if decide_cut("diagnosis", "diagnosis") == "cut" else list(DG.VARIANTS)
     result = DG.diagnosis_stage(sh, wall.timed, variants, seconds=wall.seconds)
     update_budget()
@@ -689,7 +693,7 @@ def _quiet(stage: dict) -> bool:
 CUT_ORDER = ("diagnosis", "B_reps-top", "A_matched-103", "B_random-304")
 DECISIONS = "decisions.json"
 NOT_RECORDS = ("budget.json", DECISIONS, "diagnosis.json")
-DIAGNOSIS_VARIANTS = ("b", "c", "d")   # (a) reads the committed scores: nothing to run
+DIAGNOSIS_VARIANTS = DG.VARIANTS[1:]   # (a) reads the committed scores: nothing to run
 
 
 def _kind_cost(kind: tuple) -> float:
@@ -1172,7 +1176,6 @@ def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
     lines += ["", f"lr*: {lr_star}", ""]
     diagnosis_path = Path(results) / "diagnosis.json"
     if diagnosis_path.is_file():
-        from lab.study2 import diagnosis as DG
         lines += ["## Anchor diagnosis (slice of 300 pool records)", "", DG.table(read_json(diagnosis_path)), ""]
     lines += ["## Compute per stage (wall seconds of the 2 cores)", "", "| stage | runs | wall s | CPU s | quiet runs | quiet wall s |",
               "|---|---|---|---|---|---|"]
