@@ -7,10 +7,10 @@
 #
 #   bash scripts/study2.sh                 # the whole study (Arm A seeds 1 2 3); log: runs/study2/log.txt
 #   SEEDS=1 bash scripts/study2.sh         # Arm A seed 1's six runs only (Arm B waits for all of Arm A)
-#   COMMAND=report bash scripts/study2.sh  # (foreground) the report recounted from the kept flags
+#   COMMAND=report bash scripts/study2.sh  # (foreground) the report recounted from the kept flags: docs/real_model/study2
 #   FOREGROUND=1 bash scripts/study2.sh    # in this shell
 #
-# Commit lab/study2/results and lab/study2/selections as runs finish (no text is in them).
+# Commit lab/study2/results and lab/study2/selections as runs finish (no text is in them), with the report they give.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

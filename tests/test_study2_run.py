@@ -734,3 +734,56 @@ def test_prereg_commit_precedes_every_kept_record():
         assert before(prereg[-1], commit), path
         if Path(path).name.startswith(("B_", "diagnosis")):
             assert amendment_2 and before(amendment_2[-1], commit), path
+
+
+COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "docs" / "real_model" / "study2" / "table.md"
+
+
+def _arm_a_asr_by_hand(records: list[dict]) -> dict[str, list[float]]:
+    """Report-half keyword ASR in points per Arm A condition, counted from the committed refused flags alone."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("identity", {}).get("arm") == "A":
+            flags = r["flags"]["report_refused"]
+            out.setdefault(r["identity"]["condition"], []).append(100 * flags.count("0") / len(flags))
+    return out
+
+
+def test_committed_study2_report_is_the_report_of_the_committed_records(tmp_path):
+    """docs/real_model/study2/table.md is what the report makes of lab/study2/results now (so the docs never show
+    a number the records do not give), and its Arm A readings match a recount by hand from the refused flags:
+    the random mean and each contrast's delta and p by PREREG's formulas, with scipy's t distribution and scipy's
+    Welch test as the independent references (printed to 2 and 4 decimals: tolerance half a printed unit)."""
+    import re
+    import shutil
+    records = [r for r in _kept_records() if "flags" in r]
+    if not COMMITTED_REPORT.is_file():
+        pytest.skip("no committed study-2 report yet")
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    R.report(results, tmp_path / "out")
+    assert (tmp_path / "out" / "table.md").read_text() == COMMITTED_REPORT.read_text(), \
+        "docs/real_model/study2/table.md is stale: python -m lab.study2.run report --output_dir docs/real_model/study2"
+    asr = _arm_a_asr_by_hand(records)
+    if sum(map(len, asr.values())) < 18:
+        pytest.skip("Arm A is not finished")
+    table = COMMITTED_REPORT.read_text()
+    random_mean = float(re.search(r"Arm A: room True \(random mean report-half ASR ([0-9.]+)%\)", table).group(1))
+    assert random_mean == pytest.approx(np.mean(asr["random"]), abs=0.005)
+
+    def by_hand_prediction(condition, reference, direction):
+        n, s = len(reference), np.std(reference, ddof=1)
+        delta = np.mean(condition) - np.mean(reference)
+        t = delta / (s * math.sqrt(1 + 1 / n))
+        return delta, (st.t.sf(t, n - 1) if direction == "greater" else st.t.cdf(t, n - 1))
+
+    expected = {"A1": by_hand_prediction(asr["grad-top"], asr["random"], "greater"),
+                "A3": by_hand_prediction(asr["reps-top"], asr["random"], "greater"),
+                "A4": by_hand_prediction(asr["grad-bottom"], asr["random"], "less"),
+                "A5": by_hand_prediction(asr["grad-top"], asr["matched"], "greater")}
+    welch = st.ttest_ind(asr["grad-top"], asr["grad-bottom"], equal_var=False, alternative="greater")
+    expected["A2"] = (np.mean(asr["grad-top"]) - np.mean(asr["grad-bottom"]), welch.pvalue)
+    for cid, (delta, p) in expected.items():
+        line = re.search(rf"- {cid}: delta ([+-][0-9.]+) points, p ([0-9.]+) ", table)
+        assert float(line.group(1)) == pytest.approx(delta, abs=0.005), cid
+        assert float(line.group(2)) == pytest.approx(p, abs=0.00005), cid

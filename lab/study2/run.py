@@ -13,8 +13,9 @@ scripts/study2.sh runs it in the background.
     .venv/bin/python -m lab.study2.run diagnosis  # the anchor diagnosis on the 300-record slice
     .venv/bin/python -m lab.study2.run all --seeds 1 2 3      # all of the above, in that order (Arm B and
                                                   # the diagnosis only with all three seeds)
-    .venv/bin/python -m lab.study2.run report --output_dir D  # every rate recounted from lab/study2/results,
-                                                  # tables, analysis, plots
+    .venv/bin/python -m lab.study2.run report     # every rate recounted from lab/study2/results: tables,
+                                                  # analysis, plots into docs/real_model/study2 (commit it
+                                                  # with the records it reads)
     .venv/bin/python -m lab.study2.run budget     # the projection from the kept wall seconds
 
 Kept records (lab/study2/results/NAME.json, committed): the run's identity (PREREG's fixed settings, the adapter's
@@ -53,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SELECTIONS = HERE / "selections"
 WORK = ROOT / "runs" / "study2"
+REPORT = ROOT / "docs" / "real_model" / "study2"   # committed: tests/test_study2_run.py checks it is current
 DATA = WORK / "data"
 MODEL = ROOT / "models" / "smollm2-135m-aligned"
 ADAPTER = ROOT / "lab" / "smollm2_aligned"
@@ -1132,7 +1134,7 @@ def plot_dose_response(calibration: dict, rows: list[dict], path: Path) -> Path 
     return save_figure(fig, path)
 
 
-def report(results: Path = RESULTS, output_dir: Path = WORK / "report") -> dict:
+def report(results: Path = RESULTS, output_dir: Path = REPORT) -> dict:
     """Every kept run recounted from its flags, both arms' tables and analyses, the calibration and lr*, the anchor
     diagnosis, the compute per stage, and the plots: OUTPUT_DIR/table.md, results.json, arm_a.png, arm_b.png,
     dose_response.png."""
@@ -1202,10 +1204,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("data", "draws", "aligned", "arm_a", "arm_b", "diagnosis", "all", "report",
                                        "budget"))
-    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3], help="Arm A training seeds (PREREG: 1 2 3)")
-    p.add_argument("--shared", default=str(MS.DEFAULT_SHARED))
-    p.add_argument("--output_dir", default=str(WORK / "report"), help="report: where table.md, results.json and the "
-                   "plots go")
+    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3], help="Arm A training seeds (PREREG: %(default)s)")
+    p.add_argument("--shared", default=str(MS.DEFAULT_SHARED), help="the read-only data folder (default: %(default)s)")
+    p.add_argument("--output_dir", default=str(REPORT), help="report: where table.md, results.json and the "
+                   "plots go (default: %(default)s)")
     a = p.parse_args(argv)
     wall = Wall(WORK / "wall.tsv")
     if a.command in ("data", "all"):
