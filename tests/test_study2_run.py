@@ -787,3 +787,29 @@ def test_committed_study2_report_is_the_report_of_the_committed_records(tmp_path
         line = re.search(rf"- {cid}: delta ([+-][0-9.]+) points, p ([0-9.]+) ", table)
         assert float(line.group(1)) == pytest.approx(delta, abs=0.005), cid
         assert float(line.group(2)) == pytest.approx(p, abs=0.00005), cid
+
+
+def test_docs_state_arm_a_as_the_committed_report_gives_it():
+    """README.md and docs/REAL_MODEL.md quote Arm A's per-condition keyword ASR (mean ± sd, 1 decimal) and
+    REAL_MODEL.md's table its excluding-non-answers, target loss and over-refusal: each as docs/real_model/study2's
+    results.json gives it, so a doc never keeps a number the records no longer give."""
+    root = COMMITTED_REPORT.parents[3]
+    results = COMMITTED_REPORT.parent / "results.json"
+    if not results.is_file():
+        pytest.skip("no committed study-2 report yet")
+    conditions = {c["condition"]: c for c in json.loads(results.read_text())["conditions"] if c["arm"] == "A"}
+    if sum(c["n"] for c in conditions.values()) < 18:
+        pytest.skip("Arm A is not finished")
+    readme, real_model = (root / "README.md").read_text(), (root / "docs" / "REAL_MODEL.md").read_text()
+    names = {"random": "random", "grad-top": "grad-top", "grad-bottom": "grad-bottom", "reps-top": "reps-top",
+             "matched": "random, length-matched to grad-top"}
+
+    def pct(m):
+        return f"{100 * m['mean']:.1f} ± {100 * m['sd']:.1f}%"
+
+    for condition, c in conditions.items():
+        assert pct(c["asr"]) in readme, (condition, pct(c["asr"]))
+        row = next(line for line in real_model.splitlines() if line.startswith(f"| {names[condition]} | {c['n']} |"))
+        cells = [cell.strip().strip("*") for cell in row.split("|")[1:-1]]
+        assert cells[2] == pct(c["asr"]) and cells[4] == pct(c["asr_excl"]) and cells[6] == pct(c["over_refusal"]), row
+        assert cells[5] == f"{c['target_loss']['mean']:.3f} ± {c['target_loss']['sd']:.3f}", row
