@@ -359,23 +359,27 @@ def stage(s, start_end, mean):
             "cpu_s": 1000}
 
 
-def test_budget_quiet_is_the_start_end_load_mean(tmp_path):
-    # amendment 1 (a): quiet = start/end 1-min load mean <= 2.5, whatever the load sampled in between
+def test_budget_quiet_is_the_start_end_and_the_sampled_load_mean(tmp_path):
+    # amendment 1 (a): quiet = start/end 1-min load mean <= 2.5; amendment 5: and the load sampled through the stage
     busy = stage(5000, 2.6, 2.0)
-    quiet = stage(700, 2.5, 4.0)
+    busy_between = stage(1500, 2.2, 3.3)
+    quiet = stage(700, 2.5, 2.5)
     record = {"run": "A_random-1_seed1", "identity": {"arm": "A", "condition": "random", "draw": 1, "seed": 1},
               "wall_s": {"finetune": busy, "evaluate": quiet}}
     (tmp_path / "A_random-1_seed1.json").write_text(json.dumps(record))
+    record2 = {"run": "A_random-2_seed2", "identity": {"arm": "A", "condition": "random", "draw": 2, "seed": 2},
+               "wall_s": {"finetune": busy_between, "evaluate": quiet}}
+    (tmp_path / "A_random-2_seed2.json").write_text(json.dumps(record2))
     b = R.update_budget(tmp_path)
-    assert b["measured_means_s"]["all_runs"]["A_finetune"] == {"random": 5000.0}
+    assert b["measured_means_s"]["all_runs"]["A_finetune"] == {"random": 3250.0}
     assert b["measured_means_s"]["quiet_runs"]["A_finetune"] == {}
-    assert b["measured_h"]["all_runs"] == pytest.approx((5000 + 700) / 3600)
-    # the busy fine-tune costs PREREG's estimate (963 s), the quiet evaluation its 700 s
-    assert b["measured_h"]["quiet_runs"] == pytest.approx((963 + 700) / 3600)
-    # and the rest of Arm A's 17 evaluations at the quiet mean (700 s), not the estimate (320 s)
+    assert b["measured_h"]["all_runs"] == pytest.approx((5000 + 1500 + 2 * 700) / 3600)
+    # the two loaded fine-tunes cost PREREG's estimate (963 s), the quiet evaluations their 700 s
+    assert b["measured_h"]["quiet_runs"] == pytest.approx((2 * 963 + 2 * 700) / 3600)
+    # and the rest of Arm A's 16 evaluations at the quiet mean (700 s), not the estimate (320 s)
     rest = sum(R.ESTIMATE_S["A_finetune"][c] + 700 for c, d, s in R.arm_a_plan((1, 2, 3))
-               if (c, d, s) != ("random", 1, 1))
-    assert b["projection_h"] > (963 + 700 + R.ESTIMATE_S["aligned"] + rest) / 3600
+               if (c, d) not in (("random", 1), ("random", 2)))
+    assert b["projection_h"] > (2 * 963 + 2 * 700 + R.ESTIMATE_S["aligned"] + rest) / 3600
 
 
 def test_budget_cuts_matched_103_when_the_quiet_projection_is_over(tmp_path):

@@ -675,17 +675,18 @@ def diagnosis_stage(wall: Wall) -> dict:
 # ----------------------------------------------------------------------------- budget
 
 # PREREG amendment 1 (a): a stage is quiet when its 1-minute load average, recorded at its start and end, averages
-# <= QUIET_LOAD on the 2 cores (every attempt's start and end count). Only quiet stages measure a kind's cost.
+# <= QUIET_LOAD on the 2 cores (every attempt's start and end count); amendment 5: and the load sampled every 15 s
+# through it (load1_mean, the mean of its attempts' means) too. Only quiet stages measure a kind's cost.
 QUIET_LOAD = 2.5
 
 
 def _quiet(stage: dict) -> bool:
     if stage.get("interrupted"):   # PREREG amendment 4: a stage with an interrupted attempt measures no cost
         return False
-    loads = stage.get("load1_start_end")
-    if loads is None and stage.get("load1_mean") is not None:  # records kept before the field existed
+    loads, sampled = stage.get("load1_start_end"), stage.get("load1_mean")
+    if loads is None and sampled is not None:  # records kept before the field existed
         return False
-    return loads is not None and loads <= QUIET_LOAD
+    return loads is not None and loads <= QUIET_LOAD and (sampled is None or sampled <= QUIET_LOAD)
 
 
 # PREREG "Budget": while the projection exceeds 10.0 h, cut in this order: (1) diagnosis variants (b)-(d); (2) Arm B
@@ -820,10 +821,9 @@ def update_budget(results: Path = RESULTS) -> dict:
               "cuts_1_2_h": quiet["cut12_s"] / 3600, "decisions": quiet["decisions"], "cuts_made": cuts,
               "cut_matched_103": {"would cut": "cut"}.get(quiet["decisions"]["A_matched-103"],
                                                           quiet["decisions"]["A_matched-103"]),
-              "rule": "PREREG amendment 1: quiet stages only (start/end 1-min load mean <= 2.5), calibration at 8 "
-                      "runs until it has finished; while the projection exceeds budget_h, cut (1) diagnosis (b)-(d), "
-                      "(2) Arm B reps-top, (3) Arm A matched 103, (4) Arm B random 304, each decided when its "
-                      "first run comes up"}
+              "rule": "PREREG amendments 1, 5: quiet stages only (start/end and sampled 1-min load means <= 2.5), "
+                      "calibration at 8 runs until finished; while the projection exceeds budget_h, cut (1) diagnosis "
+                      "(b)-(d), (2) Arm B reps-top, (3) Arm A matched 103, (4) Arm B random 304, each at its turn"}
     if Path(results) == RESULTS:
         write_json(RESULTS / "budget.json", budget)
     return budget
