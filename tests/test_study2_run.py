@@ -503,6 +503,9 @@ def test_wall_sums_attempts_and_reads_old_lines(tmp_path):
     # attempts weighted by their seconds: 10 s at (0.5 + 1.5) / 2 and a near-instant one count as the 10 s
     (tmp_path / "wall.tsv").write_text("x\t10\t0.5\t1.5\nx\t0\t4\t4\nx\t30\t3\t3\n")
     assert wall.seconds("x")["load1_start_end"] == round((10 * 1.0 + 30 * 3.0) / 40, 2)
+    # the sampled means too (amendment 5): a 5-s resume at 2.8 does not lift a 450-s stage sampled at 2.1
+    (tmp_path / "wall.tsv").write_text("f\t450\t2\t2.6\t2.1\t2.7\t800\t1\nf\t5\t2.9\t2.7\t2.8\t2.9\t5\t2\n")
+    assert wall.seconds("f")["load1_mean"] == round((450 * 2.1 + 5 * 2.8) / 455, 2)
     assert wall.seconds("z") == {"s": 0, "attempts": 0, "load1_max": None, "load1_start_end": None,
                                  "load1_mean": None, "cpu_s": None, "interrupted": 0}
 

@@ -118,6 +118,12 @@ def sh(cmd: list[str]) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
 
 
+def _weighted_mean(values: list[float], seconds: list[int]) -> float | None:
+    if not values:
+        return None
+    return round(float(np.average(values, weights=seconds) if sum(seconds) else np.mean(values)), 2)
+
+
 class Wall:
     """wall.tsv, one line per attempt of a stage: name, wall seconds, 1-minute load average at the start and at the
     end, mean and max of the load average sampled every 15 s during the stage, CPU seconds (user + system, this
@@ -191,7 +197,7 @@ class Wall:
         return result
 
     def seconds(self, name: str) -> dict:
-        total, cpu, loads, start_end, weights, means, attempts, interrupted = 0, 0, [], [], [], [], 0, 0
+        total, cpu, loads, start_end, weights, means, mean_weights, attempts, interrupted = 0, 0, [], [], [], [], [], 0, 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 parts = line.split("\t")
@@ -207,14 +213,14 @@ class Wall:
                 weights.append(int(parts[1]))
                 if len(parts) >= 8:
                     means.append(float(parts[4]))
+                    mean_weights.append(int(parts[1]))
                     loads.append(float(parts[5]))
                     cpu += int(parts[6]) if parts[6] else 0
         return {"s": total, "attempts": attempts, "load1_max": max(loads) if loads else None,
-                # each attempt's start/end mean weighted by its seconds: a 5-s attempt that only finds the work
-                # done (a resumed runner) says nothing about how busy the machine was while the work ran
-                "load1_start_end": (round(float(np.average(start_end, weights=weights)), 2) if sum(weights) else
-                                    round(float(np.mean(start_end)), 2)) if start_end else None,
-                "load1_mean": round(float(np.mean(means)), 2) if means else None, "cpu_s": cpu if means else None,
+                # each attempt's start/end and sampled means weighted by its seconds: a 5-s attempt that only finds
+                # the work done (a resumed runner) says nothing about how busy the machine was while the work ran
+                "load1_start_end": _weighted_mean(start_end, weights), "load1_mean": _weighted_mean(means, mean_weights),
+                "cpu_s": cpu if means else None,
                 # an interrupted attempt's seconds are a lower bound and its CPU seconds unknown
                 "interrupted": interrupted}
 
@@ -676,7 +682,7 @@ def diagnosis_stage(wall: Wall) -> dict:
 
 # PREREG amendment 1 (a): a stage is quiet when its 1-minute load average, recorded at its start and end, averages
 # <= QUIET_LOAD on the 2 cores (every attempt's start and end count); amendment 5: and the load sampled every 15 s
-# through it (load1_mean, the mean of its attempts' means) too. Only quiet stages measure a kind's cost.
+# through it (load1_mean: its attempts' means, weighted by their seconds) too. Only quiet stages measure a kind's cost.
 QUIET_LOAD = 2.5
 
 
